@@ -1,0 +1,1 @@
+"""Thin Dagster assets, grouped by stage: ingest (per study), corpus."""

@@ -1,0 +1,108 @@
+"""The combined corpus: every study over the union of genes, QC-filtered, as AnnData Zarr."""
+
+
+import dagster as dg
+import pandas as pd
+import zarr
+from anndata.io import read_elem, sparse_dataset
+
+from scgrn_assets.assets.metadata import png_metadata, table_preview
+from scgrn_assets.io_managers import artefact_path
+from scgrn_assets.lib.corpus import QCThresholds, combine_studies, measured_column, study_gene_names
+from scgrn_assets.lib.download import fetch_file
+from scgrn_assets.lib.gene_annotation import empty_gene_annotation, read_gene_annotation
+from scgrn_assets.lib.plots import plot_cells_by_condition, plot_library_sizes
+from scgrn_assets.lib.qc_checks import scan_counts
+from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.resources import GeoDownloader, ScgrnStorage
+
+
+@dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", kinds={"parquet"}, tags={"stage": "corpus"})
+def gene_annotation(context: dg.AssetExecutionContext, storage: ScgrnStorage, downloader: GeoDownloader):
+    """Gene symbol, Ensembl ID and length (bp) from the catalog's annotation file (empty when it has none)."""
+    catalog = storage.load_catalog()
+    path = artefact_path(storage.layout, "gene_annotation", None)
+    if catalog.gene_annotation is None:
+        context.log.warning("the catalog names no gene_annotation file: gene lengths stay unknown (NaN)")
+        table = empty_gene_annotation()
+    else:
+        source = path.with_name(catalog.gene_annotation.name)
+        fetch_file(catalog.gene_annotation.url, source, sha256=catalog.gene_annotation.sha256, study="catalog",
+                   policy=downloader.policy)
+        table = read_gene_annotation(source)
+    write_parquet(table.reset_index(drop=True), path)
+    return dg.Output(path, metadata={"n_genes": len(table), "preview": table_preview(table)})
+
+
+class CorpusQCConfig(dg.Config):
+    """QC filters applied when combining; unset fields come from the catalog's ``qc`` section,
+    then from the library defaults (see the README)."""
+
+    min_counts_per_cell: int | None = None
+    min_genes_per_cell: int | None = None
+    min_cells_per_gene: int | None = None
+
+
+CORPUS_CHECKS = [
+    dg.AssetCheckSpec("counts_are_non_negative_integers", asset="combined_corpus", blocking=True,
+                      description="No negative, non-integer, non-finite or sentinel (INT64_MIN) counts."),
+    dg.AssetCheckSpec("genes_are_the_union_of_studies", asset="combined_corpus", blocking=True,
+                      description="Corpus genes plus QC-removed genes equal the union of the studies' genes."),
+    dg.AssetCheckSpec("every_cell_has_a_study", asset="combined_corpus", blocking=True),
+]
+
+
+@dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", kinds={"zarr", "anndata"},
+          ins={"study_anndata": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+          check_specs=CORPUS_CHECKS, tags={"stage": "corpus"})
+def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, storage: ScgrnStorage,
+                    study_anndata: dict, gene_annotation):
+    """All studies over the union of genes (sparse zero padding), QC-filtered, as AnnData Zarr;
+    ``var["measured_in_<study>"]`` tells a padded zero from a measured one."""
+    catalog = storage.load_catalog()
+    study_files = {accession: study_anndata[accession] for accession in catalog.accessions if accession in study_anndata}
+    annotation = pd.read_parquet(gene_annotation).set_index("gene_symbol", drop=False)
+    path = artefact_path(storage.layout, "combined_corpus", None)
+    overrides = {k: v for k, v in config.model_dump().items() if v is not None}
+    qc = QCThresholds(**{**(catalog.qc or {}), **overrides})
+    summary = combine_studies(study_files, path, gene_annotation=annotation, qc=qc,
+                              progress=lambda study, done, total: context.log.info(f"{study}: {done}/{total} cells"))
+
+    store = zarr.open_group(str(path), mode="r")
+    obs = read_elem(store["obs"])
+    var = read_elem(store["var"])
+    scan = scan_counts(sparse_dataset(store["X"])[start:start + 20_000] for start in range(0, len(obs), 20_000))
+
+    # Per-study summary as a SQL table: the first thing a user queries.
+    studies = (obs.assign(condition=obs["condition"].astype(object).fillna("NA"))
+               .groupby(["study", "condition"], observed=True)
+               .agg(n_cells=("n_counts", "size"), median_counts=("n_counts", "median")).reset_index())
+    studies["n_genes_measured"] = [int(var[measured_column(s)].sum()) for s in studies["study"]]
+    table_path = storage.layout.asset_dir("combined_corpus") / "corpus_studies.parquet"
+    write_parquet(studies, table_path)
+    register_view(storage.layout.duckdb_path, "corpus_studies", table_path)
+
+    yield dg.Output(path, metadata={
+        "n_cells": summary.n_cells,
+        "n_genes": summary.n_genes,
+        "sparsity": round(summary.sparsity, 4),
+        "cells_per_study": dg.MetadataValue.json(summary.cells_per_study),
+        "cells_removed_by_qc": dg.MetadataValue.json(summary.cells_removed_by_qc),
+        "genes_removed_by_qc": len(summary.genes_removed_by_qc),
+        "studies": table_preview(studies, n_rows=len(studies)),
+        "library_sizes": png_metadata(plot_library_sizes(obs)),
+        "cells_by_condition": png_metadata(plot_cells_by_condition(obs)),
+        "path": dg.MetadataValue.path(str(path)),
+    })
+    yield dg.AssetCheckResult(check_name="counts_are_non_negative_integers", passed=scan.ok,
+                              metadata={"negative": scan.n_negative, "sentinel": scan.n_sentinel,
+                                        "non_integer": scan.n_non_integer, "non_finite": scan.n_non_finite})
+    # The union is recomputed from the study files, independently of the combine step.
+    union = set().union(*(study_gene_names(p) for p in study_files.values()))
+    corpus_genes = set(var.index) | set(summary.genes_removed_by_qc)
+    yield dg.AssetCheckResult(check_name="genes_are_the_union_of_studies", passed=corpus_genes == union,
+                              metadata={"union_size": len(union), "corpus_genes": len(var),
+                                        "removed_by_qc": len(summary.genes_removed_by_qc)})
+    no_study = int(obs["study"].isna().sum()) + int((~obs["study"].isin(list(study_files))).sum())
+    yield dg.AssetCheckResult(check_name="every_cell_has_a_study", passed=no_study == 0,
+                              metadata={"cells_without_study": no_study})

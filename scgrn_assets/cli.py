@@ -1,0 +1,228 @@
+"""The `scgrn` command line: run the demo, open the UI, see what is materialised, query tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import StorageLayout, scgrn_home
+
+# The progress bar speaks in the terminal; the full logs stay in the instance (see `scgrn ui`).
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+DAGSTER_YAML = """# Written by scgrn: a single-host instance in SCGRN_HOME/dagster (SQLite storage).
+telemetry:
+  enabled: false
+"""
+
+
+def _prepare_instance(layout: StorageLayout):
+    """Point Dagster at SCGRN_HOME/dagster (created on first use) and return the instance."""
+    import dagster as dg
+
+    layout.dagster_home.mkdir(parents=True, exist_ok=True)
+    config = layout.dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
+    return dg.DagsterInstance.get()
+
+
+def ensure_demo_data(layout: StorageLayout, catalog, *, echo=print) -> None:
+    """Simulate the demo's GEO files unless every file the catalog names is present and intact."""
+    from scgrn_assets.lib.demo_geo import write_demo_geo
+    from scgrn_assets.lib.download import sha256_of
+    from scgrn_assets.lib.simulate import DemoConfig
+
+    files = [(layout.demo_data / s.accession / f.name, f.sha256) for s in catalog.studies for f in s.files]
+    if catalog.gene_annotation is not None:
+        files.append((layout.demo_data / "truth" / catalog.gene_annotation.name, catalog.gene_annotation.sha256))
+    if all(path.exists() and sha256_of(path) == sha256 for path, sha256 in files):
+        return
+    echo(f"Simulating the demo studies into {layout.demo_data} ...")
+    from tqdm import tqdm
+
+    with tqdm(desc="simulate", unit="file", disable=None) as bar:
+        write_demo_geo(layout.demo_data, DemoConfig(), progress=lambda name: bar.update(1))
+    stale = [str(path) for path, sha256 in files if not path.exists() or sha256_of(path) != sha256]
+    if stale:
+        raise ScgrnInputError(
+            f"the simulator wrote files whose sha256 differs from the demo catalog ({stale[0]} and "
+            f"{len(stale) - 1} more)", fix="regenerate the catalog: scgrn simulate --write-catalog "
+            "scgrn_assets/catalogs/demo.yaml (after changing the simulator)")
+
+
+def materialize_everything(layout: StorageLayout, catalog_name: str, *, echo=print) -> None:
+    """Materialise every asset: one run per study partition, then the unpartitioned graph."""
+    import dagster as dg
+    from tqdm import tqdm
+
+    from scgrn_assets import definitions
+
+    instance = _prepare_instance(layout)
+    resources = definitions.build_resources(home=str(layout.home), catalog=catalog_name)
+    assets = list(definitions.all_assets)
+    checks = list(definitions.all_asset_checks)
+    partitioned = [a for a in assets if a.partitions_def is not None]
+    unpartitioned = [a for a in assets if a.partitions_def is None]
+    accessions = resources["storage"].load_catalog().accessions
+    with tqdm(total=len(accessions) + 1, desc="materialise", unit="run", disable=None) as bar:
+        for accession in accessions:
+            bar.set_postfix_str(accession)
+            result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*partitioned),
+                                    partition_key=accession, instance=instance, resources=resources,
+                                    raise_on_error=False, tags={"scgrn/source": "cli"}, run_config=QUIET)
+            _raise_on_failure(result, f"study {accession}")
+            bar.update(1)
+        bar.set_postfix_str("corpus and downstream")
+        result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*unpartitioned),
+                                instance=instance, resources=resources, raise_on_error=False,
+                                tags={"scgrn/source": "cli"}, run_config=QUIET)
+        _raise_on_failure(result, "the corpus graph")
+        bar.update(1)
+
+
+def _raise_on_failure(result, what: str) -> None:
+    if result.success:
+        failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
+        if failed_checks:
+            names = ", ".join(f"{e.asset_key.to_user_string()}:{e.check_name}" for e in failed_checks)
+            raise ScgrnInputError(f"asset checks failed for {what}: {names}", fix="open `scgrn ui` for details")
+        return
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = error.message.strip() if error else "unknown error"
+            # Our own errors carry the fix; show them plainly instead of a stack trace.
+            cause = error.cause if error and error.cause else None
+            while cause is not None and cause.cause is not None:
+                cause = cause.cause
+            detail = cause.message.strip() if cause else message
+            raise ScgrnInputError(f"materialising {what} failed at step {event.step_key}: {detail}")
+    raise ScgrnInputError(f"materialising {what} failed", fix="open `scgrn ui` for the run's logs")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scgrn_assets.settings import current_catalog
+
+    layout = StorageLayout(scgrn_home())
+    os.environ.setdefault("SCGRN_CATALOG", "demo")
+    catalog = current_catalog()
+    print(f"SCGRN_HOME: {layout.home}")
+    if catalog.name == "demo":
+        ensure_demo_data(layout, catalog)
+    materialize_everything(layout, os.environ["SCGRN_CATALOG"])
+    from scgrn_assets.lib.sql_store import ensure_database
+
+    ensure_database(layout.duckdb_path)
+    print("\nDone. Outputs:")
+    print(f"  artefacts:  {layout.home / 'assets'}")
+    print(f"  corpus:     {layout.asset_path('combined_corpus', None, '.zarr')}")
+    print(f"  SQL tables: {layout.duckdb_path}   (try: scgrn sql \"SELECT * FROM corpus_studies\")")
+    print("  web UI:     scgrn ui   then open http://127.0.0.1:3000 (runs, lineage and plots are there)")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from scgrn_assets.lib.demo_geo import demo_catalog, write_catalog_yaml, write_demo_geo
+    from scgrn_assets.lib.simulate import DemoConfig
+
+    config = DemoConfig(seed=args.seed) if args.n_cells is None else \
+        DemoConfig.scaled(n_cells=args.n_cells, n_genes=args.n_genes, seed=args.seed)
+    out = Path(args.out) if args.out else StorageLayout(scgrn_home()).demo_data
+    from tqdm import tqdm
+
+    with tqdm(desc="simulate", unit="file", disable=None) as bar:
+        _, written = write_demo_geo(out, config, progress=lambda name: bar.update(1))
+    print(f"wrote {len(written)} files under {out}")
+    if args.write_catalog:
+        write_catalog_yaml(demo_catalog(config, written), Path(args.write_catalog))
+        print(f"wrote catalog {args.write_catalog}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    layout = StorageLayout(scgrn_home())
+    _prepare_instance(layout)
+    command = ["dagster", "dev", "-m", "scgrn_assets.definitions", "-h", "127.0.0.1", "-p", str(args.port)]
+    print(f"Dagster UI on http://127.0.0.1:{args.port} over {layout.dagster_home} (Ctrl-C to stop)")
+    return subprocess.call(command, env={**os.environ, "DAGSTER_HOME": str(layout.dagster_home)})
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from scgrn_assets import definitions
+
+    layout = StorageLayout(scgrn_home())
+    instance = _prepare_instance(layout)
+    print(f"SCGRN_HOME: {layout.home}")
+    for asset in definitions.all_assets:
+        for key in asset.keys:
+            name = key.to_user_string()
+            if asset.partitions_def is not None:
+                done = instance.get_materialized_partitions(key)
+                total = asset.partitions_def.get_partition_keys()
+                print(f"  {name:<22} {len(done & set(total))}/{len(total)} partitions  "
+                      f"{', '.join(sorted(done)) or '-'}")
+            else:
+                event = instance.get_latest_materialization_event(key)
+                print(f"  {name:<22} {'materialised ' + _iso(event.timestamp) if event else 'not materialised'}")
+    return 0
+
+
+def _iso(timestamp: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from scgrn_assets.lib.sql_store import query
+
+    layout = StorageLayout(scgrn_home())
+    table = query(layout.duckdb_path, args.sql, list(args.param or []))
+    print(table.to_string(index=False, max_rows=args.max_rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scgrn", description=__doc__,
+                                     epilog="Storage root: $SCGRN_HOME (default ~/.scgrn). "
+                                            "Catalog: $SCGRN_CATALOG (a built-in name or a YAML path; default demo).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="simulate the demo studies and materialise every asset")
+    demo.set_defaults(func=cmd_demo)
+    simulate = commands.add_parser("simulate", help="write the simulated GEO studies (and optionally a catalog)")
+    simulate.add_argument("--out", help="folder (default SCGRN_HOME/demo_geo)")
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--n-cells", type=int, help="scale option: total cells (e.g. 186000)")
+    simulate.add_argument("--n-genes", type=int, default=30_000, help="with --n-cells: total genes")
+    simulate.add_argument("--write-catalog", help="also write a catalog YAML addressing the files")
+    simulate.set_defaults(func=cmd_simulate)
+    ui = commands.add_parser("ui", help="start the Dagster web UI on 127.0.0.1 over SCGRN_HOME")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    status = commands.add_parser("status", help="list what is materialised")
+    status.set_defaults(func=cmd_status)
+    sql = commands.add_parser("sql", help="run read-only SQL on SCGRN_HOME/scgrn.duckdb")
+    sql.add_argument("sql")
+    sql.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
+    sql.add_argument("--max-rows", type=int, default=50)
+    sql.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ScgrnInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

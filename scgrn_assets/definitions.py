@@ -1,0 +1,28 @@
+"""The code location: assets, checks, resources, jobs and schedules in a few lines."""
+
+import dagster as dg
+
+from scgrn_assets.assets import corpus, ingest
+from scgrn_assets.io_managers import ArtefactIOManager
+from scgrn_assets.resources import GeoDownloader, ScgrnStorage
+from scgrn_assets.settings import catalog_name, current_layout
+
+
+def build_resources(home: str | None = None, catalog: str | None = None) -> dict:
+    """Resources for one SCGRN_HOME and catalog (defaults: the environment's)."""
+    home = home or str(current_layout().home)
+    return {
+        "storage": ScgrnStorage(home=home, catalog=catalog or catalog_name()),
+        "downloader": GeoDownloader(),
+        "artefact_io_manager": ArtefactIOManager(home=home),
+    }
+
+
+all_assets = dg.load_assets_from_modules([ingest, corpus])
+all_asset_checks = dg.load_asset_checks_from_modules([ingest, corpus])
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_asset_checks,
+    resources=build_resources(),
+)

@@ -1,0 +1,301 @@
+"""Study catalogs: which public studies make up a corpus, where their files are, how to read them.
+
+A catalog is a YAML file (see ``scgrn_assets/catalogs/demo.yaml``). It is validated on
+load so that a typo surfaces as one clear message naming the catalog, the study and the
+field, not as a KeyError deep inside a materialisation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from scgrn_assets.lib.errors import ScgrnInputError
+
+#: Study layouts with a reader in :mod:`scgrn_assets.lib.readers`.
+KNOWN_FORMATS = {
+    # GSE98969-style: RAW tar of per-sample GSM…_<name>.txt.gz, genes x cells, tab-separated.
+    "raw_tar_dense_tsv": "RAW tar of per-sample genes x cells tab-separated text (.txt.gz)",
+    # GSE123025-style: one processed CSV.gz, genes x cells, cells named <well>.<plate>.
+    "processed_csv_well_plate": "one processed genes x cells CSV.gz, cells named <well>.<plate>",
+    # GSE121654-style: Drop-seq DGE text files with R's X prefix on digit-initial symbols.
+    "raw_tar_dropseq_dge": "RAW tar of per-sample Drop-seq DGE files (.dge.txt.gz)",
+    # 10x Genomics MTX triplets per sample, flattened into a RAW tar as GEO does.
+    "raw_tar_10x_mtx": "RAW tar of per-sample 10x matrix.mtx.gz / features.tsv.gz / barcodes.tsv.gz",
+}
+KNOWN_GENE_ID_TYPES = ("symbol", "ensembl")
+KNOWN_SPECIES = ("mouse", "human")
+ALLOWED_URL_SCHEMES = ("file", "https", "http")
+FILE_ROLES = ("counts", "metadata", "gene_map", "gene_annotation")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ACCESSION = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    """One file of a study: where it lives, its checksum and what it holds."""
+
+    name: str
+    url: str
+    sha256: str
+    role: str  # counts | metadata | gene_map
+
+
+@dataclass(frozen=True)
+class ConditionRule:
+    """Derives ``condition`` from one metadata column; values not listed map to NA."""
+
+    column: str
+    values: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MetadataJoin:
+    """How cells meet their metadata table (an SraRunTable CSV)."""
+
+    file: str
+    # Per-sample layouts: the column holding the GSM accession that prefixes each sample file.
+    sample_column: str = "Sample Name"
+    # Processed well/plate layouts: the columns forming the cell name <well>.<plate>.
+    well_column: str = "well_id"
+    plate_column: str = "plate_id"
+
+
+@dataclass(frozen=True)
+class Study:
+    """One catalog entry."""
+
+    accession: str
+    title: str
+    species: str
+    format: str
+    gene_id_type: str
+    files: tuple[StudyFile, ...]
+    metadata: MetadataJoin
+    condition: ConditionRule | None
+    strip_r_prefix: bool = False
+
+    def files_with_role(self, role: str) -> list[StudyFile]:
+        return [f for f in self.files if f.role == role]
+
+    @property
+    def metadata_file(self) -> StudyFile:
+        return next(f for f in self.files if f.name == self.metadata.file)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A validated list of studies. ``condition_levels[0]`` is the reference level."""
+
+    name: str
+    path: Path
+    studies: tuple[Study, ...]
+    condition_levels: tuple[str, str] = ("control", "AD")
+    description: str = ""
+    # Gene symbol, Ensembl ID and length table (TSV) shared by the studies; optional.
+    gene_annotation: StudyFile | None = None
+    # Overrides of the corpus QC thresholds (scgrn_assets.lib.corpus.QCThresholds field names).
+    qc: dict[str, int] | None = None
+
+    @property
+    def accessions(self) -> list[str]:
+        return [s.accession for s in self.studies]
+
+    def study(self, accession: str) -> Study:
+        for study in self.studies:
+            if study.accession == accession:
+                return study
+        raise ScgrnInputError(
+            f"study {accession!r} is not in catalog {self.name!r} ({self.path})",
+            fix=f"pick one of {', '.join(self.accessions)}",
+        )
+
+
+def builtin_catalog_path(name: str) -> Path:
+    return Path(__file__).resolve().parent.parent / "catalogs" / f"{name}.yaml"
+
+
+def resolve_catalog_path(name_or_path: str | os.PathLike) -> Path:
+    """A built-in catalog name (``demo``) or a path to a user's YAML file."""
+    text = str(name_or_path)
+    if not text.endswith((".yaml", ".yml")) and os.sep not in text:
+        path = builtin_catalog_path(text)
+        if not path.exists():
+            builtins = sorted(p.stem for p in builtin_catalog_path("x").parent.glob("*.yaml"))
+            raise ScgrnInputError(
+                f"no built-in catalog named {text!r}", fix=f"use one of {builtins} or a path to a .yaml file"
+            )
+        return path
+    return Path(text).expanduser().resolve()
+
+
+def load_catalog(name_or_path: str | os.PathLike, *, variables: dict[str, str] | None = None) -> Catalog:
+    """Load and validate a catalog.
+
+    ``${NAME}`` in URLs expands from ``variables`` first (e.g. ``SCGRN_HOME``), then the
+    environment, so the demo catalog can address files under the user's storage root.
+    """
+    path = resolve_catalog_path(name_or_path)
+    if not path.exists():
+        raise ScgrnInputError(f"catalog file {path} does not exist", fix="check the path or SCGRN_CATALOG")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ScgrnInputError(f"catalog {path} is not valid YAML: {exc}", fix="fix the YAML syntax") from exc
+    return parse_catalog(raw, path=path, variables=variables or {})
+
+
+def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog:
+    where = str(path)
+    if not isinstance(raw, dict):
+        raise ScgrnInputError(f"catalog {where} must be a mapping with a 'studies' list")
+    allowed = {"name", "description", "condition_levels", "gene_annotation", "qc", "studies"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ScgrnInputError(f"catalog {where} has unknown top-level keys {sorted(unknown)}",
+                              fix=f"allowed: {', '.join(sorted(allowed))}")
+    levels = tuple(raw.get("condition_levels", ("control", "AD")))
+    if len(levels) != 2 or len(set(levels)) != 2 or not all(isinstance(v, str) for v in levels):
+        raise ScgrnInputError(f"catalog {where}: condition_levels must be two distinct labels, reference first",
+                              fix="e.g. condition_levels: [control, AD]")
+    studies_raw = raw.get("studies")
+    if not isinstance(studies_raw, list) or not studies_raw:
+        raise ScgrnInputError(f"catalog {where} has no 'studies' list", fix="add at least one study entry")
+    studies = tuple(_parse_study(entry, index, where, levels, variables) for index, entry in enumerate(studies_raw))
+    seen: set[str] = set()
+    for study in studies:
+        if study.accession in seen:
+            raise ScgrnInputError(f"catalog {where} lists study {study.accession} twice", study=study.accession,
+                                  fix="keep one entry per accession")
+        seen.add(study.accession)
+    annotation = None
+    if raw.get("gene_annotation") is not None:
+        annotation = _parse_file({"role": "gene_annotation", **raw["gene_annotation"]}
+                                 if isinstance(raw["gene_annotation"], dict) else raw["gene_annotation"],
+                                 f"catalog {where} gene_annotation", "catalog", variables)
+    qc = raw.get("qc")
+    qc_fields = {"min_counts_per_cell", "min_genes_per_cell", "min_cells_per_gene"}
+    if qc is not None and (not isinstance(qc, dict) or set(qc) - qc_fields
+                           or not all(isinstance(v, int) and v >= 0 for v in qc.values())):
+        raise ScgrnInputError(f"catalog {where}: qc must map {sorted(qc_fields)} to non-negative integers, got {qc!r}",
+                              fix="e.g. qc: {min_genes_per_cell: 200}")
+    return Catalog(name=str(raw.get("name") or path.stem), path=path, studies=studies,
+                   condition_levels=levels, description=str(raw.get("description", "")),
+                   gene_annotation=annotation, qc=qc)
+
+
+def _require(entry: dict, key: str, where: str, study: str | None, kind: type | tuple = str) -> Any:
+    if key not in entry or entry[key] in (None, ""):
+        raise ScgrnInputError(f"{where}: missing required field {key!r}", study=study,
+                              fix=f"add '{key}:' to the study entry")
+    value = entry[key]
+    if not isinstance(value, kind):
+        raise ScgrnInputError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}",
+                              study=study)
+    return value
+
+
+def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], variables: dict[str, str]) -> Study:
+    if not isinstance(entry, dict):
+        raise ScgrnInputError(f"catalog {where}: studies[{index}] must be a mapping")
+    accession = _require(entry, "accession", f"catalog {where} studies[{index}]", None)
+    if not _ACCESSION.match(accession):
+        raise ScgrnInputError(f"catalog {where}: accession {accession!r} is not a valid partition key",
+                              study=accession, fix="use letters, digits, '_', '.', '-' (e.g. GSE98969)")
+    here = f"catalog {where}"
+    allowed = {"accession", "title", "species", "format", "gene_id_type", "files", "metadata", "condition",
+               "strip_r_prefix"}
+    unknown = set(entry) - allowed
+    if unknown:
+        raise ScgrnInputError(f"{here}: unknown fields {sorted(unknown)}", study=accession,
+                              fix=f"allowed fields: {sorted(allowed)}")
+    fmt = _require(entry, "format", here, accession)
+    if fmt not in KNOWN_FORMATS:
+        raise ScgrnInputError(f"{here}: unknown format {fmt!r}", study=accession,
+                              fix=f"use one of {sorted(KNOWN_FORMATS)}")
+    species = _require(entry, "species", here, accession)
+    if species not in KNOWN_SPECIES:
+        raise ScgrnInputError(f"{here}: unknown species {species!r}", study=accession,
+                              fix=f"use one of {list(KNOWN_SPECIES)}")
+    gene_id_type = _require(entry, "gene_id_type", here, accession)
+    if gene_id_type not in KNOWN_GENE_ID_TYPES:
+        raise ScgrnInputError(f"{here}: unknown gene_id_type {gene_id_type!r}", study=accession,
+                              fix=f"use one of {list(KNOWN_GENE_ID_TYPES)}")
+    files_raw = _require(entry, "files", here, accession, list)
+    files = tuple(_parse_file(f, here, accession, variables) for f in files_raw)
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise ScgrnInputError(f"{here}: duplicate file names {names}", study=accession, fix="give each file a unique name")
+    if not any(f.role == "counts" for f in files):
+        raise ScgrnInputError(f"{here}: no file with role 'counts'", study=accession,
+                              fix="mark the count archive with 'role: counts'")
+
+    metadata_raw = _require(entry, "metadata", here, accession, dict)
+    metadata_file = _require(metadata_raw, "file", f"{here} metadata", accession)
+    if metadata_file not in names:
+        raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
+                              study=accession, fix="list it under 'files' with role: metadata")
+    metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
+        if set(metadata_raw) <= {"file", "sample_column", "well_column", "plate_column"} else None
+    if metadata is None:
+        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - {'file'})}",
+                              study=accession, fix="allowed: file, sample_column, well_column, plate_column")
+
+    condition = None
+    if entry.get("condition") is not None:
+        rule = entry["condition"]
+        if not isinstance(rule, dict) or "column" not in rule or not isinstance(rule.get("values"), dict):
+            raise ScgrnInputError(f"{here}: condition must have 'column' and a 'values' mapping", study=accession,
+                                  fix="e.g. condition: {column: strain, values: {5XFAD: AD, C57BL/6: control}}")
+        values = {str(k): str(v) for k, v in rule["values"].items()}
+        bad = sorted(set(values.values()) - set(levels))
+        if bad:
+            raise ScgrnInputError(f"{here}: condition labels {bad} are not among condition_levels {list(levels)}",
+                                  study=accession, fix="map metadata values onto the catalog's condition_levels")
+        condition = ConditionRule(column=str(rule["column"]), values=values)
+
+    return Study(accession=accession, title=str(entry.get("title", accession)), species=species, format=fmt,
+                 gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
+                 strip_r_prefix=bool(entry.get("strip_r_prefix", fmt == "raw_tar_dropseq_dge")))
+
+
+def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) -> StudyFile:
+    if not isinstance(raw, dict):
+        raise ScgrnInputError(f"{here}: each file must be a mapping with name, url, sha256, role", study=accession)
+    name = _require(raw, "name", f"{here} file", accession)
+    if "/" in name or name in (".", ".."):
+        raise ScgrnInputError(f"{here}: file name {name!r} must be a plain file name", study=accession)
+    url = expand_variables(_require(raw, "url", f"{here} file {name}", accession), variables)
+    scheme = urlparse(url).scheme
+    if scheme not in ALLOWED_URL_SCHEMES:
+        raise ScgrnInputError(f"{here}: file {name} has URL {url!r} with scheme {scheme!r}", study=accession,
+                              fix=f"use one of {list(ALLOWED_URL_SCHEMES)}://")
+    sha256 = raw.get("sha256")
+    if not isinstance(sha256, str) or not _SHA256.match(sha256.lower()):
+        raise ScgrnInputError(f"{here}: file {name} has no valid sha256 (64 hex digits), got {sha256!r}",
+                              study=accession, fix="add the file's sha256 (sha256sum FILE)")
+    role = raw.get("role", "counts")
+    if role not in FILE_ROLES:
+        raise ScgrnInputError(f"{here}: file {name} has unknown role {role!r}", study=accession,
+                              fix=f"use one of {list(FILE_ROLES)}")
+    return StudyFile(name=name, url=url, sha256=sha256.lower(), role=role)
+
+
+def expand_variables(text: str, variables: dict[str, str]) -> str:
+    """Expand ``${NAME}`` from ``variables`` then the environment; an unknown name is an error."""
+
+    def replace(match: re.Match) -> str:
+        key = match.group(1)
+        if key in variables:
+            return variables[key]
+        if key in os.environ:
+            return os.environ[key]
+        raise ScgrnInputError(f"URL {text!r} uses ${{{key}}}, which is not set", fix=f"export {key}=...")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", replace, text)

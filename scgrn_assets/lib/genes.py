@@ -1,0 +1,76 @@
+"""Gene identifier harmonisation: one mouse (or human) symbol namespace across studies."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import scipy.sparse as sp
+
+from scgrn_assets.lib.errors import ScgrnInputError
+
+# R's make.names() prefixes names that start with a digit with "X" (0610007P14Rik -> X0610007P14Rik).
+_R_DIGIT_PREFIX = re.compile(r"^X(?=\d)")
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")
+
+
+def strip_r_prefix(symbols: list[str]) -> list[str]:
+    """Undo R's ``X`` prefix on digit-initial symbols; ``Xist`` and ``Xkr4`` stay as they are."""
+    return [_R_DIGIT_PREFIX.sub("", s) for s in symbols]
+
+
+def strip_ensembl_version(ids: list[str]) -> list[str]:
+    """``ENSMUSG00000000001.4`` -> ``ENSMUSG00000000001``."""
+    return [_ENSEMBL_VERSION.sub(r"\1", g) for g in ids]
+
+
+def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[str] | None,
+                       strip_r: bool, ensembl_to_symbol: dict[str, str] | None,
+                       study: str, file: str) -> tuple[list[str], list[str | None]]:
+    """Return (gene_symbol, ensembl_id) per input gene.
+
+    Symbols come from the file when it carries them (10x features), else from the
+    identifiers themselves (``gene_id_type: symbol``) or a catalog gene map (Ensembl IDs).
+    """
+    if gene_id_type == "symbol":
+        out_symbols = strip_r_prefix(gene_ids) if strip_r else list(gene_ids)
+        ensembl: list[str | None] = [None] * len(gene_ids)
+    else:
+        ensembl = strip_ensembl_version(gene_ids)
+        if symbols is not None:
+            out_symbols = list(symbols)
+        elif ensembl_to_symbol is not None:
+            missing = [g for g in ensembl if g not in ensembl_to_symbol]
+            if len(missing) == len(ensembl):
+                raise ScgrnInputError(f"none of {len(ensembl)} Ensembl IDs (e.g. {ensembl[0]}) is in the gene map",
+                                      study=study, file=file, fix="check the catalog's gene_map file and species")
+            # Unmapped IDs keep their Ensembl ID as the symbol, so no counts are dropped silently.
+            out_symbols = [ensembl_to_symbol.get(g, g) for g in ensembl]
+        else:
+            raise ScgrnInputError("has Ensembl IDs but no symbols and the study has no gene_map file", study=study,
+                                  file=file, fix="add a file with role: gene_map (ensembl_id, gene_symbol)")
+        if strip_r:
+            out_symbols = strip_r_prefix(out_symbols)
+    empty = [i for i, s in enumerate(out_symbols) if not s or s.lower() in ("nan", "na")]
+    if empty:
+        raise ScgrnInputError(f"has {len(empty)} genes without a name (first at row {empty[0] + 1})", study=study,
+                              file=file, fix="re-download the file or exclude the sample")
+    return out_symbols, ensembl
+
+
+def sum_duplicate_genes(counts: sp.csr_matrix, symbols: list[str],
+                        ensembl: list[str | None]) -> tuple[sp.csr_matrix, list[str], list[str | None]]:
+    """Sum columns that share a symbol (e.g. two Ensembl IDs of one gene); first Ensembl ID kept."""
+    unique, first_index, inverse = np.unique(np.asarray(symbols, dtype=object), return_index=True,
+                                             return_inverse=True)
+    if len(unique) == len(symbols):
+        return counts, list(symbols), list(ensembl)
+    # Order by first occurrence so gene order stays that of the file.
+    order = np.argsort(first_index)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    n_genes = len(symbols)
+    aggregate = sp.csr_matrix((np.ones(n_genes, dtype=np.int32), (np.arange(n_genes), rank[inverse])),
+                              shape=(n_genes, len(unique)))
+    summed = (counts @ aggregate).tocsr()
+    return summed, [symbols[i] for i in first_index[order]], [ensembl[i] for i in first_index[order]]

@@ -1,0 +1,114 @@
+"""The one place that knows the storage layout under ``SCGRN_HOME``, and atomic writes.
+
+Layout::
+
+    SCGRN_HOME/
+      dagster/                         the Dagster instance (DAGSTER_HOME)
+      demo_geo/<study>/...             the simulated GEO files the demo catalog points at
+      assets/<asset>/<partition>/...   one folder per asset key and partition
+      assets/<asset>/<asset>.<ext>     unpartitioned assets
+      scgrn.duckdb                     SQL views over the Parquet tables
+
+Everything is written to a temporary name in the same folder and renamed into place, so
+an interrupted run never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_HOME = Path("~/.scgrn")
+
+
+def scgrn_home() -> Path:
+    """``$SCGRN_HOME`` or ``~/.scgrn``, absolute."""
+    return Path(os.environ.get("SCGRN_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> "StorageLayout":
+        return cls(scgrn_home())
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def demo_data(self) -> Path:
+        return self.home / "demo_geo"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.home / "scgrn.duckdb"
+
+    def asset_dir(self, asset_name: str, partition: str | None = None) -> Path:
+        base = self.home / "assets" / asset_name
+        return base / partition if partition else base
+
+    def asset_path(self, asset_name: str, partition: str | None, suffix: str) -> Path:
+        """E.g. ``asset_path("study_anndata", "GSE1", ".h5ad")`` -> assets/study_anndata/GSE1/GSE1.h5ad."""
+        return self.asset_dir(asset_name, partition) / f"{partition or asset_name}{suffix}"
+
+
+def temporary_sibling(final: Path) -> Path:
+    # Same folder as the target so os.replace is an atomic rename on one filesystem.
+    return final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path to write a file *or folder*; rename it onto ``final`` on success.
+
+    On any exception the temporary is removed and an existing ``final`` stays untouched.
+    Replacing a folder: the old one is moved aside first, then removed after the swap.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(final)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to {tmp} for {final}")
+        replace_path(tmp, final)
+    finally:
+        remove_path(tmp)
+
+
+def replace_path(source: Path, final: Path) -> None:
+    """Atomically put ``source`` at ``final`` (file or folder)."""
+    if source.is_dir() and final.exists():
+        # Directories cannot be os.replace'd over a non-empty one: swap via a side name.
+        old = temporary_sibling(final)
+        os.replace(final, old)
+        os.replace(source, final)
+        remove_path(old)
+    else:
+        os.replace(source, final)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete ``.tmp-*`` leftovers of killed processes in ``folder``; returns how many."""
+    if not folder.exists():
+        return 0
+    stale = list(folder.glob(".tmp-*"))
+    for path in stale:
+        remove_path(path)
+    return len(stale)
