@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from scgrn_assets.lib.errors import ScgrnInputError
 
 BLOCK_BYTES = 8 << 20
+GENE_COLUMN_NAMES = {"", "gene", "genes", "gene_id", "gene_name", "gene_symbol", "symbol"}
 
 # Error codes returned by the kernel.
 _OK, _FIELD_COUNT, _NEGATIVE, _NOT_INTEGER, _NOT_A_NUMBER, _TOO_LARGE = 0, 1, 2, 3, 4, 5
@@ -199,7 +200,10 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
             first_width = complete[: complete.find(b"\n")].rstrip(b"\r").count(sep_byte)
             has_gene_column = header_has_gene_column
             if has_gene_column is None:
-                has_gene_column = len(header_fields) == first_width + 1
+                # An empty or "GENE"-like first field names the gene column (write.csv, Drop-seq);
+                # otherwise (R write.table) the header is one field shorter than the data lines.
+                has_gene_column = (header_fields[0].lower() in GENE_COLUMN_NAMES
+                                   or len(header_fields) == first_width + 1)
             cell_names = header_fields[1:] if has_gene_column else header_fields
             n_cells = len(cell_names)
         buf = np.frombuffer(complete, dtype=np.uint8)

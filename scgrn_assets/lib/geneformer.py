@@ -1,0 +1,302 @@
+"""Geneformer models: load a published checkpoint, or train a small one on the corpus.
+
+Both paths give a ``transformers`` BERT with eager attention (the default sdpa kernel
+returns no attention weights) plus the dictionaries it was trained with. A model trained
+here is written with ``save_pretrained`` next to its dictionaries, so it reloads exactly
+like a published checkpoint through :func:`load_geneformer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.tokenize import (
+    MASK_TOKEN,
+    PAD_TOKEN,
+    GeneformerDictionaries,
+    TokenizedCells,
+    convention_named,
+    load_geneformer_dictionaries,
+)
+
+IGNORE_LABEL = -100
+"""Label value the masked-LM loss skips (positions that were not masked)."""
+
+
+@dataclass(frozen=True)
+class SmallGeneformerConfig:
+    """Architecture and training settings of the demo model (Geneformer's BERT, scaled down).
+
+    Geneformer V1 is 6 layers, 256 hidden, 4 heads, intermediate 512, ReLU, dropout 0.02.
+    """
+
+    n_layers: int = 4
+    hidden_size: int = 128
+    n_heads: int = 4
+    intermediate_size: int = 256
+    dropout: float = 0.02
+    mask_probability: float = 0.15
+    n_steps: int = 300
+    batch_size: int = 16
+    max_train_length: int = 512
+    """Tokens per cell seen in training (the top-ranked ones); keeps the CPU demo to ~1-2 minutes."""
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.001
+    seed: int = 0
+
+
+def bert_config(
+    vocab_size: int,
+    max_position_embeddings: int,
+    config: SmallGeneformerConfig = SmallGeneformerConfig(),
+    pad_token_id: int = 0,
+) -> BertConfig:
+    """A ``BertConfig`` with Geneformer's choices (ReLU, eps 1e-12, eager attention)."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act="relu",
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
+        max_position_embeddings=max_position_embeddings,
+        layer_norm_eps=1e-12,
+        initializer_range=0.02,
+        pad_token_id=pad_token_id,
+        attn_implementation="eager",
+    )
+
+
+def build_masked_lm(
+    vocab_size: int,
+    max_position_embeddings: int,
+    config: SmallGeneformerConfig = SmallGeneformerConfig(),
+    pad_token_id: int = 0,
+) -> BertForMaskedLM:
+    """A randomly initialised Geneformer-style BERT masked-LM (seeded by ``config.seed``)."""
+    torch.manual_seed(config.seed)
+    return BertForMaskedLM(bert_config(vocab_size, max_position_embeddings, config, pad_token_id))
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_token_ids: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    mask_probability: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick ``mask_probability`` of gene tokens; 80% ``<mask>``, 10% random, 10% kept.
+
+    Parameters
+    ----------
+    input_ids, attention_mask
+        Shape (n_batch, length), int64.
+    special_token_ids
+        Ids never masked nor drawn as random replacements (pad, mask, cls, eos).
+
+    Returns
+    -------
+    masked_input_ids, labels
+        Shape (n_batch, length); ``labels`` is the original id where a token was picked,
+        ``IGNORE_LABEL`` elsewhere.
+    """
+    is_gene = attention_mask.bool() & ~torch.isin(input_ids, special_token_ids)
+    draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    picked = is_gene & (draws < mask_probability)
+    labels = torch.where(picked, input_ids, torch.full_like(input_ids, IGNORE_LABEL))
+    # Reuse the same uniform draw to split the picked tokens 80/10/10.
+    relative = draws / mask_probability
+    to_mask = picked & (relative < 0.8)
+    to_random = picked & (relative >= 0.8) & (relative < 0.9)
+    gene_ids = torch.arange(vocab_size, device=input_ids.device)
+    gene_ids = gene_ids[~torch.isin(gene_ids, special_token_ids)]
+    random_choice = gene_ids[torch.randint(len(gene_ids), input_ids.shape, generator=generator,
+                                           device=input_ids.device)]
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(to_random, random_choice, masked)
+    return masked, labels
+
+
+@dataclass
+class TrainedGeneformer:
+    """A model trained here, with what it needs to be saved and reused.
+
+    Attributes
+    ----------
+    model
+        The trained masked-LM (eval mode, on CPU).
+    dictionaries
+        Token/median dictionaries the cells were encoded with.
+    loss_curve
+        Shape (n_steps,), float64: masked-LM cross-entropy (nats per masked token) per step.
+    """
+
+    model: BertForMaskedLM
+    dictionaries: GeneformerDictionaries
+    loss_curve: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else the first CUDA GPU when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_small_geneformer(
+    cells: TokenizedCells,
+    dictionaries: GeneformerDictionaries,
+    config: SmallGeneformerConfig = SmallGeneformerConfig(),
+    *,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainedGeneformer:
+    """Train a small Geneformer-architecture BERT masked-LM on tokenized cells.
+
+    Batches are cells drawn uniformly with replacement (seeded), each truncated to its
+    ``config.max_train_length`` top-ranked tokens. AdamW with linear warm-up then linear decay.
+
+    Parameters
+    ----------
+    cells
+        Tokenized corpus (:func:`scgrn_assets.lib.tokenize.tokenize_cells`).
+    dictionaries
+        The dictionaries ``cells`` were encoded with (vocabulary and special tokens).
+    progress
+        Called as ``progress(step, n_steps, loss)`` after every step.
+    """
+    if cells.n_cells == 0:
+        raise ScgrnInputError("no tokenized cells to train on", fix="check the corpus and its gene dictionary")
+    device = pick_device(device)
+    model = build_masked_lm(dictionaries.vocab_size, dictionaries.convention.model_input_size, config,
+                            dictionaries.token_dictionary[PAD_TOKEN]).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    n_warmup = max(1, int(config.warmup_fraction * config.n_steps))
+
+    def learning_rate_factor(step: int) -> float:
+        if step < n_warmup:
+            return (step + 1) / n_warmup
+        return max(0.0, (config.n_steps - step) / max(1, config.n_steps - n_warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    special_ids = torch.as_tensor(dictionaries.special_token_ids, device=device)
+    mask_id = dictionaries.token_dictionary[MASK_TOKEN]
+    max_length = min(config.max_train_length, dictionaries.convention.model_input_size)
+    loss_curve = np.zeros(config.n_steps)
+    for step in range(config.n_steps):
+        batch = rng.integers(0, cells.n_cells, size=config.batch_size)
+        input_ids, attention_mask = (torch.as_tensor(array, device=device)
+                                     for array in cells.padded(batch, max_length=max_length))
+        masked_ids, labels = mask_tokens(input_ids, attention_mask, special_ids, mask_id,
+                                         dictionaries.vocab_size, config.mask_probability, generator)
+        if not (labels != IGNORE_LABEL).any():
+            # A batch of one-gene cells may draw no mask; keep the curve defined and move on.
+            loss_curve[step] = loss_curve[step - 1] if step else math.nan
+            continue
+        output = model(input_ids=masked_ids, attention_mask=attention_mask, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        loss_curve[step] = float(output.loss.detach())
+        if progress is not None:
+            progress(step + 1, config.n_steps, loss_curve[step])
+    model.eval()
+    return TrainedGeneformer(model.cpu(), dictionaries, loss_curve)
+
+
+def save_geneformer(trained: TrainedGeneformer, directory: str | os.PathLike) -> Path:
+    """Write model (``save_pretrained``: config.json + model.safetensors), dictionaries and loss curve.
+
+    The folder is built under a temporary name and renamed into place, replacing any
+    previous one, so a half-written model never looks complete.
+    """
+    directory = Path(directory)
+    tmp_directory = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp_directory, ignore_errors=True)
+    tmp_directory.mkdir(parents=True)
+    trained.model.save_pretrained(tmp_directory)
+    trained.dictionaries.save(tmp_directory)
+    (tmp_directory / "geneformer_convention.json").write_text(
+        json.dumps({"convention": trained.dictionaries.convention.name}))
+    np.save(tmp_directory / "loss_curve.npy", trained.loss_curve)
+    if directory.exists():
+        old_directory = directory.with_name(f".{directory.name}.old{os.getpid()}")
+        os.replace(directory, old_directory)
+        os.replace(tmp_directory, directory)
+        shutil.rmtree(old_directory)
+    else:
+        os.replace(tmp_directory, directory)
+    return directory
+
+
+@dataclass
+class LoadedGeneformer:
+    """A model ready for attention extraction.
+
+    Attributes
+    ----------
+    model
+        The BERT masked-LM, eval mode, eager attention.
+    dictionaries
+        Its token/median dictionaries (the convention decides ``<cls>``/``<eos>``).
+    """
+
+    model: BertForMaskedLM
+    dictionaries: GeneformerDictionaries
+
+
+def load_geneformer(
+    model_directory: str | os.PathLike,
+    dictionary_directory: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> LoadedGeneformer:
+    """Load a Geneformer checkpoint (published or saved by :func:`save_geneformer`) with eager attention.
+
+    Parameters
+    ----------
+    model_directory
+        Holds ``config.json`` and the weights (``model.safetensors`` or ``pytorch_model.bin``).
+    dictionary_directory
+        Holds the token/median dictionary pickles; defaults to ``model_directory`` (where
+        :func:`save_geneformer` puts them). Published checkpoints ship them separately.
+    device
+        Where the model is placed; default GPU when present.
+    """
+    model_directory = Path(model_directory)
+    if not (model_directory / "config.json").is_file():
+        raise ScgrnInputError("no config.json", file=str(model_directory),
+                              fix="point the Geneformer resource at a checkpoint folder (config.json + safetensors)")
+    dictionaries = load_geneformer_dictionaries(dictionary_directory or model_directory)
+    convention_file = model_directory / "geneformer_convention.json"
+    if convention_file.is_file():
+        dictionaries.convention = convention_named(json.loads(convention_file.read_text())["convention"])
+    model = BertForMaskedLM.from_pretrained(model_directory, attn_implementation="eager")
+    if model.config.vocab_size < dictionaries.vocab_size:
+        raise ScgrnInputError(
+            f"model vocabulary has {model.config.vocab_size} tokens, dictionary needs {dictionaries.vocab_size}",
+            file=str(model_directory),
+            fix="use the dictionaries the checkpoint was trained with (gc30M for V1, gc95M/gc104M for V2)",
+        )
+    return LoadedGeneformer(model.to(pick_device(device)).eval(), dictionaries)
