@@ -1,18 +1,16 @@
 """Per-study ingest: the raw GEO files and the study's AnnData, one partition per study."""
 
 
-import anndata as ad
 import dagster as dg
-import h5py
 import pandas as pd
-from anndata.io import sparse_dataset
 
 from scgrn_assets.assets.metadata import table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.lib.download import fetch_file
 from scgrn_assets.lib.qc_checks import scan_counts
-from scgrn_assets.lib.storage import atomic_path, remove_stale_temporaries
-from scgrn_assets.lib.study_anndata import build_study_anndata
+from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs
+from scgrn_assets.lib.storage import remove_stale_temporaries
+from scgrn_assets.lib.study_anndata import write_study_h5ad
 from scgrn_assets.partitions import study_partitions
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 
@@ -54,19 +52,16 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
     metadata joined, ``condition`` derived by the catalog's rule."""
     catalog = storage.load_catalog()
     study = catalog.study(context.partition_key)
-    adata = build_study_anndata(study, geo_raw_archive, condition_levels=catalog.condition_levels,
-                                progress=lambda name: context.log.info(f"{study.accession}: reading {name}"))
     path = artefact_path(storage.layout, "study_anndata", study.accession)
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+    adata = write_study_h5ad(study, geo_raw_archive, path, condition_levels=catalog.condition_levels,
+                             progress=lambda name: context.log.info(f"{study.accession}: reading {name}"))
     # Checks read the file back: they vouch for what downstream will read, not for memory.
-    with h5py.File(path, "r") as handle:
-        scan = scan_counts([sparse_dataset(handle["X"])[:]])
-        obs = ad.io.read_elem(handle["obs"])
+    scan = scan_counts(iter_row_chunks(path))
+    obs = read_study_obs(path)
     yield dg.Output(path, metadata={
         "n_cells": adata.n_obs,
         "n_genes": adata.n_vars,
-        "sparsity": float(1 - adata.X.nnz / max(1, adata.n_obs * adata.n_vars)),
+        "sparsity": float(1 - scan.n_values / max(1, adata.n_obs * adata.n_vars)),
         "cells_by_condition": dg.MetadataValue.json(
             adata.obs["condition"].astype(object).fillna("NA").value_counts().to_dict()),
         "median_counts_per_cell": float(adata.obs["n_counts"].median()),

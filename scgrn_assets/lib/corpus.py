@@ -63,15 +63,23 @@ def _read_study_frames(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return obs, var
 
 
+def read_study_obs(path: Path) -> pd.DataFrame:
+    """obs of an .h5ad, read without loading its counts."""
+    with h5py.File(path, "r") as handle:
+        return ad.io.read_elem(handle["obs"])
+
+
 def study_gene_names(path: Path) -> list[str]:
     """Gene symbols of a study's .h5ad, read without loading its counts."""
     with h5py.File(path, "r") as handle:
         return ad.io.read_elem(handle["var"]).index.tolist()
 
 
-def _iter_row_chunks(path: Path, rows: np.ndarray, chunk_cells: int):
-    """Yield CSR blocks of the selected rows of a study's X, ``chunk_cells`` at a time."""
+def iter_row_chunks(path: Path, rows: np.ndarray | None = None, chunk_cells: int = CHUNK_CELLS):
+    """Yield CSR blocks of the selected rows (default: all) of an .h5ad's X, ``chunk_cells`` at a time."""
     with h5py.File(path, "r") as handle:
+        if rows is None:
+            rows = np.arange(handle["X"].attrs["shape"][0])
         matrix = sparse_dataset(handle["X"])
         for start in range(0, len(rows), chunk_cells):
             selected = rows[start:start + chunk_cells]
@@ -115,7 +123,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
     detected = np.zeros(len(union), dtype=np.int64)
     for study, path in study_files.items():
         positions = union.get_indexer(frames[study][1].index)
-        for block in _iter_row_chunks(path, keep_rows[study], chunk_cells):
+        for block in iter_row_chunks(path, keep_rows[study], chunk_cells):
             detected[positions] += np.bincount(block.indices, minlength=block.shape[1])
     keep_genes = detected >= qc.min_cells_per_gene
     genes = union[keep_genes]
@@ -147,7 +155,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
                                      (np.flatnonzero(kept >= 0), kept[kept >= 0])),
                                     shape=(len(source_genes), len(genes)))
             done = 0
-            for block in _iter_row_chunks(path, keep_rows[study], chunk_cells):
+            for block in iter_row_chunks(path, keep_rows[study], chunk_cells):
                 aligned = (block.astype(np.int32) @ mapping).tocsr().astype(np.float32)
                 aligned.sort_indices()
                 n_nonzero += aligned.nnz

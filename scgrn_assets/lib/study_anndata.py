@@ -3,42 +3,63 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import write_elem
 
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.genes import harmonise_gene_ids, sum_duplicate_genes
 from scgrn_assets.lib.readers import SampleCounts, normalise_plate_id, read_metadata_table, read_study_samples
+from scgrn_assets.lib.storage import atomic_path
 
 
-def reindex_genes(counts: sp.csr_matrix, genes: list[str], target: pd.Index) -> sp.csr_matrix:
-    """Columns of ``counts`` (named ``genes``) placed at their position in ``target``; others are zero."""
-    positions = target.get_indexer(genes)
-    if (positions < 0).any():
-        raise ValueError("every gene must be in the target index")
-    mapping = sp.csr_matrix((np.ones(len(genes), dtype=counts.dtype), (np.arange(len(genes)), positions)),
-                            shape=(len(genes), len(target)))
-    return (counts @ mapping).tocsr()
+class GeneUnion:
+    """The study's genes in order of first appearance, growing sample by sample.
 
-
-def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[str, str] = ("control", "AD"),
-                        progress: Callable[[str], None] | None = None) -> ad.AnnData:
-    """Read, harmonise and annotate one study.
-
-    Returns an AnnData with integer counts in ``X`` (CSR, int32, cells x genes), ``obs``
-    columns ``study``, ``sample``, ``sample_name``, ``barcode``, ``condition`` (categorical,
-    NA where unknown), ``condition_source`` (the metadata value the rule read) and
-    ``n_counts`` (total counts of the cell over all its genes), and ``var`` indexed by
-    gene symbol with ``gene_symbol`` and ``ensembl_id``.
+    New genes are appended at the end, so column indices of rows already written stay
+    valid: samples can be streamed to disk before the union is complete.
     """
+
+    def __init__(self) -> None:
+        self.positions: dict[str, int] = {}
+        self.ensembl: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def remap(self, counts: sp.csr_matrix, symbols: list[str], ensembl: list[str | None]) -> sp.csr_matrix:
+        """``counts`` (columns = ``symbols``, unique) with columns moved to their union position."""
+        for symbol, ensembl_id in zip(symbols, ensembl):
+            if symbol not in self.positions:
+                self.positions[symbol] = len(self.positions)
+                self.ensembl.append(ensembl_id)
+            elif ensembl_id and self.ensembl[self.positions[symbol]] is None:
+                self.ensembl[self.positions[symbol]] = ensembl_id
+        column_map = np.fromiter((self.positions[s] for s in symbols), dtype=np.int32, count=len(symbols))
+        remapped = sp.csr_matrix((counts.data.astype(np.int32), column_map[counts.indices], counts.indptr),
+                                 shape=(counts.shape[0], len(self.positions)))
+        remapped.sort_indices()
+        return remapped
+
+    def var(self) -> pd.DataFrame:
+        symbols = list(self.positions)
+        # Categoricals store "unknown" as a missing code that every anndata version reads back.
+        return pd.DataFrame({"gene_symbol": symbols, "ensembl_id": pd.Categorical(self.ensembl)},
+                            index=pd.Index(symbols))
+
+
+def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
+                      condition_levels: tuple[str, str] = ("control", "AD"),
+                      progress: Callable[[str], None] | None = None) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
+    """Yield each sample as (counts remapped into ``genes``, its obs rows), one sample in memory at a time."""
     metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession)
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
-    samples: list[tuple[SampleCounts, list[str], list[str | None]]] = []
     for sample in read_study_samples(study, raw_dir, progress):
         _check_barcodes(study, sample)
         symbols, ensembl = harmonise_gene_ids(sample.gene_ids, gene_id_type=study.gene_id_type,
@@ -46,32 +67,86 @@ def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[
                                               ensembl_to_symbol=ensembl_to_symbol, study=study.accession,
                                               file=sample.source_file)
         counts, symbols, ensembl = sum_duplicate_genes(sample.counts, symbols, ensembl)
-        samples.append((SampleCounts(sample.sample, sample.sample_name, sample.source_file, sample.cell_names,
-                                     symbols, counts, cell_plates=sample.cell_plates), symbols, ensembl))
+        obs = _join_cell_metadata(study, sample, metadata, condition_levels)
+        obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
+        obs["n_genes"] = np.diff(counts.indptr).astype(np.int64)
+        yield genes.remap(counts, symbols, ensembl), obs
 
-    # The union over samples (normally identical gene lists) in order of first appearance.
-    gene_index = pd.Index(pd.unique(np.concatenate([np.asarray(s, dtype=object) for _, s, _ in samples])))
-    ensembl_by_symbol: dict[str, str] = {}
-    for _, symbols, ensembl in samples:
-        for symbol, ensembl_id in zip(symbols, ensembl):
-            if ensembl_id and symbol not in ensembl_by_symbol:
-                ensembl_by_symbol[symbol] = ensembl_id
-    blocks = [reindex_genes(s.counts, symbols, gene_index) for s, symbols, _ in samples]
-    obs = pd.concat([_join_cell_metadata(study, s, metadata, condition_levels) for s, _, _ in samples],
-                    ignore_index=True)
-    counts = sp.vstack(blocks, format="csr").astype(np.int32)
-    obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
-    obs["n_genes"] = np.diff(counts.indptr).astype(np.int64)
+
+def _finish_obs(study: Study, frames: list[pd.DataFrame], condition_levels: tuple[str, str]) -> pd.DataFrame:
+    obs = pd.concat(frames, ignore_index=True)
+    obs["condition"] = pd.Categorical(obs["condition"], categories=list(condition_levels))
+    obs["condition_source"] = pd.Categorical(obs["condition_source"])
     obs.index = pd.Index(study.accession + ":" + obs["sample"].astype(str) + ":" + obs["barcode"].astype(str))
-    var = pd.DataFrame({"gene_symbol": gene_index.astype(str),
-                        "ensembl_id": [ensembl_by_symbol.get(g) for g in gene_index]},
-                       index=gene_index.astype(str))
-    # Categoricals store "unknown" as a missing code that every anndata version reads back.
-    var["ensembl_id"] = var["ensembl_id"].astype("category")
-    adata = ad.AnnData(X=counts, obs=obs, var=var)
-    adata.uns["study"] = {"accession": study.accession, "title": study.title, "species": study.species,
-                          "format": study.format, "gene_id_type": study.gene_id_type}
+    return obs
+
+
+def _study_uns(study: Study) -> dict:
+    return {"study": {"accession": study.accession, "title": study.title, "species": study.species,
+                      "format": study.format, "gene_id_type": study.gene_id_type}}
+
+
+def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[str, str] = ("control", "AD"),
+                        progress: Callable[[str], None] | None = None) -> ad.AnnData:
+    """Read, harmonise and annotate one study in memory (for notebooks and tests).
+
+    Returns an AnnData with integer counts in ``X`` (CSR, int32, cells x genes), ``obs``
+    columns ``study``, ``sample``, ``sample_name``, ``barcode``, ``condition`` (categorical,
+    NA where unknown), ``condition_source`` (the metadata value the rule read),
+    ``n_counts`` (total counts of the cell over all its genes) and ``n_genes`` (detected),
+    and ``var`` indexed by gene symbol with ``gene_symbol`` and ``ensembl_id``.
+    :func:`write_study_h5ad` writes the same object to disk without holding the study.
+    """
+    genes = GeneUnion()
+    blocks, frames = [], []
+    for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels, progress=progress):
+        blocks.append(block)
+        frames.append(obs)
+    width = len(genes)
+    counts = sp.vstack([sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.shape[0], width)) for b in blocks],
+                       format="csr").astype(np.int32)
+    adata = ad.AnnData(X=counts, obs=_finish_obs(study, frames, condition_levels), var=genes.var())
+    adata.uns.update(_study_uns(study))
     return adata
+
+
+def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
+                     condition_levels: tuple[str, str] = ("control", "AD"),
+                     progress: Callable[[str], None] | None = None) -> ad.AnnData:
+    """Stream one study into an ``.h5ad`` at ``output`` (atomically); memory holds one sample.
+
+    X is appended sample by sample as CSR (anndata's on-disk ``csr_matrix`` encoding);
+    returns the written object's obs/var as an AnnData without X, for metadata.
+    """
+    genes = GeneUnion()
+    frames: list[pd.DataFrame] = []
+    with atomic_path(output) as tmp, h5py.File(tmp, "w") as handle:
+        group = handle.create_group("X")
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indptr = [np.zeros(1, dtype=np.int64)]
+        n_values = 0
+        for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels,
+                                            progress=progress):
+            data.resize((n_values + block.nnz,))
+            indices.resize((n_values + block.nnz,))
+            data[n_values:] = block.data
+            indices[n_values:] = block.indices
+            indptr.append(block.indptr[1:].astype(np.int64) + n_values)
+            n_values += block.nnz
+            frames.append(obs)
+        obs = _finish_obs(study, frames, condition_levels)
+        var = genes.var()
+        group.create_dataset("indptr", data=np.concatenate(indptr))
+        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                            "shape": (len(obs), len(var))})
+        write_elem(handle, "obs", obs)
+        write_elem(handle, "var", var)
+        write_elem(handle, "uns", _study_uns(study))
+        for name in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(handle, name, {})
+        handle.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    return ad.AnnData(obs=obs, var=var)
 
 
 def _check_barcodes(study: Study, sample: SampleCounts) -> None:

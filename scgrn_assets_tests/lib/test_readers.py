@@ -217,3 +217,18 @@ def test_study_dataclass_is_frozen():
     study = make_study("raw_tar_dense_tsv", "x.tar")
     with pytest.raises(dataclasses.FrozenInstanceError):
         study.accession = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("accession", ["GSE900001", "GSE900004"])
+def test_streamed_h5ad_equals_the_in_memory_study(demo_files, tmp_path, accession):
+    import anndata as ad
+
+    from scgrn_assets.lib.study_anndata import write_study_h5ad
+
+    study = demo_files.catalog().study(accession)
+    in_memory = build_study_anndata(study, demo_files.study_dir(accession))
+    write_study_h5ad(study, demo_files.study_dir(accession), tmp_path / "s.h5ad")
+    on_disk = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert (on_disk.X != in_memory.X).nnz == 0 and on_disk.X.dtype == np.int32
+    pd.testing.assert_frame_equal(on_disk.obs, in_memory.obs)
+    pd.testing.assert_frame_equal(on_disk.var, in_memory.var)
