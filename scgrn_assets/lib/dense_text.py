@@ -9,8 +9,10 @@ with a compiled kernel (pandas' C parser is several times slower on 10^4-column 
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 import numba
 import numpy as np
@@ -146,6 +148,42 @@ def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
     return line, nnz, 0, blank_lines, 0
 
 
+def _prefetched_blocks(stream: IO[bytes], block_bytes: int) -> Iterator[bytes]:
+    """Blocks of ``stream`` read one ahead in a thread: decompression (zlib releases the GIL)
+    overlaps with parsing (the compiled kernel releases it too), so two cores both work."""
+    blocks: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def read_ahead() -> None:
+        try:
+            while not stop.is_set():
+                block = stream.read(block_bytes)
+                while not stop.is_set():
+                    try:
+                        blocks.put(block, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if not block:
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            blocks.put(exc)
+
+    reader = threading.Thread(target=read_ahead, name="dense-text-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = blocks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if not item:
+                return
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _split_header(header: bytes, sep: bytes) -> list[str]:
     fields = header.rstrip(b"\r\n").split(sep)
     return [f.decode("utf-8", errors="replace").strip().strip('"') for f in fields]
@@ -183,8 +221,7 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
     line_number = 2
     bytes_read = len(header)
     sep_code = sep_byte[0]
-    while True:
-        block = stream.read(BLOCK_BYTES)
+    for block in _prefetched_blocks(stream, BLOCK_BYTES):
         data = pending + block if pending else block
         if not data:
             break
