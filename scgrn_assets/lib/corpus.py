@@ -151,16 +151,13 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
         for study, path in study_files.items():
             source_genes = frames[study][1].index
             kept = genes.get_indexer(source_genes)  # -1 for genes QC removed
-            mapping = sp.csr_matrix((np.ones((kept >= 0).sum(), dtype=np.int32),
-                                     (np.flatnonzero(kept >= 0), kept[kept >= 0])),
-                                    shape=(len(source_genes), len(genes)))
             done = 0
             for block in iter_row_chunks(path, keep_rows[study], chunk_cells):
-                aligned = (block.astype(np.int32) @ mapping).tocsr().astype(np.float32)
-                aligned.sort_indices()
+                aligned = align_columns(block, kept, len(genes))
                 n_nonzero += aligned.nnz
                 if matrix is None:
-                    write_elem(store, "X", aligned)
+                    # Large chunks: appends then write few, big compressed blocks.
+                    write_elem(store, "X", aligned, dataset_kwargs={"chunks": (1 << 20,)})
                     matrix = sparse_dataset(store["X"])
                 else:
                     matrix.append(aligned)
@@ -175,6 +172,23 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
                          cells_per_study={s: len(r) for s, r in keep_rows.items()},
                          cells_removed_by_qc=removed_cells, genes_removed_by_qc=union[~keep_genes].tolist(),
                          union_genes=union.tolist())
+
+
+def align_columns(block: sp.csr_matrix, column_map: np.ndarray, n_columns: int) -> sp.csr_matrix:
+    """Move column j of ``block`` to ``column_map[j]`` (dropping columns mapped to -1), as float32.
+
+    An index remap, not a sparse product: it touches each stored value once.
+    """
+    new_columns = column_map[block.indices]
+    keep = new_columns >= 0
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    row_nnz = np.bincount(rows[keep], minlength=block.shape[0])
+    indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
+    np.cumsum(row_nnz, out=indptr[1:])
+    aligned = sp.csr_matrix((block.data[keep].astype(np.float32), new_columns[keep].astype(np.int32), indptr),
+                            shape=(block.shape[0], n_columns))
+    aligned.sort_indices()
+    return aligned
 
 
 def _corpus_obs(obs: pd.DataFrame) -> pd.DataFrame:
