@@ -8,16 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scgrn_assets.instance import single_host_dagster_yaml
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import StorageLayout, scgrn_home
 
 # The progress bar speaks in the terminal; the full logs stay in the instance (see `scgrn ui`).
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
-DAGSTER_YAML = """# Written by scgrn: a single-host instance in SCGRN_HOME/dagster (SQLite storage).
-telemetry:
-  enabled: false
-"""
+DAGSTER_YAML = single_host_dagster_yaml()  # SQLite storage, run queue, `gpu` pool limited to the GPUs
 
 
 def _prepare_instance(layout: StorageLayout):
@@ -56,8 +54,39 @@ def ensure_demo_data(layout: StorageLayout, catalog, *, echo=print) -> None:
             "scgrn_assets/catalogs/demo.yaml (after changing the simulator)")
 
 
+def materialisation_plan(assets) -> list[tuple[list, bool]]:
+    """Assets in runs, in dependency order: ``(assets, partitioned)`` per run.
+
+    A partitioned run happens once per study; consecutive assets of the same kind share a
+    run, so the demo takes a handful of runs rather than one per asset and partition.
+    """
+    keys_of = {id(a): set(a.keys) for a in assets}
+    deps_of = {id(a): {k for k in a.dependency_keys} for a in assets}
+    remaining = list(assets)
+    plan = []
+    while remaining:
+        ready = [a for a in remaining if deps_of[id(a)] & set().union(*(keys_of[id(r)] for r in remaining)) == set()]
+        partitioned = all(a.partitions_def is not None for a in ready)
+        group = [a for a in ready if (a.partitions_def is not None) == partitioned]
+        group_keys = set().union(*(keys_of[id(a)] for a in group))
+        grew = True
+        while grew:  # pull in same-kind assets whose inputs this run produces
+            grew = False
+            for a in remaining:
+                if a in group or (a.partitions_def is not None) != partitioned:
+                    continue
+                own = deps_of[id(a)] & set().union(*(keys_of[id(r)] for r in remaining))
+                if own <= group_keys:
+                    group.append(a)
+                    group_keys |= keys_of[id(a)]
+                    grew = True
+        plan.append((group, partitioned))
+        remaining = [a for a in remaining if a not in group]
+    return plan
+
+
 def materialize_everything(layout: StorageLayout, catalog_name: str, *, echo=print) -> None:
-    """Materialise every asset: one run per study partition, then the unpartitioned graph."""
+    """Materialise every asset, run by run in dependency order (one run per study where partitioned)."""
     import dagster as dg
     from tqdm import tqdm
 
@@ -67,23 +96,19 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, echo=pri
     resources = definitions.build_resources(home=str(layout.home), catalog=catalog_name)
     assets = list(definitions.all_assets)
     checks = list(definitions.all_asset_checks)
-    partitioned = [a for a in assets if a.partitions_def is not None]
-    unpartitioned = [a for a in assets if a.partitions_def is None]
     accessions = resources["storage"].load_catalog().accessions
-    with tqdm(total=len(accessions) + 1, desc="materialise", unit="run", disable=None) as bar:
-        for accession in accessions:
-            bar.set_postfix_str(accession)
-            result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*partitioned),
-                                    partition_key=accession, instance=instance, resources=resources,
-                                    raise_on_error=False, tags={"scgrn/source": "cli"}, run_config=QUIET)
-            _raise_on_failure(result, f"study {accession}")
-            bar.update(1)
-        bar.set_postfix_str("corpus and downstream")
-        result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*unpartitioned),
-                                instance=instance, resources=resources, raise_on_error=False,
-                                tags={"scgrn/source": "cli"}, run_config=QUIET)
-        _raise_on_failure(result, "the corpus graph")
-        bar.update(1)
+    plan = materialisation_plan(assets)
+    total = sum(len(accessions) if partitioned else 1 for _, partitioned in plan)
+    with tqdm(total=total, desc="materialise", unit="run", disable=None) as bar:
+        for group, partitioned in plan:
+            names = ", ".join(k.to_user_string() for a in group for k in a.keys)
+            for partition in (accessions if partitioned else [None]):
+                bar.set_postfix_str(f"{names}{f' [{partition}]' if partition else ''}")
+                result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*group),
+                                        partition_key=partition, instance=instance, resources=resources,
+                                        raise_on_error=False, tags={"scgrn/source": "cli"}, run_config=QUIET)
+                _raise_on_failure(result, f"{names}{f' for {partition}' if partition else ''}")
+                bar.update(1)
 
 
 def _raise_on_failure(result, what: str) -> None:

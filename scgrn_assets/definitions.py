@@ -2,9 +2,10 @@
 
 import dagster as dg
 
-from scgrn_assets.assets import corpus, ingest
+from scgrn_assets.assets import corpus, ingest, network
 from scgrn_assets.io_managers import ArtefactIOManager
-from scgrn_assets.resources import GeoDownloader, ScgrnStorage
+from scgrn_assets.jobs import build_executor, build_jobs, build_schedules, build_sensors, with_downstream_automation
+from scgrn_assets.resources import GeneformerSettings, GeoDownloader, ScgrnStorage
 from scgrn_assets.settings import catalog_name, current_layout
 
 
@@ -14,15 +15,21 @@ def build_resources(home: str | None = None, catalog: str | None = None) -> dict
     return {
         "storage": ScgrnStorage(home=home, catalog=catalog or catalog_name()),
         "downloader": GeoDownloader(),
+        "geneformer": GeneformerSettings(),
         "artefact_io_manager": ArtefactIOManager(home=home),
     }
 
 
-all_assets = dg.load_assets_from_modules([ingest, corpus])
-all_asset_checks = dg.load_asset_checks_from_modules([ingest, corpus])
+all_assets = dg.load_assets_from_modules([ingest, corpus, network])
+all_asset_checks = dg.load_asset_checks_from_modules([ingest, corpus, network])
+all_jobs = build_jobs(all_assets)
 
 defs = dg.Definitions(
-    assets=all_assets,
+    assets=with_downstream_automation(all_assets),
     asset_checks=all_asset_checks,
+    jobs=all_jobs,
+    schedules=build_schedules(all_jobs),
+    sensors=build_sensors(),
+    executor=build_executor(),
     resources=build_resources(),
 )

@@ -21,6 +21,10 @@ ARTEFACT_SUFFIXES: dict[str, str] = {
     "study_anndata": ".h5ad",
     "gene_annotation": ".parquet",
     "combined_corpus": ".zarr",
+    "tokenized_cells": "",
+    "geneformer_model": "",
+    "attention_moments": ".npz",
+    "edge_stability": ".parquet",
 }
 
 

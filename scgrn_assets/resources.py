@@ -37,3 +37,22 @@ class GeoDownloader(dg.ConfigurableResource):
     def policy(self) -> DownloadPolicy:
         return DownloadPolicy(max_attempts=self.max_attempts, backoff_seconds=self.backoff_seconds,
                               timeout_seconds=self.timeout_seconds, max_bytes=self.max_bytes)
+
+
+class GeneformerSettings(dg.ConfigurableResource):
+    """Which Geneformer to use and how to run it.
+
+    With ``pretrained_model_dir`` unset (the demo), a small Geneformer-architecture model is
+    trained on the corpus; set it to a published checkpoint folder (config.json +
+    model.safetensors) and ``dictionary_dir`` to its token/median dictionary pickles.
+    """
+
+    pretrained_model_dir: str | None = None
+    dictionary_dir: str | None = None
+    convention: str = "V1"               # V1 (2048, no special tokens) or V2 (<cls>/<eos>, 4096)
+    train_steps: int = 300
+    train_batch_size: int = 16
+    device: str | None = None            # None: the GPU when one is visible, else CPU
+    max_genes_per_cell: int = 256        # genes entering each cell's attention block
+    pcorr_method: str = "cosine_shrunk_pinv"
+    attention_batch_size: int = 32

@@ -114,7 +114,7 @@ def tree_edges(
     n_trees: int = 50,
     max_cells: int = 1000,
     max_features: str | float = "sqrt",
-    min_samples_leaf: int = 5,
+    min_samples_leaf: int = 10,
     seed: int = 0,
     n_jobs: int = 1,
     progress: ProgressCallback | None = None,

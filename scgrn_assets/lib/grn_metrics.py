@@ -35,7 +35,6 @@ rows with score 0 (true and false), so universes of millions of pairs stay cheap
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Callable, Mapping, Sequence
 
 import numba
@@ -44,6 +43,7 @@ import pandas as pd
 import scipy.stats
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.plots import figure_png, plt
 
 UNIVERSES = ("all_pairs", "tf_rooted", "predicted")
 METRIC_COLUMNS = ["method", "reference", "universe", "metric", "value", "cutoff"]
@@ -115,7 +115,10 @@ def precision_recall_points(labels, scores, weights=None) -> tuple[np.ndarray, n
     labels, scores, weights = _as_ranking(labels, scores, weights)
     thresholds, true_positives, false_positives = _counts_at_thresholds(labels, scores, weights)
     precision = true_positives / (true_positives + false_positives)
-    recall = true_positives / true_positives[-1] if len(scores) and true_positives[-1] > 0 else np.full(len(thresholds), np.nan)
+    if len(scores) and true_positives[-1] > 0:
+        recall = true_positives / true_positives[-1]
+    else:
+        recall = np.full(len(thresholds), np.nan)
     return precision, recall, thresholds
 
 
@@ -264,7 +267,7 @@ def evaluation_pairs(
     universe
         One of :data:`UNIVERSES`.
     tf_list
-        Regulators for ``tf_rooted``; None takes the reference's regulators.
+        Regulators for ``tf_rooted``; None takes the reference's regulators (none for an undirected reference).
     prediction_directed
         Whether the method is directed; None reads ``prediction.attrs``.
 
@@ -286,7 +289,10 @@ def evaluation_pairs(
     gene_position = pd.Series(np.arange(len(genes)), index=pd.Index(genes, dtype=object))
     n_genes = len(genes)
 
-    regulators = reference["source"] if tf_list is None else pd.Series(list(tf_list), dtype=object)
+    if tf_list is not None:
+        regulators = pd.Series(list(tf_list), dtype=object)
+    else:  # an undirected reference names no regulators: its tf_rooted universe is empty without a TF list
+        regulators = reference.loc[reference["directed"], "source"]
     is_tf = np.zeros(n_genes, dtype=bool)
     is_tf[gene_position.reindex(regulators.unique()).dropna().astype(int).to_numpy()] = True
 
@@ -469,7 +475,8 @@ def in_degree_null_hits(
     -------
     sources, hits
         Source gene indices, shape (n_sources,), and true hits per (replicate, source), shape (n_null, n_sources).
-        Genes of in-degree 0 are never true targets, so they are left out of the draw.
+        Genes of in-degree 0 are never true targets, so they are left out of the draw. Targets come
+        from all genes of G, in the ``predicted`` universe too.
     """
     sources, n_targets = np.unique(pairs.source_index[network], return_counts=True)
     n_genes = len(pairs.genes)
@@ -506,10 +513,23 @@ def _table_contains(table, mask, key):
 
 @numba.njit(cache=True)
 def _table_insert(table, mask, key):
+    """Insert an absent key; returns 1 when it took an empty slot (0 when it reused a deleted one)."""
     slot = _slot_of(key, mask)
     while table[slot] >= 0:
         slot = (slot + 1) & mask
+    took_empty = 1 if table[slot] == _EMPTY_SLOT else 0
     table[slot] = key
+    return took_empty
+
+
+@numba.njit(cache=True)
+def _fill_table(table, mask, sources, targets, n_genes, directed):
+    """(Re)build the table of present pairs; returns the number of empty slots left."""
+    table[:] = _EMPTY_SLOT
+    for edge in range(len(sources)):
+        a, b = sources[edge], targets[edge]
+        _table_insert(table, mask, a * n_genes + b if directed else min(a, b) * n_genes + max(a, b))
+    return len(table) - len(sources)
 
 
 @numba.njit(cache=True)
@@ -534,10 +554,8 @@ def _rewire(edge_sources, edge_targets, n_genes, directed, n_swaps, seed):
     while table_size < 8 * n_edges:
         table_size *= 2
     mask = table_size - 1
-    table = np.full(table_size, _EMPTY_SLOT, np.int64)
-    for edge in range(n_edges):
-        a, b = sources[edge], targets[edge]
-        _table_insert(table, mask, a * n_genes + b if directed else min(a, b) * n_genes + max(a, b))
+    table = np.empty(table_size, np.int64)
+    n_empty = _fill_table(table, mask, sources, targets, n_genes, directed)
     if n_edges < 2:
         return sources, targets
     for _ in range(n_swaps):
@@ -548,20 +566,24 @@ def _rewire(edge_sources, edge_targets, n_genes, directed, n_swaps, seed):
         if first == second or a == d or c == b:
             continue
         if directed:
-            old_first, old_second, new_first, new_second = a * n_genes + b, c * n_genes + d, a * n_genes + d, c * n_genes + b
+            old_first, old_second = a * n_genes + b, c * n_genes + d
+            new_first, new_second = a * n_genes + d, c * n_genes + b
         else:
             old_first = min(a, b) * n_genes + max(a, b)
             old_second = min(c, d) * n_genes + max(c, d)
             new_first = min(a, d) * n_genes + max(a, d)
             new_second = min(c, b) * n_genes + max(c, b)
-        if new_first == new_second or _table_contains(table, mask, new_first) or _table_contains(table, mask, new_second):
+        if new_first == new_second or _table_contains(table, mask, new_first):
+            continue
+        if _table_contains(table, mask, new_second):
             continue
         _table_remove(table, mask, old_first)
         _table_remove(table, mask, old_second)
-        _table_insert(table, mask, new_first)
-        _table_insert(table, mask, new_second)
+        n_empty -= _table_insert(table, mask, new_first) + _table_insert(table, mask, new_second)
         targets[first] = d
         targets[second] = b
+        if 4 * n_empty < table_size:  # deleted slots lengthen probes: rebuild before the table clogs
+            n_empty = _fill_table(table, mask, sources, targets, n_genes, directed)
     return sources, targets
 
 
@@ -607,7 +629,8 @@ def _rewired_null_hits(edge_sources, edge_targets, source_slot, n_sources, sorte
 def rewired_null_hits(
     pairs: EvaluationPairs, network: np.ndarray, *, n_null: int = 1000, swaps_per_edge: int = 10, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """True hits per (replicate, source) of degree-preserving rewirings (:func:`rewire_network`) of the predicted network.
+    """True hits per (replicate, source) of degree-preserving rewirings of the predicted network
+    (:func:`rewire_network`).
 
     Returns
     -------
@@ -788,8 +811,8 @@ def benchmark_table(
     pandas.DataFrame
         Columns :data:`METRIC_COLUMNS`. ``cutoff`` is NaN for whole-ranking metrics, K for the
         ``top_k_*`` metrics and the score cutoff for ``sweep_*`` metrics. Also per universe:
-        ``n_pairs``, ``n_true``, ``base_rate``, ``directed`` (1/0), and ``tfs_tested`` /
-        ``tfs_enriched_in_degree`` / ``tfs_enriched_rewired`` (sources with p < 0.05).
+        ``n_pairs``, ``n_true``, ``base_rate``, ``directed`` (1/0), and, for directed evaluations,
+        ``tfs_tested`` / ``tfs_enriched_in_degree`` / ``tfs_enriched_rewired`` (sources with p < 0.05).
         Universes without a true or without a false pair only get the counts.
     """
     method_directed = dict(method_directed or {})
@@ -820,9 +843,11 @@ def benchmark_table(
                         k_used = global_metrics.pop("top_k")
                         for metric, value in global_metrics.items():
                             add(metric, value, k_used)
-                        add("tfs_tested", len(per_source), k_used)
-                        add("tfs_enriched_in_degree", (per_source["p_in_degree"] < SIGNIFICANCE_LEVEL).sum(), k_used)
-                        add("tfs_enriched_rewired", (per_source["p_rewired"] < SIGNIFICANCE_LEVEL).sum(), k_used)
+                        if pairs.directed:  # unordered pairs have no regulator to summarise by
+                            add("tfs_tested", len(per_source), k_used)
+                            add("tfs_enriched_in_degree", (per_source["p_in_degree"] < SIGNIFICANCE_LEVEL).sum(),
+                                k_used)
+                            add("tfs_enriched_rewired", (per_source["p_rewired"] < SIGNIFICANCE_LEVEL).sum(), k_used)
                     if method in sweep_cutoffs:
                         sweep = cutoff_sweep(pairs, sweep_cutoffs[method])
                         for record in sweep.to_dict("records"):
@@ -875,24 +900,6 @@ def per_tf_enrichment(
 # ---------------------------------------------------------------------------------------------
 
 
-def _png_bytes(figure) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _agg_figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; metadata needs bytes only
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
-
-
 def pr_curves_png(
     predictions: Mapping[str, pd.DataFrame],
     reference: pd.DataFrame,
@@ -905,8 +912,8 @@ def pr_curves_png(
 ) -> bytes:
     """PNG of every method's precision-recall curve against one reference, with the random baseline."""
     method_directed = dict(method_directed or {})
-    figure, axes = _agg_figure(5.5, 4.5)
-    base_rate = float("nan")
+    figure, axes = plt.subplots(figsize=(5.5, 4.5))
+    base_rates = set()
     for method, prediction in predictions.items():
         pairs = evaluation_pairs(
             prediction, reference, gene_universe, universe=universe, tf_list=tf_list,
@@ -914,24 +921,25 @@ def pr_curves_png(
         )
         if pairs.n_true == 0:
             continue
-        precision, recall, _ = precision_recall_points(*pairs.ranking())
-        base_rate = pairs.base_rate
-        axes.plot(np.r_[0.0, recall], np.r_[1.0, precision], label=f"{method} (AP {average_precision(*pairs.ranking()):.3f})")
-    if np.isfinite(base_rate):
+        ranking = pairs.ranking()
+        precision, recall, _ = precision_recall_points(*ranking)
+        base_rates.add(round(pairs.base_rate, 6))  # directed and undirected evaluations differ
+        axes.plot(np.r_[0.0, recall], np.r_[1.0, precision], label=f"{method} (AP {average_precision(*ranking):.3f})")
+    for base_rate in sorted(base_rates):
         axes.axhline(base_rate, color="grey", linestyle="--", label=f"random ({base_rate:.3f})")
     axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
              title=f"PR curves vs {reference_name or 'reference'} ({universe})")
     axes.legend(fontsize="small")
-    return _png_bytes(figure)
+    return figure_png(figure)
 
 
 def epr_bar_chart_png(table: pd.DataFrame, reference_name: str, *, universe: str = "all_pairs") -> bytes:
     """PNG bar chart of each method's EPR against one reference (from :func:`benchmark_table`'s output);
     the dashed line at 1 is the random predictor."""
     rows = table[(table["reference"] == reference_name) & (table["universe"] == universe) & (table["metric"] == "epr")]
-    figure, axes = _agg_figure(max(4.0, 0.8 * len(rows) + 2), 3.5)
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.5))
     axes.bar(rows["method"].astype(str), rows["value"], color="tab:blue")
     axes.axhline(1.0, color="grey", linestyle="--")
     axes.set(ylabel="early precision ratio", title=f"EPR vs {reference_name} ({universe})")
     axes.tick_params(axis="x", rotation=45)
-    return _png_bytes(figure)
+    return figure_png(figure)

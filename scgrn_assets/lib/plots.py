@@ -40,3 +40,26 @@ def plot_cells_by_condition(obs: pd.DataFrame) -> bytes:
     ax.set_xlabel("")
     plt.setp(ax.get_xticklabels(), rotation=0)
     return figure_png(fig)
+
+
+def plot_histogram(values: np.ndarray, xlabel: str, bins: int = 60) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(np.asarray(values, dtype=float), bins=bins, color="#4477aa")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return figure_png(fig)
+
+
+def plot_loss_curve(values: np.ndarray, ylabel: str) -> bytes:
+    """A training curve with a running mean (minibatch losses are noisy)."""
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(values, lw=0.6, alpha=0.5, label="per step")
+    if len(values) >= 10:
+        window = max(5, len(values) // 30)
+        smooth = pd.Series(values).rolling(window, min_periods=1).mean()
+        ax.plot(smooth.to_numpy(), lw=1.5, label=f"running mean ({window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return figure_png(fig)

@@ -71,26 +71,25 @@ def normalise_reference(
             f"edge table has columns {list(edges.columns)}, expected source and target",
             study=study, file=file, fix="rename the regulator / target columns or pass the right loader",
         )
-    table = pd.DataFrame({
-        "source": edges["source"].astype(str).str.strip(),
-        "target": edges["target"].astype(str).str.strip(),
-        "sign": (edges["sign"] if "sign" in edges.columns else pd.Series(0, index=edges.index)).astype(np.int8),
-    })
-    empty = (table["source"] == "") | (table["target"] == "") | edges["source"].isna() | edges["target"].isna()
+    missing = edges["source"].isna().to_numpy() | edges["target"].isna().to_numpy()
+    sources = np.array([str(symbol).strip() for symbol in edges["source"]], dtype=object)
+    targets = np.array([str(symbol).strip() for symbol in edges["target"]], dtype=object)
+    empty = missing | (sources == "") | (targets == "")
     if empty.any():
-        first_bad = int(np.flatnonzero(empty.to_numpy())[0])
         raise ScgrnInputError(
-            f"row {first_bad + 1} has an empty gene symbol",
+            f"row {int(np.flatnonzero(empty)[0]) + 1} has an empty gene symbol",
             study=study, file=file, fix="remove incomplete rows or re-download the file",
         )
     if not directed:
-        swap = table["source"] > table["target"]
-        table.loc[swap, ["source", "target"]] = table.loc[swap, ["target", "source"]].to_numpy()
-    grouped = table.groupby(["source", "target"], sort=False)["sign"]
-    has_positive = grouped.max() > 0
-    has_negative = grouped.min() < 0
+        swap = sources > targets
+        sources[swap], targets[swap] = targets[swap], sources[swap]
+    signs = edges["sign"].to_numpy(dtype=np.int8) if "sign" in edges.columns else np.zeros(len(edges), np.int8)
+    table = pd.DataFrame({"source": sources, "target": targets, "sign": signs})
+    sign_range = table.groupby(["source", "target"], sort=False)["sign"].agg(["min", "max"])
+    has_positive = sign_range["max"].to_numpy() > 0
+    has_negative = sign_range["min"].to_numpy() < 0
     merged_sign = np.where(has_positive & ~has_negative, 1, np.where(has_negative & ~has_positive, -1, 0))
-    result = has_positive.index.to_frame(index=False)
+    result = sign_range.index.to_frame(index=False)
     result["sign"] = merged_sign.astype(np.int8)
     result["directed"] = bool(directed)
     result["reference"] = name
@@ -236,7 +235,7 @@ def load_edge_list(
         text = handle.read()
     first_line = text.split("\n", 1)[0]
     separator = "," if "," in first_line else ("\t" if "\t" in first_line else r"\s+")
-    raw = pd.read_csv(io.StringIO(text), sep=separator, header=None, dtype=str, keep_default_na=False, engine="python")
+    raw = pd.read_csv(io.StringIO(text), sep=separator, header=None, dtype=str, keep_default_na=False)
     named_columns = [c for c in (source_column, target_column, sign_column) if isinstance(c, str)]
     if header is None:
         header = bool(named_columns) or _first_row_looks_like_header(raw)
@@ -283,8 +282,8 @@ def _parse_signs(values: pd.Series, *, study: str | None, file: str) -> np.ndarr
 
 def load_string_v12(
     info_path: str | Path,
-    aliases_path: str | Path,
     links_path: str | Path,
+    aliases_path: str | Path | None = None,
     *,
     gene_symbols: Sequence[str] | None = None,
     min_combined_score: int = STRING_HIGH_CONFIDENCE,
@@ -298,8 +297,9 @@ def load_string_v12(
 
     - without ``gene_symbols``: each protein's ``preferred_name``;
     - with ``gene_symbols`` (the data's genes): each symbol is matched to a protein through the
-      preferred names first, then through the aliases (an alias naming several proteins is skipped),
-      so edges come out in the data's own spelling. Unmatched symbols simply have no edges.
+      preferred names first, then through the aliases when an aliases file is given (an alias naming
+      several proteins is skipped), so edges come out in the data's own spelling. Unmatched symbols
+      simply have no edges.
 
     Returns
     -------
@@ -307,7 +307,6 @@ def load_string_v12(
         Normalised undirected reference (STRING links are symmetric), sign 0.
     """
     info_path = _require_file(info_path, study=study)
-    aliases_path = _require_file(aliases_path, study=study)
     links_path = _require_file(links_path, study=study)
     info = _read_string_table(info_path, ["string_protein_id", "preferred_name"], study=study)
     links = _read_string_table(links_path, ["protein1", "protein2", "combined_score"], study=study)
@@ -316,7 +315,11 @@ def load_string_v12(
     if gene_symbols is None:
         protein_to_symbol = dict(zip(info["string_protein_id"], info["preferred_name"]))
     else:
-        aliases = _read_string_table(aliases_path, ["string_protein_id", "alias"], study=study)
+        alias_columns = ["string_protein_id", "alias"]
+        if aliases_path is None:
+            aliases = pd.DataFrame(columns=alias_columns)
+        else:
+            aliases = _read_string_table(_require_file(aliases_path, study=study), alias_columns, study=study)
         protein_to_symbol = _match_symbols_to_proteins(gene_symbols, info, aliases)
     edges = pd.DataFrame({
         "source": links["protein1"].map(protein_to_symbol),
@@ -373,7 +376,8 @@ class ReferenceSource:
     species
         Species the reference applies to, e.g. ``"human"``, ``"mouse"``; :func:`references_for_species` filters on it.
     files
-        Role -> local path. ``"edges"`` for single-file formats; ``"info"``, ``"aliases"``, ``"links"`` for STRING.
+        Role -> local path. ``"edges"`` for single-file formats; ``"info"``, ``"links"`` and optionally
+        ``"aliases"`` for STRING.
     urls
         Role -> official URL. When a role has a URL the file is downloaded into the cache folder first.
     sha256
@@ -395,8 +399,9 @@ _ROLES_BY_FORMAT = {
     "trrust": ("edges",),
     "regulon": ("edges",),
     "edge_list": ("edges",),
-    "string_v12": ("info", "aliases", "links"),
+    "string_v12": ("info", "links", "aliases"),
 }
+_OPTIONAL_ROLES = {"aliases"}
 
 
 def references_for_species(sources: Iterable[ReferenceSource], species: str) -> list[ReferenceSource]:
@@ -448,7 +453,7 @@ def load_reference(
             paths[role] = destination
         elif role in source.files:
             paths[role] = Path(source.files[role])
-        else:
+        elif role not in _OPTIONAL_ROLES:
             raise ScgrnInputError(
                 f"no path or URL configured for its {role!r} file", study=source.name,
                 fix=f"add files[{role!r}] or urls[{role!r}] to the reference configuration",
@@ -461,7 +466,7 @@ def load_reference(
     if source.format == "edge_list":
         return load_edge_list(paths["edges"], name=source.name, study=source.name, **options)
     return load_string_v12(
-        paths["info"], paths["aliases"], paths["links"],
+        paths["info"], paths["links"], paths.get("aliases"),
         gene_symbols=gene_symbols, name=source.name, study=source.name, **options,
     )
 

@@ -1,0 +1,104 @@
+"""Baselines against numpy / scipy and on data whose regulator is known."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.stats
+
+from scgrn_assets.lib.baselines import pearson_edges, random_edges, spearman_edges, tree_edges
+from scgrn_assets.lib.errors import ScgrnInputError
+
+
+@pytest.fixture
+def expression_with_ties():
+    generator = np.random.default_rng(7)
+    counts = generator.poisson(1.5, size=(200, 8)).astype(float)  # many ties, as in scRNA-seq
+    counts[:, 3] += 2 * counts[:, 0]  # one real dependency
+    return counts, [f"gene{index}" for index in range(8)]
+
+
+def pair_scores(predictions):
+    return {(source, target): score for source, target, score in
+            zip(predictions["source"], predictions["target"], predictions["correlation"])}
+
+
+def test_pearson_matches_numpy_corrcoef_on_every_unordered_pair(expression_with_ties):
+    counts, names = expression_with_ties
+    predictions = pearson_edges(counts, names)
+    expected = np.corrcoef(counts, rowvar=False)
+    scores = pair_scores(predictions)
+    assert len(predictions) == 8 * 7 // 2
+    assert predictions.attrs["directed"] is False
+    for first, second in itertools.combinations(range(8), 2):
+        assert scores[(names[first], names[second])] == pytest.approx(expected[first, second], abs=1e-10)
+    assert np.allclose(predictions["score"], np.abs(predictions["correlation"]))
+
+
+def test_spearman_matches_scipy_with_ties_and_sparse_input(expression_with_ties):
+    counts, names = expression_with_ties
+    predictions = spearman_edges(scipy.sparse.csr_matrix(counts), names)
+    expected = scipy.stats.spearmanr(counts).statistic
+    scores = pair_scores(predictions)
+    for first, second in itertools.combinations(range(8), 2):
+        assert scores[(names[first], names[second])] == pytest.approx(expected[first, second], abs=1e-10)
+
+
+def test_constant_gene_scores_zero_instead_of_nan(expression_with_ties):
+    counts, names = expression_with_ties
+    counts = counts.copy()
+    counts[:, 5] = 3.0
+    predictions = pearson_edges(counts, names)
+    involving_constant = (predictions["source"] == "gene5") | (predictions["target"] == "gene5")
+    assert np.isfinite(predictions["score"]).all()
+    assert (predictions.loc[involving_constant, "score"] == 0).all()
+
+
+def test_tree_baseline_ranks_the_true_regulator_first():
+    generator = np.random.default_rng(3)
+    n_cells = 600
+    regulators = generator.normal(size=(n_cells, 4))
+    target = np.tanh(2 * regulators[:, 1]) + 0.1 * generator.normal(size=n_cells)
+    expression = np.column_stack([regulators, target, generator.normal(size=n_cells)])
+    names = ["tf0", "tf1", "tf2", "tf3", "target", "noise"]
+    progress_calls = []
+    predictions = tree_edges(expression, names, n_trees=20, max_cells=400,
+                             progress=lambda done, total: progress_calls.append((done, total)))
+    assert predictions.attrs["directed"] is True
+    assert len(predictions) == 6 * 5
+    assert not (predictions["source"] == predictions["target"]).any()
+    into_target = predictions[predictions["target"] == "target"].sort_values("score", ascending=False)
+    assert into_target["source"].iloc[0] == "tf1"
+    assert progress_calls[-1] == (6, 6)
+
+
+def test_tree_baseline_only_uses_listed_tfs_as_regulators():
+    generator = np.random.default_rng(4)
+    expression = generator.normal(size=(100, 5))
+    names = ["a", "b", "c", "d", "e"]
+    predictions = tree_edges(expression, names, tf_list=["b", "d", "not_in_data"], n_trees=5)
+    assert set(predictions["source"]) == {"b", "d"}
+    assert len(predictions) == 2 * 4  # each TF regulates the 4 other genes
+
+
+def test_tree_baseline_without_any_tf_in_data_says_so():
+    with pytest.raises(ScgrnInputError, match="TF"):
+        tree_edges(np.ones((10, 3)), ["a", "b", "c"], tf_list=["x"])
+
+
+def test_random_baseline_is_seeded_and_tf_rooted():
+    names = ["a", "b", "c", "d"]
+    first = random_edges(names, seed=1)
+    assert len(first) == 4 * 3
+    assert first.equals(random_edges(names, seed=1))
+    assert not first["score"].equals(random_edges(names, seed=2)["score"])
+    rooted = random_edges(names, tf_list=["c"])
+    assert set(rooted["source"]) == {"c"} and set(rooted["target"]) == {"a", "b", "d"}
+
+
+def test_expression_shape_must_match_gene_names():
+    with pytest.raises(ScgrnInputError, match="expected"):
+        pearson_edges(np.zeros((5, 3)), ["a", "b"])
