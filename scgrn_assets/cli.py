@@ -85,7 +85,7 @@ def materialisation_plan(assets) -> list[tuple[list, bool]]:
     return plan
 
 
-def materialize_everything(layout: StorageLayout, catalog_name: str, *, echo=print) -> None:
+def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: bool = False) -> None:
     """Materialise every asset, run by run in dependency order (one run per study where partitioned)."""
     import dagster as dg
     from tqdm import tqdm
@@ -93,7 +93,7 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, echo=pri
     from scgrn_assets import definitions
 
     instance = _prepare_instance(layout)
-    resources = definitions.build_resources(home=str(layout.home), catalog=catalog_name)
+    resources = definitions.build_resources(home=str(layout.home), catalog=catalog_name, quick=quick)
     assets = list(definitions.all_assets)
     checks = list(definitions.all_asset_checks)
     accessions = resources["storage"].load_catalog().accessions
@@ -140,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"SCGRN_HOME: {layout.home}")
     if catalog.name == "demo":
         ensure_demo_data(layout, catalog)
-    materialize_everything(layout, os.environ["SCGRN_CATALOG"])
+    materialize_everything(layout, os.environ["SCGRN_CATALOG"], quick=args.quick)
     from scgrn_assets.lib.sql_store import ensure_database
 
     ensure_database(layout.duckdb_path)
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Catalog: $SCGRN_CATALOG (a built-in name or a YAML path; default demo).")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="simulate the demo studies and materialise every asset")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke run: few model-training steps, small null draws (numbers not meaningful)")
     demo.set_defaults(func=cmd_demo)
     simulate = commands.add_parser("simulate", help="write the simulated GEO studies (and optionally a catalog)")
     simulate.add_argument("--out", help="folder (default SCGRN_HOME/demo_geo)")
@@ -241,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Our own progress bar speaks; model files are local, so the hub is never asked.
+    for name, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                        "HF_HUB_OFFLINE": "1"}.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -25,6 +25,11 @@ ARTEFACT_SUFFIXES: dict[str, str] = {
     "geneformer_model": "",
     "attention_moments": ".npz",
     "edge_stability": ".parquet",
+    "mi_edges": ".parquet",
+    "cmi_edges": ".parquet",
+    "reference_networks": ".parquet",
+    "baseline_edges": ".parquet",
+    "benchmark_metrics": ".parquet",
 }
 
 

@@ -56,3 +56,25 @@ class GeneformerSettings(dg.ConfigurableResource):
     max_genes_per_cell: int = 256        # genes entering each cell's attention block
     pcorr_method: str = "cosine_shrunk_pinv"
     attention_batch_size: int = 32
+
+
+class BenchmarkSettings(dg.ConfigurableResource):
+    """Settings of the co-expression baselines and the benchmark metrics."""
+
+    tree_max_cells: int = 1000     # cells subsampled for the tree baseline
+    tree_n_trees: int = 20
+    n_null: int = 200              # null draws for the enrichment p-values
+    top_k: int | None = None       # top-K for enrichment (None: the number of true edges)
+    seed: int = 0
+
+
+class ValidationSettings(dg.ConfigurableResource):
+    """Mutual-information validation of the attention edges."""
+
+    top_k: int = 15                # candidate parents per gene (by |stability|)
+    n_bins: int = 5                # per-gene quantile bins (zeros are their own bin)
+    n_permutations: int = 1000     # per test, with sequential early stopping
+    alpha: float = 0.05
+    min_cmi_ratio: float = 0.2     # CMI min / MI below this: explained away (indirect)
+    miller_madow: bool = False
+    seed: int = 0

@@ -36,7 +36,7 @@ def test_demo_on_a_users_two_study_catalog_then_status_and_sql(demo_files, tmp_p
     catalog.write_text(yaml.safe_dump(raw))
     shutil.copytree(demo_files.home / "demo_geo", home / "demo_geo")
 
-    result = run_scgrn("demo", home=home, catalog=str(catalog))
+    result = run_scgrn("demo", "--quick", home=home, catalog=str(catalog))
     assert f"SCGRN_HOME: {home}" in result.stdout
     assert "scgrn ui" in result.stdout
     assert (home / "scgrn.duckdb").exists()

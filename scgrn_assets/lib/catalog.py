@@ -89,6 +89,21 @@ class Study:
         return next(f for f in self.files if f.name == self.metadata.file)
 
 
+REFERENCE_FORMATS = {"trrust": ("edges",), "regulon": ("edges",), "edge_list": ("edges",),
+                     "string_v12": ("info", "links", "aliases")}
+
+
+@dataclass(frozen=True)
+class ReferenceEntry:
+    """A reference network: its files by role (``edges``; STRING: ``info``, ``links``, ``aliases``)."""
+
+    name: str
+    format: str
+    species: str
+    files: dict[str, StudyFile]
+    options: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Catalog:
     """A validated list of studies. ``condition_levels[0]`` is the reference level."""
@@ -102,6 +117,8 @@ class Catalog:
     gene_annotation: StudyFile | None = None
     # Overrides of the corpus QC thresholds (scgrn_assets.lib.corpus.QCThresholds field names).
     qc: dict[str, int] | None = None
+    # Reference networks the benchmarks score against (STRING, TRRUST, ...).
+    references: tuple["ReferenceEntry", ...] = ()
 
     @property
     def accessions(self) -> list[str]:
@@ -155,13 +172,14 @@ def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog
     where = str(path)
     if not isinstance(raw, dict):
         raise ScgrnInputError(f"catalog {where} must be a mapping with a 'studies' list")
-    allowed = {"name", "description", "condition_levels", "gene_annotation", "qc", "studies"}
+    allowed = {"name", "description", "condition_levels", "gene_annotation", "qc", "references", "studies"}
     unknown = set(raw) - allowed
     if unknown:
         raise ScgrnInputError(f"catalog {where} has unknown top-level keys {sorted(unknown)}",
                               fix=f"allowed: {', '.join(sorted(allowed))}")
-    levels = tuple(raw.get("condition_levels", ("control", "AD")))
-    if len(levels) != 2 or len(set(levels)) != 2 or not all(isinstance(v, str) for v in levels):
+    levels = raw.get("condition_levels", ("control", "AD"))
+    levels = tuple(levels) if isinstance(levels, (list, tuple)) else ()
+    if len(levels) != 2 or not all(isinstance(v, str) for v in levels) or len(set(levels)) != 2:
         raise ScgrnInputError(f"catalog {where}: condition_levels must be two distinct labels, reference first",
                               fix="e.g. condition_levels: [control, AD]")
     studies_raw = raw.get("studies")
@@ -185,9 +203,34 @@ def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog
                            or not all(isinstance(v, int) and v >= 0 for v in qc.values())):
         raise ScgrnInputError(f"catalog {where}: qc must map {sorted(qc_fields)} to non-negative integers, got {qc!r}",
                               fix="e.g. qc: {min_genes_per_cell: 200}")
+    references = tuple(_parse_reference(entry, index, where, variables)
+                       for index, entry in enumerate(raw.get("references") or []))
     return Catalog(name=str(raw.get("name") or path.stem), path=path, studies=studies,
                    condition_levels=levels, description=str(raw.get("description", "")),
-                   gene_annotation=annotation, qc=qc)
+                   gene_annotation=annotation, qc=qc, references=references)
+
+
+def _parse_reference(entry: Any, index: int, where: str, variables: dict[str, str]) -> ReferenceEntry:
+    here = f"catalog {where} references[{index}]"
+    if not isinstance(entry, dict):
+        raise ScgrnInputError(f"{here} must be a mapping with name, format, species, files")
+    name = _require(entry, "name", here, None)
+    fmt = _require(entry, "format", here, name)
+    if fmt not in REFERENCE_FORMATS:
+        raise ScgrnInputError(f"{here}: unknown reference format {fmt!r}", study=name,
+                              fix=f"use one of {sorted(REFERENCE_FORMATS)}")
+    species = _require(entry, "species", here, name)
+    files_raw = _require(entry, "files", here, name, dict)
+    unknown_roles = set(files_raw) - set(REFERENCE_FORMATS[fmt])
+    if unknown_roles:
+        raise ScgrnInputError(f"{here}: unknown file roles {sorted(unknown_roles)} for format {fmt}", study=name,
+                              fix=f"use {list(REFERENCE_FORMATS[fmt])}")
+    files = {role: _parse_file({"role": "counts", **spec} if isinstance(spec, dict) else spec, here, name, variables)
+             for role, spec in files_raw.items()}
+    options = entry.get("options") or {}
+    if not isinstance(options, dict):
+        raise ScgrnInputError(f"{here}: options must be a mapping", study=name)
+    return ReferenceEntry(name=name, format=fmt, species=species, files=files, options=dict(options))
 
 
 def _require(entry: dict, key: str, where: str, study: str | None, kind: type | tuple = str) -> Any:
@@ -205,7 +248,7 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     if not isinstance(entry, dict):
         raise ScgrnInputError(f"catalog {where}: studies[{index}] must be a mapping")
     accession = _require(entry, "accession", f"catalog {where} studies[{index}]", None)
-    if not _ACCESSION.match(accession):
+    if not _ACCESSION.fullmatch(accession):
         raise ScgrnInputError(f"catalog {where}: accession {accession!r} is not a valid partition key",
                               study=accession, fix="use letters, digits, '_', '.', '-' (e.g. GSE98969)")
     here = f"catalog {where}"
@@ -250,7 +293,8 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     condition = None
     if entry.get("condition") is not None:
         rule = entry["condition"]
-        if not isinstance(rule, dict) or "column" not in rule or not isinstance(rule.get("values"), dict):
+        if not isinstance(rule, dict) or not isinstance(rule.get("column"), str) or not rule["column"] \
+                or not isinstance(rule.get("values"), dict):
             raise ScgrnInputError(f"{here}: condition must have 'column' and a 'values' mapping", study=accession,
                                   fix="e.g. condition: {column: strain, values: {5XFAD: AD, C57BL/6: control}}")
         values = {str(k): str(v) for k, v in rule["values"].items()}
@@ -269,10 +313,14 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
     if not isinstance(raw, dict):
         raise ScgrnInputError(f"{here}: each file must be a mapping with name, url, sha256, role", study=accession)
     name = _require(raw, "name", f"{here} file", accession)
-    if "/" in name or name in (".", ".."):
+    if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
         raise ScgrnInputError(f"{here}: file name {name!r} must be a plain file name", study=accession)
     url = expand_variables(_require(raw, "url", f"{here} file {name}", accession), variables)
-    scheme = urlparse(url).scheme
+    try:
+        scheme = urlparse(url).scheme
+    except ValueError as error:  # e.g. an unbalanced IPv6 bracket
+        raise ScgrnInputError(f"{here}: file {name} has a malformed URL {url!r} ({error})", study=accession,
+                              fix="fix the URL in the catalog entry") from None
     if scheme not in ALLOWED_URL_SCHEMES:
         raise ScgrnInputError(f"{here}: file {name} has URL {url!r} with scheme {scheme!r}", study=accession,
                               fix=f"use one of {list(ALLOWED_URL_SCHEMES)}://")
@@ -281,7 +329,7 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
         raise ScgrnInputError(f"{here}: file {name} has no valid sha256 (64 hex digits), got {sha256!r}",
                               study=accession, fix="add the file's sha256 (sha256sum FILE)")
     role = raw.get("role", "counts")
-    if role not in FILE_ROLES:
+    if not isinstance(role, str) or role not in FILE_ROLES:
         raise ScgrnInputError(f"{here}: file {name} has unknown role {role!r}", study=accession,
                               fix=f"use one of {list(FILE_ROLES)}")
     return StudyFile(name=name, url=url, sha256=sha256.lower(), role=role)

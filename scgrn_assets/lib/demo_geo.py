@@ -352,6 +352,13 @@ def demo_catalog(config: DemoConfig, written: list[WrittenFile]) -> dict:
         studies.append(entry)
     truth = {f.name: f for f in by_study["truth"]}
     annotation = truth[TRUTH_FILES["gene_annotation"]]
+    references = [
+        {"name": "TRRUST", "format": "trrust", "species": "mouse",
+         "files": {"edges": _truth_file(truth, "trrust")}},
+        {"name": "STRING", "format": "string_v12", "species": "mouse",
+         "files": {"info": _truth_file(truth, "string_info"), "links": _truth_file(truth, "string_links")},
+         "options": {"min_combined_score": 700}},
+    ]
     return {
         "name": "demo",
         "description": f"Simulated studies in real GEO layouts (seed {config.seed}); truth under demo_geo/truth.",
@@ -360,8 +367,14 @@ def demo_catalog(config: DemoConfig, written: list[WrittenFile]) -> dict:
         "qc": {"min_counts_per_cell": 500, "min_genes_per_cell": 20, "min_cells_per_gene": 3},
         "gene_annotation": {"name": annotation.name, "url": f"{CATALOG_URL_ROOT}/truth/{annotation.name}",
                             "sha256": annotation.sha256},
+        "references": references,
         "studies": studies,
     }
+
+
+def _truth_file(truth: dict[str, WrittenFile], kind: str) -> dict:
+    item = truth[TRUTH_FILES[kind]]
+    return {"name": item.name, "url": f"{CATALOG_URL_ROOT}/truth/{item.name}", "sha256": item.sha256}
 
 
 def write_catalog_yaml(catalog: dict, path: Path) -> None:

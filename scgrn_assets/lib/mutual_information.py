@@ -150,6 +150,30 @@ class DiscretizedGenes:
         return rows.astype(np.int64)
 
 
+@numba.njit(cache=True, parallel=True)
+def _column_codes_kernel(indptr, indices, values, n_bins, codes):
+    """Write the codes of each CSC column of positive ``values`` into ``codes`` (n_cols, n_rows)."""
+    n_rows = codes.shape[1]
+    for column in numba.prange(indptr.shape[0] - 1):
+        start = indptr[column]
+        n_positive = indptr[column + 1] - start
+        if n_positive == 0:
+            continue
+        column_values = values[start : start + n_positive]
+        order = np.argsort(column_values)
+        has_zeros = n_positive < n_rows
+        n_positive_bins = n_bins - 1 if has_zeros else n_bins
+        first_positive_code = 1 if has_zeros else 0
+        lowest_tied_rank = 0
+        for rank in range(n_positive):
+            entry = order[rank]
+            # Ties share the bin of their lowest rank.
+            if rank > 0 and column_values[entry] != column_values[order[rank - 1]]:
+                lowest_tied_rank = rank
+            code = first_positive_code + (lowest_tied_rank * n_positive_bins) // n_positive
+            codes[column, indices[start + entry]] = np.uint8(code)
+
+
 def _quantile_codes_csc(matrix: sp.csc_matrix, n_bins: int) -> np.ndarray:
     """Quantile codes of each column of a non-negative CSC matrix; shape (n_cols, n_rows), uint8."""
     n_rows, n_cols = matrix.shape
@@ -160,25 +184,10 @@ def _quantile_codes_csc(matrix: sp.csc_matrix, n_bins: int) -> np.ndarray:
             "negative expression values cannot be discretised with a zero bin",
             fix="pass counts or log1p-normalised expression (>= 0)",
         )
-    n_positive = np.diff(matrix.indptr).astype(np.int64)
-    column_of_entry = np.repeat(np.arange(n_cols), n_positive)
-    order = np.lexsort((matrix.data, column_of_entry))
-    sorted_column = column_of_entry[order]
-    sorted_value = matrix.data[order]
-    position = np.arange(matrix.nnz, dtype=np.int64)
-    # A tie group starts where the column or the value changes; ties share their lowest rank.
-    starts_group = np.ones(matrix.nnz, dtype=bool)
-    starts_group[1:] = (sorted_column[1:] != sorted_column[:-1]) | (sorted_value[1:] != sorted_value[:-1])
-    group_start = np.maximum.accumulate(np.where(starts_group, position, 0))
-    lowest_rank = group_start - matrix.indptr[sorted_column]
-    has_zeros = n_positive < n_rows
-    n_positive_bins = np.where(has_zeros, n_bins - 1, n_bins)
-    first_positive_code = has_zeros.astype(np.int64)
-    entry_codes = first_positive_code[sorted_column] + (lowest_rank * n_positive_bins[sorted_column]) // np.maximum(
-        n_positive[sorted_column], 1
-    )
     codes = np.zeros((n_cols, n_rows), dtype=np.uint8)
-    codes[sorted_column, matrix.indices[order]] = entry_codes.astype(np.uint8)
+    _column_codes_kernel(
+        matrix.indptr.astype(np.int64), matrix.indices.astype(np.int64), matrix.data.astype(np.float64), n_bins, codes
+    )
     return codes
 
 
@@ -251,7 +260,10 @@ def discretize_expression(
             file="combined_corpus",
             fix="drop empty cells in QC before computing mutual information",
         )
-    selected = np.arange(gene_names.shape[0]) if genes is None else pd.Index(gene_names).get_indexer(np.asarray(genes, dtype=object))
+    if genes is None:
+        selected = np.arange(gene_names.shape[0])
+    else:
+        selected = pd.Index(gene_names).get_indexer(np.asarray(genes, dtype=object))
     if (selected < 0).any():
         absent = np.asarray(genes, dtype=object)[selected < 0][:5].tolist()
         raise ScgrnInputError(
@@ -260,9 +272,7 @@ def discretize_expression(
             fix="build the candidate edges from the same corpus",
         )
     columns = sp.csc_matrix(counts)[:, selected].astype(np.float64)
-    # Row scaling: each stored count divided by its cell's library size.
-    columns = sp.csc_matrix(sp.diags(target_sum / n_counts) @ columns)
-    columns.data = np.log1p(columns.data)
+    columns.data = np.log1p(columns.data / n_counts[columns.indices] * target_sum)
     codes = _quantile_codes_csc(columns, n_bins)
     return DiscretizedGenes(gene_names=gene_names[selected], codes=codes, n_bins=n_bins)
 
@@ -638,7 +648,8 @@ def _triplet_cmi_kernel(codes, nonzero_indptr, nonzero_cells, margins, x, y, z, 
 
 @numba.njit(cache=True, parallel=True)
 def _cmi_permutation_kernel(
-    codes, nonzero_indptr, nonzero_cells, margins, x, y, z, streams, seed, n_permutations, stop_after, klogk, log_factorial, miller_madow
+    codes, nonzero_indptr, nonzero_cells, margins, x, y, z,
+    streams, seed, n_permutations, stop_after, klogk, log_factorial, miller_madow,
 ):
     """Conditional permutation counts (X permuted within the strata of Z) per triplet.
 
@@ -686,7 +697,9 @@ def _triplet_count_kernel(codes, nonzero_indptr, nonzero_cells, margins, x, y, z
     tables = np.zeros((x.shape[0], n_bins, n_bins, n_bins), dtype=np.int64)
     pair_table = np.empty((n_bins, n_bins), dtype=np.int64)
     for triplet in range(x.shape[0]):
-        _fill_triplet_table(codes, nonzero_indptr, nonzero_cells, margins, x[triplet], y[triplet], z[triplet], pair_table, tables[triplet])
+        _fill_triplet_table(
+            codes, nonzero_indptr, nonzero_cells, margins, x[triplet], y[triplet], z[triplet], pair_table, tables[triplet]
+        )
     return tables
 
 
@@ -733,7 +746,9 @@ def _batches(n_items: int) -> list[slice]:
     return [slice(start, min(start + _BATCH_SIZE, n_items)) for start in range(0, n_items, _BATCH_SIZE)]
 
 
-def mutual_information_batch(codes: np.ndarray, first: np.ndarray, second: np.ndarray, n_bins: int, miller_madow: bool = False) -> np.ndarray:
+def mutual_information_batch(
+    codes: np.ndarray, first: np.ndarray, second: np.ndarray, n_bins: int, miller_madow: bool = False
+) -> np.ndarray:
     """MI in nats of many gene pairs at once.
 
     Parameters
@@ -805,10 +820,11 @@ def mi_edge_table(
 ) -> pd.DataFrame:
     """Mutual information of every candidate edge with a permutation p-value and BH q-value.
 
-    MI is symmetric, so an edge listed in both directions is computed once and gets the
-    same MI and p-value in both rows. Every candidate edge is kept: nothing is filtered
-    on p-values, and with ``n_permutations=0`` the p-value is the asymptotic G-test
-    (``p_value_method`` says which).
+    MI is symmetric, so an edge listed in both directions is computed and tested once
+    and gets the same MI, p-value and q-value in both rows (BH counts it once). Every
+    candidate edge is kept: nothing is filtered on p-values, and with
+    ``n_permutations=0`` the p-value is the asymptotic G-test (``p_value_method`` says
+    which).
 
     Parameters
     ----------
@@ -866,17 +882,20 @@ def mi_edge_table(
         p_values = _permutation_p_values(n_exceeding, n_run)
         method = "permutation"
     else:
-        plug_in = mi if not miller_madow else np.array([_mi_from_table(table, index.codes.shape[1], index.klogk, False) for table in tables])
+        plug_in = mi
+        if miller_madow:
+            plug_in = np.array([_mi_from_table(table, discretized.n_cells, index.klogk, False) for table in tables])
         p_values = _g_test_p_values(tables, plug_in, discretized.n_cells, conditional=False)
         method = "g_test"
-    edge_p_values = p_values[pair_of_edge]
+    # BH over distinct hypotheses: a pair listed in both directions is one test.
+    q_values = benjamini_hochberg(p_values)
     return pd.DataFrame(
         {
             "target": targets,
             "parent": parents,
             "mi": mi[pair_of_edge],
-            "p_value": edge_p_values,
-            "q_value": benjamini_hochberg(edge_p_values),
+            "p_value": p_values[pair_of_edge],
+            "q_value": q_values[pair_of_edge],
             "n_cells": np.full(targets.shape[0], discretized.n_cells, dtype=np.int64),
             "attention_score": candidates["attention_score"].to_numpy(dtype=np.float64),
             "n_permutations_run": n_run[pair_of_edge],
@@ -980,7 +999,8 @@ def cmi_tables(
         plug_in = cmi_min if not miller_madow else _triplet_cmi_kernel(
             index.codes, index.nonzero_indptr, index.nonzero_cells, index.margins, x_min, y_min, z_min, index.klogk, False
         )
-        p_cmi = _g_test_p_values(_triplet_count_tables(index, x_min, y_min, z_min), plug_in, discretized.n_cells, conditional=True)
+        min_tables = _triplet_count_tables(index, x_min, y_min, z_min)
+        p_cmi = _g_test_p_values(min_tables, plug_in, discretized.n_cells, conditional=True)
         _report(progress, n_triplets + n_edges, n_triplets + n_edges)
     mi = edges["mi"].to_numpy(dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -1,0 +1,145 @@
+"""Reference networks, co-expression baselines and the benchmark metrics that compare methods."""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from scgrn_assets.assets.metadata import png_metadata, table_preview
+from scgrn_assets.io_managers import artefact_path
+from scgrn_assets.lib.baselines import pearson_edges, random_edges, spearman_edges, tree_edges
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.download import fetch_file
+from scgrn_assets.lib.expression import log_normalized
+from scgrn_assets.lib.grn_metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
+from scgrn_assets.lib.references import ReferenceSource, load_reference
+from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.resources import BenchmarkSettings, ScgrnStorage
+
+
+@dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+          tags={"stage": "benchmarks"})
+def reference_networks(context: dg.AssetExecutionContext, storage: ScgrnStorage, combined_corpus):
+    """The catalog's reference networks for the corpus species (STRING, TRRUST, ...), downloaded,
+    checksum-verified and normalised to (source, target, sign, directed, reference)."""
+    catalog = storage.load_catalog()
+    species = {s.species for s in catalog.studies}
+    corpus_genes = read_corpus(combined_corpus).var_names.tolist()
+    folder = artefact_path(storage.layout, "reference_networks", None).parent
+    tables = []
+    for entry in catalog.references:
+        if entry.species not in species:
+            context.log.info(f"{entry.name}: species {entry.species} not in the corpus ({sorted(species)}); skipped")
+            continue
+        files = {}
+        for role, study_file in entry.files.items():
+            destination = folder / entry.name / study_file.name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            fetch_file(study_file.url, destination, sha256=study_file.sha256, study=entry.name)
+            files[role] = str(destination)
+        source = ReferenceSource(name=entry.name, format=entry.format, species=entry.species, files=files,
+                                 options=entry.options)
+        tables.append(load_reference(source, gene_symbols=corpus_genes))
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["source", "target", "sign", "directed", "reference"])
+    path = artefact_path(storage.layout, "reference_networks", None)
+    write_parquet(table, path)
+    register_view(storage.layout.duckdb_path, "reference_edges", path)
+    counts = table.groupby("reference").size().to_dict() if len(table) else {}
+    return dg.Output(path, metadata={"edges_per_reference": dg.MetadataValue.json(counts),
+                                     "preview": table_preview(table)})
+
+
+def network_genes(edge_table: pd.DataFrame) -> list[str]:
+    return sorted(set(edge_table["gene_i"]) | set(edge_table["gene_j"]))
+
+
+@dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+          tags={"stage": "benchmarks"})
+def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
+                   combined_corpus, edge_stability, reference_networks):
+    """Pearson, Spearman, tree-based (GENIE3-style) and random predictions on the genes of the
+    attention network, from log1p-normalised expression."""
+    corpus = read_corpus(combined_corpus)
+    genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
+    columns = corpus.var_names.get_indexer(genes)
+    expression = log_normalized(corpus.X[:, columns], corpus.obs["n_counts"].to_numpy()).toarray()
+    references = pd.read_parquet(reference_networks)
+    directed = references[references["directed"]]
+    tf_list = sorted(set(directed["source"]) & set(genes)) or None
+
+    def tree_progress(done: int, total: int) -> None:
+        if done % 100 == 0 or done == total:
+            context.log.info(f"tree baseline: {done}/{total} targets")
+
+    predictions = {
+        "pearson": pearson_edges(expression, genes),
+        "spearman": spearman_edges(expression, genes),
+        "tree": tree_edges(expression, genes, tf_list=tf_list, n_trees=benchmark.tree_n_trees,
+                           max_cells=benchmark.tree_max_cells, seed=benchmark.seed, progress=tree_progress),
+        "random": random_edges(genes, tf_list=tf_list, seed=benchmark.seed),
+    }
+    table = pd.concat([p.assign(method=m, directed=bool(p.attrs.get("directed", True)))
+                       for m, p in predictions.items()], ignore_index=True)
+    path = artefact_path(storage.layout, "baseline_edges", None)
+    write_parquet(table, path)
+    register_view(storage.layout.duckdb_path, "baseline_edges", path)
+    return dg.Output(path, metadata={"n_genes": len(genes), "n_regulators": len(tf_list or genes),
+                                     "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict())})
+
+
+def prediction_tables(edge_stability_path, baseline_path, mi_path, cmi_path) -> dict[str, pd.DataFrame]:
+    """Every method's predictions as DataFrame[source, target, score] with attrs["directed"].
+
+    MI scores its candidate edges by MI; "cmi_pruned" keeps only the edges flagged direct
+    (scored by CMI min), so it shows what explaining away does to precision.
+    """
+    edges = pd.read_parquet(edge_stability_path)
+    attention = pd.DataFrame({"source": edges["gene_i"], "target": edges["gene_j"],
+                              "score": edges["abs_stability"].replace([np.inf, -np.inf], np.nan).fillna(0.0)})
+    attention.attrs["directed"] = False
+    predictions = {"attention_stability": attention}
+    baselines = pd.read_parquet(baseline_path)
+    for method, group in baselines.groupby("method", sort=False):
+        table = group[["source", "target", "score"]].reset_index(drop=True)
+        table.attrs["directed"] = bool(group["directed"].iloc[0])
+        predictions[method] = table
+    mi = pd.read_parquet(mi_path)
+    predictions["mi"] = _undirected(mi["parent"], mi["target"], mi["mi"])
+    cmi = pd.read_parquet(cmi_path)
+    direct = cmi[cmi["direct"]]
+    predictions["cmi_pruned"] = _undirected(direct["parent"], direct["target"], direct["cmi_min"])
+    return predictions
+
+
+def _undirected(source, target, score) -> pd.DataFrame:
+    # MI is symmetric: candidate direction (parent -> target) is not evidence of regulation.
+    table = pd.DataFrame({"source": np.asarray(source), "target": np.asarray(target),
+                          "score": np.asarray(score, dtype=float)})
+    table.attrs["directed"] = False
+    return table
+
+
+@dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+          tags={"stage": "benchmarks"})
+def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
+                      edge_stability, baseline_edges, mi_edges, cmi_edges, reference_networks):
+    """AUROC, AUPRC (average precision and trapezoid), AUPRC ratio, EPR, degree correlation and
+    top-K enrichment with two nulls, for every method x reference x universe."""
+    predictions = prediction_tables(edge_stability, baseline_edges, mi_edges, cmi_edges)
+    genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
+    references_table = pd.read_parquet(reference_networks)
+    references = {name: group.reset_index(drop=True) for name, group in references_table.groupby("reference")}
+    table = benchmark_table(predictions, references, genes, top_k=benchmark.top_k, n_null=benchmark.n_null,
+                            seed=benchmark.seed)
+    path = artefact_path(storage.layout, "benchmark_metrics", None)
+    write_parquet(table, path)
+    register_view(storage.layout.duckdb_path, "benchmark_metrics", path)
+    metadata = {"n_rows": len(table)}
+    headline = table[(table["universe"] == "all_pairs") & table["metric"].isin(["epr", "auprc_ratio"])]
+    if len(headline):
+        metadata["headline"] = dg.MetadataValue.md(
+            headline.pivot_table(index=["reference", "method"], columns="metric", values="value").round(3).to_markdown())
+    for name, reference in references.items():
+        metadata[f"pr_curves_{name}"] = png_metadata(pr_curves_png(predictions, reference, genes, reference_name=name))
+        metadata[f"epr_{name}"] = png_metadata(epr_bar_chart_png(table, name))
+    return dg.Output(path, metadata=metadata)
