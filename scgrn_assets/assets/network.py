@@ -9,6 +9,7 @@ import pandas as pd
 
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
+from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
 from scgrn_assets.lib.attention_network import attention_edge_moments, edge_table, merge_edge_moments, EdgeMoments
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer, save_geneformer,
@@ -21,7 +22,6 @@ from scgrn_assets.lib.tokenize import (TokenizedCells, build_corpus_dictionaries
 from scgrn_assets.partitions import study_partitions
 from scgrn_assets.resources import GeneformerSettings, ScgrnStorage
 
-GPU_TAGS = {"stage": "network"}
 
 
 @dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"numpy"}, tags={"stage": "network"})
@@ -64,8 +64,8 @@ def load_tokenized(folder: Path) -> tuple[TokenizedCells, object, np.ndarray, di
     return cells, dictionaries, studies, symbols
 
 
-@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"pytorch"}, pool="gpu",
-          tags=GPU_TAGS)
+@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"pytorch"}, pool=GPU_POOL,
+          op_tags=gpu_op_tags(), tags={"stage": "network"})
 def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
                      tokenized_cells):
     """The Geneformer whose attention we read: a configured pretrained checkpoint, or (demo)
@@ -108,7 +108,7 @@ def open_model(folder: Path, geneformer: GeneformerSettings):
 
 
 @dg.asset(partitions_def=study_partitions, group_name="network", io_manager_key="artefact_io_manager",
-          kinds={"pytorch"}, pool="gpu", tags=GPU_TAGS)
+          kinds={"pytorch"}, pool=GPU_POOL, op_tags=gpu_op_tags(), tags={"stage": "network"})
 def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
                       tokenized_cells, geneformer_model):
     """Per study: each cell's last-layer attention (summed over heads) on its first
