@@ -56,6 +56,7 @@ class GeneformerSettings(dg.ConfigurableResource):
     max_genes_per_cell: int = 256        # genes entering each cell's attention block
     pcorr_method: str = "cosine_shrunk_pinv"
     attention_batch_size: int = 32
+    min_cells_per_edge: int = 20         # downstream stages ignore pairs seen in fewer cells
 
 
 class BenchmarkSettings(dg.ConfigurableResource):

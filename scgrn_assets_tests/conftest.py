@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# Two xdist workers share two cores: one BLAS/torch thread each avoids spin-waiting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from dataclasses import dataclass
 from pathlib import Path
 

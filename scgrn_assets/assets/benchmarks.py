@@ -13,7 +13,8 @@ from scgrn_assets.lib.expression import log_normalized
 from scgrn_assets.lib.grn_metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
 from scgrn_assets.lib.references import ReferenceSource, load_reference
 from scgrn_assets.lib.sql_store import register_view, write_parquet
-from scgrn_assets.resources import BenchmarkSettings, ScgrnStorage
+from scgrn_assets.assets.network import read_edges
+from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 
 
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
@@ -76,7 +77,8 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
         "spearman": spearman_edges(expression, genes),
         "tree": tree_edges(expression, genes, tf_list=tf_list, n_trees=benchmark.tree_n_trees,
                            max_cells=benchmark.tree_max_cells, seed=benchmark.seed, progress=tree_progress),
-        "random": random_edges(genes, tf_list=tf_list, seed=benchmark.seed),
+        # A uniform null over all pairs: a TF prior would credit the baseline with the reference's regulators.
+        "random": random_edges(genes, seed=benchmark.seed),
     }
     table = pd.concat([p.assign(method=m, directed=bool(p.attrs.get("directed", True)))
                        for m, p in predictions.items()], ignore_index=True)
@@ -87,13 +89,12 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
                                      "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict())})
 
 
-def prediction_tables(edge_stability_path, baseline_path, mi_path, cmi_path) -> dict[str, pd.DataFrame]:
+def prediction_tables(edges: pd.DataFrame, baseline_path, mi_path, cmi_path) -> dict[str, pd.DataFrame]:
     """Every method's predictions as DataFrame[source, target, score] with attrs["directed"].
 
     MI scores its candidate edges by MI; "cmi_pruned" keeps only the edges flagged direct
     (scored by CMI min), so it shows what explaining away does to precision.
     """
-    edges = pd.read_parquet(edge_stability_path)
     attention = pd.DataFrame({"source": edges["gene_i"], "target": edges["gene_j"],
                               "score": edges["abs_stability"].replace([np.inf, -np.inf], np.nan).fillna(0.0)})
     attention.attrs["directed"] = False
@@ -122,10 +123,12 @@ def _undirected(source, target, score) -> pd.DataFrame:
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
 def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
-                      edge_stability, baseline_edges, mi_edges, cmi_edges, reference_networks):
+                      geneformer: GeneformerSettings, edge_stability, baseline_edges, mi_edges, cmi_edges,
+                      reference_networks):
     """AUROC, AUPRC (average precision and trapezoid), AUPRC ratio, EPR, degree correlation and
     top-K enrichment with two nulls, for every method x reference x universe."""
-    predictions = prediction_tables(edge_stability, baseline_edges, mi_edges, cmi_edges)
+    predictions = prediction_tables(read_edges(edge_stability, geneformer.min_cells_per_edge), baseline_edges,
+                                    mi_edges, cmi_edges)
     genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
     references_table = pd.read_parquet(reference_networks)
     references = {name: group.reset_index(drop=True) for name, group in references_table.groupby("reference")}

@@ -117,8 +117,11 @@ def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
     cells, dictionaries, studies, _ = load_tokenized(tokenized_cells)
     selected = np.flatnonzero(studies == context.partition_key)
     loaded = open_model(geneformer_model, geneformer)
+    # A model trained here saw only each cell's top-ranked tokens: later positions are untrained.
+    max_input_length = None if geneformer.pretrained_model_dir else SmallGeneformerConfig().max_train_length
     moments = attention_edge_moments(
         loaded.model, cells.subset(selected), dictionaries, max_genes=geneformer.max_genes_per_cell,
+        max_input_length=max_input_length,
         method=geneformer.pcorr_method, batch_size=geneformer.attention_batch_size, device=geneformer.device,
         progress=lambda done, total: context.log.info(f"{context.partition_key}: {done}/{total} cells"))
     path = artefact_path(storage.layout, "attention_moments", context.partition_key)
@@ -147,3 +150,10 @@ def edge_stability(context: dg.AssetExecutionContext, storage: ScgrnStorage, att
         "top_edges": table_preview(edges, n_rows=15),
         "stability": png_metadata(plot_histogram(finite.to_numpy(), "edge stability (mean / sd of pcorr)")),
     })
+
+
+def read_edges(path: Path, min_cells: int) -> pd.DataFrame:
+    """The edge table without pairs seen in fewer than ``min_cells`` cells: with n = 2 or 3 the
+    sample sd is tiny by chance and mean/sd explodes, which would put noise at the top."""
+    edges = pd.read_parquet(path)
+    return edges[edges["n_cells"] >= min_cells].reset_index(drop=True)

@@ -11,7 +11,8 @@ from scgrn_assets.lib.mutual_information import (candidate_edges, cmi_tables, di
                                                  mi_edge_table)
 from scgrn_assets.lib.plots import plot_histogram
 from scgrn_assets.lib.sql_store import register_view, write_parquet
-from scgrn_assets.resources import ScgrnStorage, ValidationSettings
+from scgrn_assets.assets.network import read_edges
+from scgrn_assets.resources import GeneformerSettings, ScgrnStorage, ValidationSettings
 
 
 def _discretized(combined_corpus, candidates: pd.DataFrame, settings: ValidationSettings):
@@ -24,10 +25,10 @@ def _discretized(combined_corpus, candidates: pd.DataFrame, settings: Validation
 @dg.asset(group_name="validation", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "validation"})
 def mi_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, validation: ValidationSettings,
-             combined_corpus, edge_stability):
+             geneformer: GeneformerSettings, combined_corpus, edge_stability):
     """Each gene's top-K attention neighbours scored by mutual information of discretised
     log1p-normalised expression (nats), with permutation p-values and BH q-values."""
-    candidates = candidate_edges(pd.read_parquet(edge_stability), top_k=validation.top_k)
+    candidates = candidate_edges(read_edges(edge_stability, geneformer.min_cells_per_edge), top_k=validation.top_k)
     discretized = _discretized(combined_corpus, candidates, validation)
     table = mi_edge_table(discretized, candidates, n_permutations=validation.n_permutations, alpha=validation.alpha,
                           miller_madow=validation.miller_madow, seed=validation.seed,

@@ -57,22 +57,23 @@ def pcorr_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor,
     torch.Tensor
         Shape (n_cells, n_slots, n_slots), same dtype as ``blocks``; invalid slots hold 0.
     """
+    all_valid = bool(valid.all())
     pair_valid = valid[:, :, None] & valid[:, None, :]
-    blocks = torch.where(pair_valid, blocks, torch.zeros((), dtype=blocks.dtype, device=blocks.device))
+    if not all_valid:
+        blocks = torch.where(pair_valid, blocks, torch.zeros((), dtype=blocks.dtype, device=blocks.device))
     row_norms = torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)
     unit_rows = blocks / row_norms.clamp_min(torch.finfo(blocks.dtype).tiny)
-    cosine = unit_rows @ unit_rows.transpose(-1, -2)
-    identity = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    shrunk = (1.0 - shrinkage) * cosine + shrinkage * identity
+    shrunk = unit_rows @ unit_rows.transpose(-1, -2)
+    shrunk.mul_(1.0 - shrinkage).diagonal(dim1=-2, dim2=-1).add_(shrinkage)
     cholesky_factor, info = torch.linalg.cholesky_ex(shrunk)
     precision = torch.cholesky_inverse(cholesky_factor)
     failed = info != 0
     if bool(failed.any()):
         precision[failed] = torch.linalg.pinv(shrunk[failed], hermitian=True)
-    diagonal = torch.diagonal(precision, dim1=-2, dim2=-1)
-    scale = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])
-    pcorr = -precision / scale
-    pcorr = torch.where(pair_valid, pcorr, torch.zeros((), dtype=pcorr.dtype, device=pcorr.device))
+    inverse_sqrt_diagonal = torch.diagonal(precision, dim1=-2, dim2=-1).rsqrt()
+    pcorr = precision.mul_(inverse_sqrt_diagonal[:, :, None]).mul_(-inverse_sqrt_diagonal[:, None, :])
+    if not all_valid:
+        pcorr = torch.where(pair_valid, pcorr, torch.zeros((), dtype=pcorr.dtype, device=pcorr.device))
     pcorr.diagonal(dim1=-2, dim2=-1).copy_(valid.to(pcorr.dtype))
     return pcorr
 
@@ -110,46 +111,20 @@ def partial_correlation(blocks: torch.Tensor, valid: torch.Tensor | None = None,
 # ---------------------------------------------------------------------------------------
 
 
-def _as_float_like(count, like):
-    if isinstance(count, torch.Tensor):
-        return count.to(like.dtype)
-    return np.asarray(count, dtype=np.asarray(like).dtype)
-
-
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s parallel update of (count, mean, M2) for two disjoint sets of values.
-
-    Works elementwise on numpy arrays or torch tensors; entries with ``n_a + n_b = 0`` give
-    ``(0, 0, 0)``.
-
-    Returns
-    -------
-    n, mean, m2
-        ``n = n_a + n_b``; ``mean = mean_a + δ·n_b/n``; ``m2 = m2_a + m2_b + δ²·n_a·n_b/n``
-        with ``δ = mean_b − mean_a``.
-    """
-    n = n_a + n_b
-    # Counts become floats of the means' precision (torch divides int64 tensors in float32).
-    real_n_a, real_n_b, real_n = (_as_float_like(count, mean_a) for count in (n_a, n_b, n + (n == 0)))
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (real_n_b / real_n)
-    m2 = m2_a + m2_b + delta * delta * (real_n_a * real_n_b / real_n)
-    return n, mean, m2
-
-
 def _grouped_moments(group: torch.Tensor, n_groups: int, n: torch.Tensor, mean: torch.Tensor,
                      m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chan's merge applied to many parts at once: parts sharing ``group`` combine into one.
+    """Chan et al.'s parallel merge applied to many parts at once: parts sharing ``group`` combine.
 
-    With single values (``n = 1``, ``m2 = 0``) this is the exact two-pass mean and M2.
-    ``m2 = Σ m2_k + Σ n_k (mean_k − mean)²`` is Chan's pairwise update folded over a group.
+    ``n = Σ n_k``, ``mean = Σ n_k·mean_k / n``, ``m2 = Σ m2_k + Σ n_k·(mean_k − mean)²``, which is
+    Chan's pairwise update (``m2 = m2_a + m2_b + δ²·n_a·n_b/n``) folded over a group. With single
+    values (``n = 1``, ``m2 = 0``) it is the exact two-pass mean and M2.
     """
     dtype = mean.dtype
     total_n = torch.zeros(n_groups, dtype=torch.int64, device=n.device).index_add_(0, group, n)
     weights = n.to(dtype)
     total_mean = torch.zeros(n_groups, dtype=dtype, device=n.device).index_add_(0, group, weights * mean)
     total_mean /= total_n.clamp_min(1).to(dtype)
-    deviation = mean - total_mean[group]
+    deviation = mean - total_mean.index_select(0, group)
     total_m2 = torch.zeros(n_groups, dtype=dtype, device=n.device).index_add_(
         0, group, m2 + weights * deviation * deviation)
     return total_n, total_mean, total_m2
@@ -242,10 +217,11 @@ class EdgeMomentAccumulator:
     """Streams partial-correlation values per gene pair into (n, mean, M2) on a torch device.
 
     Each batch is first reduced to its own per-pair moments (exact two-pass), then merged
-    into the running state with :func:`chan_merge`. Two storage modes:
+    into the running state with Chan et al.'s parallel update. Two storage modes:
 
-    - dense (``n_genes² ≤ max_dense_pairs``): three ``n_genes²`` arrays on the device,
-      indexed by ``i·n_genes + j``; fastest, fine up to a few thousand genes;
+    - dense (``n_genes² ≤ max_dense_pairs``): the strict upper triangle of the
+      gene × gene matrix as flat arrays on the device; fastest, fine up to a few thousand genes
+      (2**24 pairs take 8 arrays × 64 MiB);
     - sparse (larger universes, e.g. 20-30k genes): each batch's touched pairs are reduced
       with ``torch.unique`` and kept on the host, compacted by :func:`merge_edge_moments`
       whenever more than ``compact_every`` rows are pending; memory grows with the pairs
@@ -267,10 +243,19 @@ class EdgeMomentAccumulator:
         self.dense = self.n_genes * self.n_genes <= max_dense_pairs
         self.compact_every = compact_every
         if self.dense:
-            size = self.n_genes * self.n_genes
-            self._n = torch.zeros(size, dtype=torch.int64, device=self.device)
-            self._mean = torch.zeros(size, dtype=torch.float64, device=self.device)
-            self._m2 = torch.zeros(size, dtype=torch.float64, device=self.device)
+            n_pairs = self.n_genes * (self.n_genes - 1) // 2
+            # State and per-batch scratch, reused in place: re-allocating big tensors each batch page-faults.
+            # Counts are float64 (exact below 2**53) so the merge needs no casts.
+            (self._n, self._mean, self._m2, self._batch_n, self._batch_mean, self._batch_m2, self._previous_n,
+             self._scratch) = (torch.zeros(n_pairs, dtype=torch.float64, device=self.device) for _ in range(8))
+            # Triangle position of (low, high) is row_offset[low] + high; one extra row for the sentinel gene.
+            low = torch.arange(self.n_genes + 1, dtype=torch.int64, device=self.device)
+            self._row_offset = low * (2 * self.n_genes - low - 1) // 2 - low - 1
+            # Values wait until they outnumber the triangle, so the elementwise merge costs < 1 pass per value.
+            self._flush_every = max(n_pairs, 2**20)
+            self._waiting_keys: list[torch.Tensor] = []
+            self._waiting_values: list[torch.Tensor] = []
+            self._n_waiting = 0
         else:
             self._pending: list[EdgeMoments] = []
             self._pending_rows = 0
@@ -286,28 +271,12 @@ class EdgeMomentAccumulator:
             Shape (n_values,), the partial correlations (cast to float64).
         """
         gene_i, gene_j = gene_i.to(self.device), gene_j.to(self.device)
-        keys = torch.minimum(gene_i, gene_j) * self.n_genes + torch.maximum(gene_i, gene_j)
+        low, high = torch.minimum(gene_i, gene_j), torch.maximum(gene_i, gene_j)
         values = values.to(device=self.device, dtype=torch.float64)
-        ones = torch.ones_like(keys)
-        zeros = torch.zeros_like(values)
         if self.dense:
-            batch_n, batch_mean, batch_m2 = _grouped_moments(keys, len(self._n), ones, values, zeros)
-            touched = torch.nonzero(batch_n).squeeze(1)
-            merged = chan_merge(self._n[touched], self._mean[touched], self._m2[touched],
-                                batch_n[touched], batch_mean[touched], batch_m2[touched])
-            self._n[touched], self._mean[touched], self._m2[touched] = merged
-            return
-        unique_keys, group = torch.unique(keys, return_inverse=True)
-        batch_n, batch_mean, batch_m2 = _grouped_moments(group, len(unique_keys), ones, values, zeros)
-        unique_keys = unique_keys.cpu().numpy()
-        self._pending.append(EdgeMoments(
-            self.gene_names, (unique_keys // self.n_genes).astype(np.int32),
-            (unique_keys % self.n_genes).astype(np.int32),
-            batch_n.cpu().numpy(), batch_mean.cpu().numpy(), batch_m2.cpu().numpy()))
-        self._pending_rows += len(unique_keys)
-        if self._pending_rows > self.compact_every:
-            self._pending = [merge_edge_moments(self._pending)]
-            self._pending_rows = self._pending[0].n_edges
+            self._add_dense(self._row_offset[low] + high, values)
+        else:
+            self._add_sparse(low * self.n_genes + high, values)
 
     def add_pcorr_blocks(self, pcorr: torch.Tensor, gene_index: torch.Tensor, valid: torch.Tensor) -> None:
         """Add every valid upper-triangle pair of each cell's partial-correlation block.
@@ -317,15 +286,82 @@ class EdgeMomentAccumulator:
         pcorr
             Shape (n_cells, n_slots, n_slots).
         gene_index
-            Shape (n_cells, n_slots), int64: gene (index into ``gene_names``) in each slot.
+            Shape (n_cells, n_slots), int64: gene (index into ``gene_names``) in each slot;
+            the genes of one cell's valid slots are distinct.
         valid
             Shape (n_cells, n_slots), bool.
         """
-        n_slots = pcorr.shape[-1]
+        n_cells, n_slots = valid.shape
         rows, columns = torch.triu_indices(n_slots, n_slots, offset=1, device=pcorr.device)
-        pair_valid = valid[:, rows] & valid[:, columns]
-        self.add(gene_index[:, rows][pair_valid], gene_index[:, columns][pair_valid],
-                 pcorr[:, rows, columns][pair_valid])
+        # Slots ordered by gene (invalid ones last, as gene n_genes) make each cell's pairs come
+        # out as (low, high) with ascending keys: no min/max, and scatters hit memory in order.
+        sorted_genes, order = torch.sort(torch.where(valid, gene_index, self.n_genes), dim=1)
+        flat_pairs = (order * n_slots).index_select(1, rows) + order.index_select(1, columns)
+        values = pcorr.reshape(n_cells, n_slots * n_slots).gather(1, flat_pairs).to(torch.float64)
+        high = sorted_genes.index_select(1, columns)
+        if self.dense:
+            keys = self._row_offset[sorted_genes].index_select(1, rows) + high
+        else:
+            keys = sorted_genes.index_select(1, rows) * self.n_genes + high
+        if bool(valid.all()):
+            keys, values = keys.reshape(-1), values.reshape(-1)
+        else:
+            pair_valid = columns[None, :] < valid.sum(dim=1, keepdim=True)
+            keys, values = keys[pair_valid], values[pair_valid]
+        keys, values = keys.to(self.device), values.to(self.device)
+        if self.dense:
+            self._add_dense(keys, values)
+        else:
+            self._add_sparse(keys, values)
+
+    def _add_dense(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Queue values (triangle keys); merge once enough have arrived."""
+        self._waiting_keys.append(keys)
+        self._waiting_values.append(values)
+        self._n_waiting += len(values)
+        if self._n_waiting >= self._flush_every:
+            self._flush_dense()
+
+    def _flush_dense(self) -> None:
+        """Two-pass moments of the queued values per pair, then Chan's merge, elementwise over the triangle.
+
+        Pairs absent from the queue have ``n_b = 0`` and come out unchanged.
+        """
+        if not self._n_waiting:
+            return
+        keys, values = torch.cat(self._waiting_keys), torch.cat(self._waiting_values)
+        self._waiting_keys, self._waiting_values, self._n_waiting = [], [], 0
+        batch_n, batch_mean, batch_m2, scratch = self._batch_n, self._batch_mean, self._batch_m2, self._scratch
+        batch_n.zero_().index_add_(0, keys, torch.ones_like(values))
+        batch_mean.zero_().index_add_(0, keys, values)
+        torch.clamp_min(batch_n, 1.0, out=scratch)
+        batch_mean.div_(scratch)
+        deviations = values - batch_mean.index_select(0, keys)
+        batch_m2.zero_().index_add_(0, keys, deviations.square_())
+        # Chan et al.: n = n_a + n_b, δ = mean_b − mean_a, mean += δ·n_b/n, M2 += M2_b + δ²·n_a·n_b/n.
+        n_a = self._previous_n.copy_(self._n)
+        self._n.add_(batch_n)
+        torch.clamp_min(self._n, 1.0, out=scratch)
+        batch_n.div_(scratch)  # now n_b / n
+        batch_mean.sub_(self._mean)  # now δ
+        self._mean.addcmul_(batch_mean, batch_n)
+        batch_mean.square_().mul_(batch_n).mul_(n_a)  # now δ²·n_a·n_b/n
+        self._m2.add_(batch_m2).add_(batch_mean)
+
+    def _add_sparse(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Reduce the batch to its touched pairs (key = low·n_genes + high) and keep it on the host."""
+        unique_keys, group = torch.unique(keys, return_inverse=True)
+        batch_n, batch_mean, batch_m2 = _grouped_moments(
+            group, len(unique_keys), torch.ones_like(keys), values, torch.zeros_like(values))
+        unique_keys = unique_keys.cpu().numpy()
+        self._pending.append(EdgeMoments(
+            self.gene_names, (unique_keys // self.n_genes).astype(np.int32),
+            (unique_keys % self.n_genes).astype(np.int32),
+            batch_n.cpu().numpy(), batch_mean.cpu().numpy(), batch_m2.cpu().numpy()))
+        self._pending_rows += len(unique_keys)
+        if self._pending_rows > self.compact_every:
+            self._pending = [merge_edge_moments(self._pending)]
+            self._pending_rows = self._pending[0].n_edges
 
     def result(self) -> EdgeMoments:
         """The moments so far, one row per pair seen at least once."""
@@ -338,10 +374,13 @@ class EdgeMomentAccumulator:
             back = np.array([index_of_name[name] for name in merged.gene_names], dtype=np.int64)
             first, second = back[merged.gene_i], back[merged.gene_j]
             return _sorted_edges(self.gene_names, first, second, merged.n, merged.mean, merged.m2)
-        touched = torch.nonzero(self._n).squeeze(1).cpu().numpy()
-        return EdgeMoments(self.gene_names, (touched // self.n_genes).astype(np.int32),
-                           (touched % self.n_genes).astype(np.int32), self._n.cpu().numpy()[touched],
-                           self._mean.cpu().numpy()[touched], self._m2.cpu().numpy()[touched])
+        self._flush_dense()
+        low, high = torch.triu_indices(self.n_genes, self.n_genes, offset=1, device=self.device)
+        touched = torch.nonzero(self._n).squeeze(1)
+        return EdgeMoments(self.gene_names, low[touched].cpu().numpy().astype(np.int32),
+                           high[touched].cpu().numpy().astype(np.int32),
+                           self._n[touched].cpu().numpy().astype(np.int64),
+                           self._mean[touched].cpu().numpy(), self._m2[touched].cpu().numpy())
 
 
 def _sorted_edges(gene_names, first, second, n, mean, m2) -> EdgeMoments:
@@ -437,6 +476,7 @@ def attention_edge_moments(
     method: str = "cosine_shrunk_pinv",
     method_options: Mapping[str, object] | None = None,
     batch_size: int = 32,
+    max_input_length: int | None = None,
     device: str | torch.device | None = None,
     pcorr_dtype: torch.dtype = torch.float64,
     attn_implementation: str | None = None,
@@ -460,6 +500,10 @@ def attention_edge_moments(
         A name in :data:`PCORR_METHODS` and its keyword options (default shrinkage 1e-3).
     batch_size
         Cells per forward pass; cells are batched by similar length to limit padding.
+    max_input_length
+        Tokens per cell fed to the model (the top-ranked ones); default the model's
+        ``max_position_embeddings``. Pass the training length for a model trained here
+        (``SmallGeneformerConfig.max_train_length``): later positions were never trained.
     pcorr_dtype
         Precision of the partial correlation (float64 keeps λ = 1e-3 inversions accurate).
     attn_implementation
@@ -496,6 +540,8 @@ def attention_edge_moments(
     gene_names = dictionaries.token_names()[present_tokens].astype(str)
     accumulator = EdgeMomentAccumulator(gene_names, device, max_dense_pairs=max_dense_pairs)
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_input_length is not None:
+        max_length = min(max_length, max_input_length) if max_length else max_input_length
     by_length = np.argsort(-cells.lengths, kind="stable")
     with torch.inference_mode():
         for start in range(0, cells.n_cells, batch_size):
@@ -503,6 +549,9 @@ def attention_edge_moments(
             input_ids, attention_mask = (torch.as_tensor(array, device=device)
                                          for array in cells.padded(batch, max_length=max_length))
             positions, valid = first_gene_slots(input_ids, attention_mask, special_ids, max_genes)
+            # Cells are batched by length, so most batches need far fewer than max_genes slots.
+            n_slots = max(int(valid.sum(dim=1).max()), 1)
+            positions, valid = positions[:, :n_slots], valid[:, :n_slots]
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 blocks = last_layer_attention_block(model, input_ids, attention_mask, positions)
             pcorr = partial_correlation(blocks.to(pcorr_dtype), valid, method, **method_options)

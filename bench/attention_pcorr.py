@@ -1,0 +1,201 @@
+"""Cells/s of attention block → partial correlation → per-edge moments: ours vs the original pipeline.
+
+The original pipeline handled one cell at a time: cosine similarity of attention rows,
+shrinkage toward the identity, ``numpy.linalg.pinv``, partial correlation, then a Python
+dict of per-pair Welford states. Ours batches the same maths on torch
+(:func:`scgrn_assets.lib.attention_network.partial_correlation` and
+:class:`~scgrn_assets.lib.attention_network.EdgeMomentAccumulator`). Both run in this
+process on the same inputs (256 genes per cell, heads-summed attention blocks), and the
+results are compared before the ratio is printed.
+
+``--v1-size`` also times the whole step (model forward → block → pcorr → moments) for a
+Geneformer V1-size model with random weights (6 layers, 256 hidden, 4 heads, 2048 tokens);
+the goal there is ≥ 1,000 cells/s on an H100.
+
+Usage::
+
+    python bench/attention_pcorr.py                 # default scale, CPU, < 10 min on 2 cores
+    python bench/attention_pcorr.py --full          # more cells
+    python bench/attention_pcorr.py --device cuda --v1-size
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from scgrn_assets.lib.attention_network import (
+    EdgeMomentAccumulator,
+    attention_edge_moments,
+    partial_correlation,
+)
+from scgrn_assets.lib.geneformer import SmallGeneformerConfig, build_masked_lm
+from scgrn_assets.lib.tokenize import V1, GeneformerDictionaries, TokenizedCells
+
+GOAL = 20
+SHRINKAGE = 1e-3
+
+
+def synthetic_inputs(n_cells: int, n_genes_per_cell: int, n_genes_universe: int, seed: int):
+    """Heads-summed attention blocks and the gene of each slot, like the model would give.
+
+    Returns
+    -------
+    blocks
+        Shape (n_cells, n_genes_per_cell, n_genes_per_cell), float32: 4 heads of softmax
+        rows, each keeping 30% of its mass on the present genes (the rest went to other tokens).
+    gene_ids
+        Shape (n_cells, n_genes_per_cell), int64: distinct genes per cell.
+    """
+    rng = np.random.default_rng(seed)
+    blocks = np.zeros((n_cells, n_genes_per_cell, n_genes_per_cell), dtype=np.float32)
+    for _head in range(4):
+        logits = rng.normal(scale=2.0, size=blocks.shape).astype(np.float32)
+        logits -= logits.max(axis=-1, keepdims=True)
+        weights = np.exp(logits)
+        blocks += 0.3 * weights / weights.sum(axis=-1, keepdims=True)
+    gene_ids = np.argsort(rng.random((n_cells, n_genes_universe)), axis=1)[:, :n_genes_per_cell]
+    return blocks, gene_ids.astype(np.int64)
+
+
+def baseline_update(welford: dict[tuple[int, int], list[float]], blocks: np.ndarray, gene_ids: np.ndarray) -> None:
+    """The original method as written: one cell at a time, numpy pinv, dict of per-pair Welford states."""
+    for block, genes in zip(blocks, gene_ids):
+        attention = block.astype(np.float64)
+        unit_rows = attention / np.linalg.norm(attention, axis=1, keepdims=True)
+        cosine = unit_rows @ unit_rows.T
+        shrunk = (1 - SHRINKAGE) * cosine + SHRINKAGE * np.eye(len(genes))
+        precision = np.linalg.pinv(shrunk)
+        scale = np.sqrt(np.diag(precision))
+        pcorr = -precision / np.outer(scale, scale)
+        n_slots = len(genes)
+        for row in range(n_slots):
+            for column in range(row + 1, n_slots):
+                gene_a, gene_b = int(genes[row]), int(genes[column])
+                key = (gene_a, gene_b) if gene_a < gene_b else (gene_b, gene_a)
+                state = welford.get(key)
+                if state is None:
+                    state = welford[key] = [0, 0.0, 0.0]
+                value = pcorr[row, column]
+                state[0] += 1
+                delta = value - state[1]
+                state[1] += delta / state[0]
+                state[2] += delta * (value - state[1])
+
+
+def our_update(accumulator: EdgeMomentAccumulator, blocks: np.ndarray, gene_ids: np.ndarray,
+               device: torch.device) -> None:
+    """Ours, batched on torch: partial_correlation + EdgeMomentAccumulator for one batch of cells."""
+    batch_blocks = torch.as_tensor(blocks, device=device).to(torch.float64)
+    batch_genes = torch.as_tensor(gene_ids, device=device)
+    valid = torch.ones(batch_genes.shape, dtype=torch.bool, device=device)
+    pcorr = partial_correlation(batch_blocks, valid, "cosine_shrunk_pinv", shrinkage=SHRINKAGE)
+    accumulator.add_pcorr_blocks(pcorr, batch_genes, valid)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compare(welford: dict, ours) -> tuple[int, float, float]:
+    """Pairs seen by both, largest |Δ mean| and largest |Δ M2| between the two pipelines."""
+    keys = np.array(sorted(welford), dtype=np.int64).reshape(-1, 2)
+    states = np.array([welford[tuple(key)] for key in keys], dtype=np.float64).reshape(-1, 3)
+    if len(keys) != ours.n_edges or not (np.array_equal(keys[:, 0], ours.gene_i)
+                                         and np.array_equal(keys[:, 1], ours.gene_j)):
+        raise AssertionError("the two pipelines saw different gene pairs")
+    if not np.array_equal(states[:, 0].astype(np.int64), ours.n):
+        raise AssertionError("the two pipelines counted different cells per pair")
+    return len(keys), float(np.abs(states[:, 1] - ours.mean).max()), float(np.abs(states[:, 2] - ours.m2).max())
+
+
+def v1_size_cells_per_second(n_cells: int, device: torch.device, batch_size: int, autocast: bool) -> float:
+    """Whole step (forward → block → pcorr → moments) for a random-weight V1-size model, cells/s."""
+    vocab_size = 25_426  # gc30M token dictionary
+    config = SmallGeneformerConfig(n_layers=6, hidden_size=256, n_heads=4, intermediate_size=512)
+    model = build_masked_lm(vocab_size, V1.model_input_size, config)
+    token_dictionary = {"<pad>": 0, "<mask>": 1} | {f"ENSG{token:011d}": token for token in range(2, vocab_size)}
+    dictionaries = GeneformerDictionaries(token_dictionary, {}, V1)
+    rng = np.random.default_rng(1)
+    token_ids = np.concatenate([rng.choice(np.arange(2, vocab_size), V1.model_input_size, replace=False)
+                                for _cell in range(n_cells)]).astype(np.int32)
+    offsets = np.arange(n_cells + 1, dtype=np.int64) * V1.model_input_size
+    cells = TokenizedCells(token_ids, offsets, V1)
+    options = dict(batch_size=batch_size, device=device, attn_implementation="sdpa",
+                   autocast_dtype=torch.bfloat16 if autocast else None)
+    warmup = TokenizedCells(token_ids[: offsets[min(n_cells, batch_size)]], offsets[: min(n_cells, batch_size) + 1], V1)
+    attention_edge_moments(model, warmup, dictionaries, **options)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    attention_edge_moments(model, cells, dictionaries, **options)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n_cells / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="full scale (more cells, bigger gene universe)")
+    parser.add_argument("--device", default=None, help="torch device for ours (default: cuda when present)")
+    parser.add_argument("--n-cells", type=int, default=None, help="cells in the comparison")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--v1-size", action="store_true", help="also time the whole step of a V1-size model")
+    parser.add_argument("--v1-cells", type=int, default=None, help="cells for --v1-size")
+    parser.add_argument("--no-autocast", action="store_true", help="--v1-size forward in float32, not bf16")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for both pipelines (BLAS and torch); 1 is fastest on a busy shared machine")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    threadpool_limits(arguments.threads)
+    device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n_cells = arguments.n_cells or (1024 if arguments.full else 192)
+    n_genes_universe = 20_000 if arguments.full else 2_000
+    n_genes_per_cell = 256
+
+    blocks, gene_ids = synthetic_inputs(n_cells, n_genes_per_cell, n_genes_universe, seed=0)
+    print(f"inputs: {n_cells} cells x {n_genes_per_cell} genes, universe {n_genes_universe} genes, "
+          f"device {device}, torch threads {torch.get_num_threads()}", flush=True)
+
+    gene_names = [f"g{index}" for index in range(n_genes_universe)]
+    # Warm up ours (allocator, kernels) so the timing is steady-state.
+    our_update(EdgeMomentAccumulator(gene_names, device), blocks[:8], gene_ids[:8], device)
+    accumulator = EdgeMomentAccumulator(gene_names, device)
+    welford: dict[tuple[int, int], list[float]] = {}
+    our_seconds = baseline_seconds = 0.0
+    # Alternate batches between the two so both see the same load on a shared machine.
+    for start in range(0, n_cells, arguments.batch_size):
+        batch = slice(start, start + arguments.batch_size)
+        tick = time.perf_counter()
+        our_update(accumulator, blocks[batch], gene_ids[batch], device)
+        tock = time.perf_counter()
+        baseline_update(welford, blocks[batch], gene_ids[batch])
+        our_seconds += tock - tick
+        baseline_seconds += time.perf_counter() - tock
+        print(f"  {min(start + arguments.batch_size, n_cells)}/{n_cells} cells: ours {our_seconds:.1f} s, "
+              f"baseline {baseline_seconds:.1f} s", flush=True)
+    tick = time.perf_counter()
+    ours = accumulator.result()
+    our_seconds += time.perf_counter() - tick
+    our_cells_per_second = n_cells / our_seconds
+    baseline_cells_per_second = n_cells / baseline_seconds
+    print(f"ours: {our_cells_per_second:.1f} cells/s")
+    print(f"baseline: {baseline_cells_per_second:.2f} cells/s")
+
+    n_pairs, mean_difference, m2_difference = compare(welford, ours)
+    print(f"agreement: {n_pairs} pairs, max |d mean| {mean_difference:.2e}, max |d M2| {m2_difference:.2e}")
+
+    if arguments.v1_size:
+        v1_cells = arguments.v1_cells or (4096 if device.type == "cuda" else 8)
+        v1_cells_per_second = v1_size_cells_per_second(v1_cells, device, 32 if device.type == "cuda" else 4,
+                                                       autocast=device.type == "cuda" and not arguments.no_autocast)
+        print(f"v1_size_whole_step cells={v1_cells} device={device} cells_per_s={v1_cells_per_second:.1f} goal=1000")
+
+    ratio = our_cells_per_second / baseline_cells_per_second
+    print(f"RESULT name=attention_pcorr ratio={ratio:.1f} goal={GOAL}")
+
+
+if __name__ == "__main__":
+    main()
