@@ -19,14 +19,10 @@ from scgrn_assets import definitions
 from scgrn_assets.lib.catalog import builtin_catalog_path
 from scgrn_assets.lib.corpus import read_corpus
 
-PARTITIONED = [a for a in definitions.all_assets if a.partitions_def is not None]
-UNPARTITIONED = [a for a in definitions.all_assets if a.partitions_def is None]
-
-
 def materialise(home: Path, catalog: str, instance, *, partition: str | None = None, selection=None):
     resources = definitions.build_resources(home=str(home), catalog=catalog, quick=True)
     return dg.materialize([*definitions.all_assets, *definitions.all_asset_checks],
-                          selection=selection or dg.AssetSelection.assets(*(PARTITIONED if partition else UNPARTITIONED)),
+                          selection=selection or dg.AssetSelection.groups("ingest"),
                           partition_key=partition, instance=instance, resources=resources, raise_on_error=False)
 
 
