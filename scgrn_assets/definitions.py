@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from scgrn_assets.assets import benchmarks, corpus, ingest, network, validation
+from scgrn_assets.assets import benchmarks, corpus, ingest, nb_model, network, validation
 from scgrn_assets.io_managers import ArtefactIOManager
 from scgrn_assets.jobs import build_executor, build_jobs, build_schedules, build_sensors, with_downstream_automation
-from scgrn_assets.resources import (BenchmarkSettings, GeneformerSettings, GeoDownloader, ScgrnStorage,
-                                    ValidationSettings)
+from scgrn_assets.resources import (BenchmarkSettings, GeneformerSettings, GeoDownloader, NBModelSettings,
+                                    ScgrnStorage, ValidationSettings)
 from scgrn_assets.settings import catalog_name, current_layout
 
 
@@ -23,12 +23,13 @@ def build_resources(home: str | None = None, catalog: str | None = None, *, quic
         "benchmark": BenchmarkSettings(tree_max_cells=300, tree_n_trees=5, n_null=20) if quick
         else BenchmarkSettings(),
         "validation": ValidationSettings(n_permutations=50) if quick else ValidationSettings(),
+        "nb_model": NBModelSettings(max_steps=300) if quick else NBModelSettings(),
         "artefact_io_manager": ArtefactIOManager(home=home),
     }
 
 
-all_assets = dg.load_assets_from_modules([ingest, corpus, network, validation, benchmarks])
-all_asset_checks = dg.load_asset_checks_from_modules([ingest, corpus, network, validation, benchmarks])
+all_assets = dg.load_assets_from_modules([ingest, corpus, nb_model, network, validation, benchmarks])
+all_asset_checks = dg.load_asset_checks_from_modules([ingest, corpus, nb_model, network, validation, benchmarks])
 all_jobs = build_jobs(all_assets)
 
 defs = dg.Definitions(

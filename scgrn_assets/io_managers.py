@@ -21,6 +21,8 @@ ARTEFACT_SUFFIXES: dict[str, str] = {
     "study_anndata": ".h5ad",
     "gene_annotation": ".parquet",
     "combined_corpus": ".zarr",
+    "nb_posterior": ".nc",
+    "condition_effects": ".parquet",
     "tokenized_cells": "",
     "geneformer_model": "",
     "attention_moments": ".npz",

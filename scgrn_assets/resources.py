@@ -79,3 +79,13 @@ class ValidationSettings(dg.ConfigurableResource):
     min_cmi_ratio: float = 0.2     # CMI min / MI below this: explained away (indirect)
     miller_madow: bool = False
     seed: int = 0
+
+
+class NBModelSettings(dg.ConfigurableResource):
+    """The hierarchical Negative-Binomial fit."""
+
+    n_top_genes: int = 3000        # highly variable genes (seurat_v3, study as batch)
+    max_steps: int = 15_000        # ADVI steps at most (the windowed-ELBO rule usually stops earlier)
+    batch_size: int = 512          # cells per minibatch
+    device: str = "cpu"            # "gpu": PyMC's JAX backend on the first GPU JAX sees
+    seed: int = 0
