@@ -69,12 +69,15 @@ def _sha256(path: Path) -> str:
 
 
 class _DeterministicTar:
-    """A tar written member by member (one sample in memory at a time) with fixed headers."""
+    """A tar written member by member (one sample in memory at a time) with fixed headers;
+    a context manager that renames the archive into place only when it is complete."""
 
     def __init__(self, path: Path):
         self._context = atomic_path(path)
-        self._tmp = self._context.__enter__()
-        self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def __enter__(self) -> "_DeterministicTar":
+        self._tar = tarfile.open(self._context.__enter__(), mode="w", format=tarfile.USTAR_FORMAT)
+        return self
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -83,13 +86,9 @@ class _DeterministicTar:
         info.mode = 0o644
         self._tar.addfile(info, io.BytesIO(data))
 
-    def close(self) -> None:
+    def __exit__(self, *exc_info) -> None:
         self._tar.close()
-        self._context.__exit__(None, None, None)
-
-    def abort(self, exc: BaseException) -> None:
-        self._tar.close()
-        self._context.__exit__(type(exc), exc, exc.__traceback__)
+        self._context.__exit__(*exc_info)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -141,8 +140,7 @@ def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, prog
     symbols_all = truth.genes["gene_symbol"].tolist()
     tar_name = f"{study}_RAW.tar"
     runs = []
-    archive = _DeterministicTar(study_dir / tar_name)
-    try:
+    with _DeterministicTar(study_dir / tar_name) as archive:
         for index, sample in _study_samples(truth, study).iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
             header = [""] + cells["barcode"].tolist()
@@ -158,10 +156,6 @@ def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, prog
                              "source_name": "microglia", "strain": strain, "tissue": "brain"})
         # GEO RAW tars also carry files the reader must skip.
         archive.add("filelist.txt", b"Archive\tName\n")
-    except BaseException as exc:
-        archive.abort(exc)
-        raise
-    archive.close()
     metadata_name = f"{study}_SraRunTable.csv"
     _write_bytes(study_dir / metadata_name, _sra_run_table(runs))
     return [(tar_name, "counts"), (metadata_name, "metadata")]
@@ -205,8 +199,7 @@ def _write_raw_tar_dropseq_dge(truth: DemoTruth, study: str, study_dir: Path, pr
     symbols_all = truth.genes["gene_symbol"].tolist()
     tar_name = f"{study}_RAW.tar"
     runs = []
-    archive = _DeterministicTar(study_dir / tar_name)
-    try:
+    with _DeterministicTar(study_dir / tar_name) as archive:
         for index, sample in _study_samples(truth, study).iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
             header = ["GENE"] + cells["barcode"].tolist()
@@ -219,10 +212,6 @@ def _write_raw_tar_dropseq_dge(truth: DemoTruth, study: str, study_dir: Path, pr
                          "Organism": "Mus musculus", "Sample Name": sample["sample"],
                          "age": ["P5", "P30", "P100"][index % 3], "source_name": "microglia",
                          "strain": "C57BL/6J"})
-    except BaseException as exc:
-        archive.abort(exc)
-        raise
-    archive.close()
     metadata_name = f"{study}_SraRunTable.csv"
     _write_bytes(study_dir / metadata_name, _sra_run_table(runs))
     return [(tar_name, "counts"), (metadata_name, "metadata")]
@@ -242,8 +231,7 @@ def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progre
     genes_table = truth.genes
     tar_name = f"{study}_RAW.tar"
     runs = []
-    archive = _DeterministicTar(study_dir / tar_name)
-    try:
+    with _DeterministicTar(study_dir / tar_name) as archive:
         for index, sample in _study_samples(truth, study).iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
             prefix = f"{sample['sample']}_{sample['sample_name']}_"
@@ -260,10 +248,6 @@ def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progre
                          "Organism": "Mus musculus", "Sample Name": sample["sample"],
                          "genotype": "5XFAD" if sample["condition"] == "AD" else "WT",
                          "source_name": "microglia"})
-    except BaseException as exc:
-        archive.abort(exc)
-        raise
-    archive.close()
     metadata_name = f"{study}_SraRunTable.csv"
     _write_bytes(study_dir / metadata_name, _sra_run_table(runs))
     return [(tar_name, "counts"), (metadata_name, "metadata")]
