@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/scgrn demo
 
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile -m "not soak"
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"

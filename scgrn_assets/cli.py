@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,38 @@ def _prepare_instance(layout: StorageLayout):
     if not config.exists():
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    release_runs_of_killed_cli_processes(instance)
+    return instance
+
+
+def cli_run_tags() -> dict[str, str]:
+    """Tags of the runs this process starts: who started them, so a later CLI can tell a dead one."""
+    return {"scgrn/source": "cli", "scgrn/host": socket.gethostname(), "scgrn/pid": str(os.getpid())}
+
+
+def release_runs_of_killed_cli_processes(instance) -> int:
+    """Mark failed the CLI runs whose process is gone (kill -9, OOM) and free the pool slots they held.
+
+    A run killed inside a `gpu` pool step never gives its slot back, so every later model step
+    would wait for it forever. Only runs a `scgrn` process of this host started are touched.
+    Returns how many runs were released.
+    """
+    import dagster as dg
+
+    from scgrn_assets.lib.storage import process_exists
+
+    in_flight = instance.get_runs(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+        tags={"scgrn/source": "cli", "scgrn/host": socket.gethostname()}))
+    released = 0
+    for run in in_flight:
+        pid = run.tags.get("scgrn/pid", "")
+        if pid.isdigit() and not process_exists(int(pid)):
+            instance.report_run_failed(run, f"the scgrn process (pid {pid}) running it was killed")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            released += 1
+    return released
 
 
 def ensure_demo_data(layout: StorageLayout, catalog, *, echo=print) -> None:
@@ -106,7 +138,7 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
                 bar.set_postfix_str(f"{names}{f' [{partition}]' if partition else ''}")
                 result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*group),
                                         partition_key=partition, instance=instance, resources=resources,
-                                        raise_on_error=False, tags={"scgrn/source": "cli"}, run_config=QUIET)
+                                        raise_on_error=False, tags=cli_run_tags(), run_config=QUIET)
                 _raise_on_failure(result, f"{names}{f' for {partition}' if partition else ''}")
                 bar.update(1)
 

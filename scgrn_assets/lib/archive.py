@@ -68,7 +68,8 @@ def read_guard(*, study: str | None, file: str) -> Iterator[None]:
         ) from error
 
 
-def open_maybe_gzip(fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, name: str) -> IO[bytes]:
+def open_maybe_gzip(fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, name: str,
+                    max_bytes: int | None = None, study: str | None = None) -> IO[bytes]:
     """Open a binary stream, decompressing it transparently when it starts with the gzip magic.
 
     Parameters
@@ -76,15 +77,28 @@ def open_maybe_gzip(fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, name
     fileobj_or_path
         A path (opened here) or a readable binary file object (need not be seekable).
     name
-        The file's name, used for the gzip stream's name.
+        The file's name, used for the gzip stream's name and in errors.
+    max_bytes
+        Most (decompressed) bytes to read: a gzip member within an archive's limits can
+        still expand a thousandfold (a decompression bomb). None: no limit.
+    study
+        Study accession named in errors.
 
     Returns
     -------
     IO[bytes]
         A ``gzip.GzipFile`` over the data when it is gzip, otherwise a readable stream of the
         bytes as they are. A truncated or corrupt gzip stream raises while reading: wrap the
-        reads in :func:`read_guard` to get a :class:`ScgrnInputError`.
+        reads in :func:`read_guard` to get a :class:`ScgrnInputError`. Reading past
+        ``max_bytes`` raises :class:`ScgrnInputError`.
     """
+    stream = _open_maybe_gzip(fileobj_or_path, name=name)
+    if max_bytes is None:
+        return stream
+    return io.BufferedReader(_SizeLimitedReader(stream, max_bytes=max_bytes, study=study, file=name))
+
+
+def _open_maybe_gzip(fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, name: str) -> IO[bytes]:
     if isinstance(fileobj_or_path, (str, os.PathLike)):
         with open(fileobj_or_path, "rb") as probe:
             is_gzip = probe.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
@@ -331,3 +345,32 @@ class _ReadAdapter(io.RawIOBase):
         data = self._source.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+class _SizeLimitedReader(io.RawIOBase):
+    """A raw reader that refuses to deliver more than ``max_bytes`` (closing it closes the source)."""
+
+    def __init__(self, source: IO[bytes], *, max_bytes: int, study: str | None, file: str):
+        super().__init__()
+        self._source = source
+        self._max_bytes = max_bytes
+        self._n_bytes = 0
+        self._study = study
+        self._file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        # One byte past the limit tells "exactly at the limit" from "over it".
+        data = self._source.read(min(len(buffer), self._max_bytes - self._n_bytes + 1))
+        self._n_bytes += len(data)
+        if self._n_bytes > self._max_bytes:
+            raise ScgrnInputError(f"decompresses to more than {self._max_bytes} bytes", study=self._study,
+                                  file=self._file, fix=_raise_limit_fix("max_member_bytes"))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()

@@ -21,6 +21,8 @@ import scipy.sparse as sp
 from scgrn_assets.lib.errors import ScgrnInputError
 
 BLOCK_BYTES = 8 << 20
+# A line of 10^6 cells is a few MB; one far longer is a decompression bomb or not a matrix at all.
+MAX_LINE_BYTES = 256 << 20
 GENE_COLUMN_NAMES = {"", "gene", "genes", "gene_id", "gene_name", "gene_symbol", "symbol"}
 
 # Error codes returned by the kernel.
@@ -208,10 +210,12 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
     anything else raises :class:`ScgrnInputError` naming the line and the fix.
     """
     sep_byte = sep.encode()
-    header = stream.readline()
+    header = stream.readline(MAX_LINE_BYTES + 1)
     if not header.strip():
         raise ScgrnInputError("is empty or has no header line", study=study, file=file,
                               fix="re-download the file or exclude the sample")
+    if len(header) > MAX_LINE_BYTES:
+        raise _line_too_long(1, study=study, file=file)
     header_fields = _split_header(header, sep_byte)
     pending = b""
     gene_names: list[str] = []
@@ -229,6 +233,8 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
             cut = data.rfind(b"\n") + 1
             if cut == 0:
                 pending = data
+                if len(pending) > MAX_LINE_BYTES:
+                    raise _line_too_long(line_number, study=study, file=file)
                 continue
             complete, pending = data[:cut], data[cut:]
         else:
@@ -279,6 +285,12 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
           np.concatenate(col_chunks) if col_chunks else np.empty(0, np.int32))),
         shape=(n_cells, len(gene_names)), dtype=np.int32)
     return DenseTextMatrix(gene_names=gene_names, cell_names=cell_names, counts=counts)
+
+
+def _line_too_long(line_number: int, *, study: str, file: str) -> ScgrnInputError:
+    return ScgrnInputError(f"line {line_number} is longer than {MAX_LINE_BYTES} bytes", study=study, file=file,
+                           fix="this is not a genes x cells text matrix (or a decompression bomb): "
+                               "re-download the file or exclude the sample")
 
 
 @numba.njit(cache=True)

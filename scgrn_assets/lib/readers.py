@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgrn_assets.lib.archive import iter_tar_members, open_maybe_gzip, read_guard
+from scgrn_assets.lib.archive import ExtractionLimits, iter_tar_members, open_maybe_gzip, read_guard
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.dense_text import read_dense_text_matrix
 from scgrn_assets.lib.errors import ScgrnInputError
 
 _GSM_MEMBER = re.compile(r"^(?P<sample>GSM\d+)_(?P<name>.+?)(?P<suffix>\.dge\.txt\.gz|\.txt\.gz)$")
+# Header and comment lines of a Matrix Market file are short; reading one is bounded (bombs).
+_MAX_MTX_LINE_BYTES = 1 << 20
 _TENX_MEMBER = re.compile(
     r"^(?P<sample>GSM\d+)_(?P<name>.+?)_?(?P<kind>matrix\.mtx|features\.tsv|genes\.tsv|barcodes\.tsv)\.gz$")
 
@@ -42,35 +44,41 @@ class SampleCounts:
     cell_plates: list[str] | None = None    # well/plate layouts: plate of each cell (cell_names hold wells)
 
 
-def read_study_samples(study: Study, raw_dir: Path,
-                       progress: Callable[[str], None] | None = None) -> Iterator[SampleCounts]:
-    """Dispatch to the reader of ``study.format``; files are in ``raw_dir`` by catalog name."""
+def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], None] | None = None, *,
+                       limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
+    """Dispatch to the reader of ``study.format``; files are in ``raw_dir`` by catalog name.
+
+    ``limits`` bound archive members and every decompressed file (``max_member_bytes``).
+    """
     reader = READERS[study.format]
     for count_file in study.files_with_role("counts"):
         path = raw_dir / count_file.name
         if not path.exists():
             raise ScgrnInputError(f"count file {path} is missing", study=study.accession, file=count_file.name,
                                   fix="materialise geo_raw_archive for this study first")
-        yield from reader(study, path, progress)
+        yield from reader(study, path, progress, limits=limits)
 
 
 def _member_name(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None) -> Iterator[SampleCounts]:
+def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None, *,
+                           limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
     """GSE98969-style RAW tar: per-sample ``GSM…_<name>.txt.gz``, genes x cells, tab-separated."""
-    yield from _read_dense_members(study, path, suffix=".txt.gz", progress=progress)
+    yield from _read_dense_members(study, path, suffix=".txt.gz", progress=progress, limits=limits)
 
 
-def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None) -> Iterator[SampleCounts]:
+def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None, *,
+                             limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
     """GSE121654-style RAW tar: per-sample Drop-seq ``GSM…_<name>.dge.txt.gz`` (header ``GENE``)."""
-    yield from _read_dense_members(study, path, suffix=".dge.txt.gz", progress=progress)
+    yield from _read_dense_members(study, path, suffix=".dge.txt.gz", progress=progress, limits=limits)
 
 
-def _read_dense_members(study: Study, path: Path, *, suffix: str, progress) -> Iterator[SampleCounts]:
+def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
+                        limits: ExtractionLimits) -> Iterator[SampleCounts]:
     found = 0
-    for member, stream in iter_tar_members(path, study=study.accession):
+    for member, stream in iter_tar_members(path, study=study.accession, limits=limits):
         name = _member_name(member)
         match = _GSM_MEMBER.match(name)
         if not match or match.group("suffix") != suffix:
@@ -79,7 +87,8 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress) -> I
         if progress:
             progress(name)
         with read_guard(study=study.accession, file=f"{path.name}:{name}"):
-            matrix = read_dense_text_matrix(open_maybe_gzip(stream, name=name), sep="\t",
+            text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
+            matrix = read_dense_text_matrix(text, sep="\t",
                                             study=study.accession, file=f"{path.name}:{name}")
         yield SampleCounts(sample=match.group("sample"), sample_name=match.group("name"), source_file=name,
                            cell_names=matrix.cell_names, gene_ids=matrix.gene_names, counts=matrix.counts)
@@ -88,7 +97,8 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress) -> I
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
 
 
-def read_processed_csv_well_plate(study: Study, path: Path, progress=None) -> Iterator[SampleCounts]:
+def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
+                                  limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
     """GSE123025-style processed CSV: genes x cells, cells named ``<well>.<plate>``.
 
     One "sample" per plate, so per-sample checks (duplicate barcodes) stay meaningful.
@@ -96,8 +106,12 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None) -> It
     if progress:
         progress(path.name)
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
-        matrix = read_dense_text_matrix(open_maybe_gzip(raw, name=path.name), sep=",",
+        text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
+        matrix = read_dense_text_matrix(text, sep=",",
                                         study=study.accession, file=path.name)
+    if not matrix.cell_names:
+        raise ScgrnInputError("has no cell columns", study=study.accession, file=path.name,
+                              fix="re-download the file; check the catalog's format for this study")
     wells, plates = [], []
     for cell in matrix.cell_names:
         well, dot, plate = cell.rpartition(".")
@@ -128,7 +142,8 @@ def _natural_key(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None) -> Iterator[SampleCounts]:
+def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
+                         limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
     """RAW tar of per-sample 10x triplets ``GSM…_<name>_{matrix.mtx,features.tsv,barcodes.tsv}.gz``.
 
     Members of one sample may come in any order; each sample is yielded once all three
@@ -136,7 +151,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None) -> Iterator[Sa
     """
     pending: dict[tuple[str, str], dict[str, object]] = {}
     found = 0
-    for member, stream in iter_tar_members(path, study=study.accession):
+    for member, stream in iter_tar_members(path, study=study.accession, limits=limits):
         name = _member_name(member)
         match = _TENX_MEMBER.match(name)
         if not match:
@@ -145,15 +160,14 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None) -> Iterator[Sa
         kind = match.group("kind").split(".")[0].replace("genes", "features")
         where = f"{path.name}:{name}"
         with read_guard(study=study.accession, file=where):
-            text = open_maybe_gzip(stream, name=name)
+            text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
             if kind == "matrix":
                 if progress:
                     progress(name)
                 parts = pending.setdefault(key, {})
                 parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
             else:
-                table = pd.read_csv(text, sep="\t", header=None, dtype=str, quoting=3)
-                pending.setdefault(key, {})[kind] = table
+                pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where)
             parts = pending[key]
         if {"matrix", "features", "barcodes"} <= set(parts):
             found += 1
@@ -183,6 +197,9 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
         # 10x v3 features also list antibody/CRISPR captures: keep gene expression only.
         keep = (features[2] == "Gene Expression").to_numpy()
     counts = matrix.tocsr()[keep].T.tocsr()
+    if counts.nnz and counts.data.max() > np.iinfo(np.int32).max:
+        raise ScgrnInputError(f"sample {sample}: repeated entries add up to a count above {np.iinfo(np.int32).max}",
+                              study=study.accession, file=where, fix="check that the file holds counts")
     symbols = features[1].tolist() if features.shape[1] >= 2 else None
     return SampleCounts(sample=sample, sample_name=name, source_file=where,
                         cell_names=barcodes[0].tolist(),
@@ -191,30 +208,43 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
                         counts=counts.astype(np.int32))
 
 
+def _read_10x_names(stream: IO[bytes], *, study: str, file: str) -> pd.DataFrame:
+    """A 10x features/genes/barcodes TSV (no header) as strings; at least one row."""
+    try:
+        table = pd.read_csv(stream, sep="\t", header=None, dtype=str, quoting=3, keep_default_na=False,
+                            encoding="utf-8", encoding_errors="replace")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ScgrnInputError(f"cannot be read as a 10x names table ({str(exc).splitlines()[0]})", study=study,
+                              file=file, fix="re-download the archive or exclude the sample") from None
+    return table.fillna("")  # a short row's missing fields: empty names, refused later by name
+
+
 def _read_mtx(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
     """Matrix Market coordinate file (1-based), streamed in chunks; counts must be integers >= 0."""
-    header = stream.readline().decode("ascii", errors="replace").lower()
+    header = stream.readline(_MAX_MTX_LINE_BYTES).decode("ascii", errors="replace").lower()
     if not header.startswith("%%matrixmarket matrix coordinate"):
         raise ScgrnInputError(f"is not a MatrixMarket coordinate file (header {header.strip()[:60]!r})",
                               study=study, file=file, fix="re-download the archive or exclude the sample")
-    line = stream.readline()
+    line = stream.readline(_MAX_MTX_LINE_BYTES)
     while line.startswith(b"%"):
-        line = stream.readline()
+        line = stream.readline(_MAX_MTX_LINE_BYTES)
     try:
         n_rows, n_cols, n_entries = (int(v) for v in line.split())
     except ValueError:
+        n_rows = n_cols = n_entries = -1
+    if min(n_rows, n_cols, n_entries) < 0:
         raise ScgrnInputError(f"has a malformed size line {line[:60]!r}", study=study, file=file,
-                              fix="re-download the archive or exclude the sample") from None
+                              fix="re-download the archive or exclude the sample")
     rows, cols, vals = [], [], []
-    reader = pd.read_csv(stream, sep=" ", header=None, names=["row", "col", "value"], comment="%",
-                         dtype={"row": np.int64, "col": np.int64, "value": np.float64}, chunksize=2_000_000,
-                         engine="c")
     try:
+        reader = pd.read_csv(stream, sep=" ", header=None, names=["row", "col", "value"], comment="%",
+                             dtype={"row": np.int64, "col": np.int64, "value": np.float64}, chunksize=2_000_000,
+                             engine="c")
         for chunk in reader:
             rows.append(chunk["row"].to_numpy())
             cols.append(chunk["col"].to_numpy())
             vals.append(chunk["value"].to_numpy())
-    except (ValueError, pd.errors.ParserError) as exc:
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ScgrnInputError(f"has a malformed entry line ({str(exc).splitlines()[0]})", study=study, file=file,
                               fix="re-download the archive or exclude the sample") from None
     row = np.concatenate(rows) if rows else np.empty(0, np.int64)
@@ -226,14 +256,17 @@ def _read_mtx(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
     if np.isnan(value).any() or (value < 0).any():
         raise ScgrnInputError("has negative or missing counts", study=study, file=file,
                               fix="this is not a count matrix: exclude the sample")
+    if (value > np.iinfo(np.int32).max).any():  # also inf: the int32 cast below would wrap it silently
+        raise ScgrnInputError(f"has a count above {np.iinfo(np.int32).max}", study=study, file=file,
+                              fix="check that the file holds counts, not a sentinel or an overflowed value")
     if (value != np.round(value)).any():
         raise ScgrnInputError("has non-integer counts", study=study, file=file,
                               fix="use raw UMI counts, not normalised values")
     if row.size and (row.min() < 1 or row.max() > n_rows or col.min() < 1 or col.max() > n_cols):
         raise ScgrnInputError(f"has an index outside its declared {n_rows} x {n_cols} shape", study=study, file=file,
                               fix="re-download the archive or exclude the sample")
-    # coo -> csr later sums duplicate coordinates, as Matrix Market allows.
-    return sp.coo_matrix((value.astype(np.int32), (row - 1, col - 1)), shape=(n_rows, n_cols))
+    # coo -> csr later sums duplicate coordinates, as Matrix Market allows (in int64: no wrap-around).
+    return sp.coo_matrix((value.astype(np.int64), (row - 1, col - 1)), shape=(n_rows, n_cols))
 
 
 READERS: dict[str, Callable[..., Iterator[SampleCounts]]] = {
@@ -244,13 +277,14 @@ READERS: dict[str, Callable[..., Iterator[SampleCounts]]] = {
 }
 
 
-def read_metadata_table(path: Path, *, study: str) -> pd.DataFrame:
-    """An SraRunTable (CSV, one row per run) or any CSV/TSV metadata table, as strings."""
+def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
+    """An SraRunTable (CSV, one row per run) or any CSV/TSV metadata table, as strings (at most
+    ``limits.max_member_bytes`` decompressed)."""
     sep = "\t" if path.name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
     try:
         with read_guard(study=study, file=path.name):
             raw = path.open("rb")
-            with open_maybe_gzip(raw, name=path.name) as stream:
+            with open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study) as stream:
                 table = pd.read_csv(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), sep=sep, dtype=str,
                                     keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -10,14 +10,18 @@ Layout::
       scgrn.duckdb                     SQL views over the Parquet tables
 
 Everything is written to a temporary name in the same folder and renamed into place, so
-an interrupted run never leaves a half-written file that looks complete.
+an interrupted run never leaves a half-written file that looks complete. The temporary's
+name carries the host and process id, so the next write of the same artefact removes what
+a killed process on this host left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +64,41 @@ class StorageLayout:
         return self.asset_dir(asset_name, partition) / f"{partition or asset_name}{suffix}"
 
 
+def _temporary_prefix(final: Path) -> str:
+    return f".tmp-{final.name}-{socket.gethostname()}-"
+
+
 def temporary_sibling(final: Path) -> Path:
     # Same folder as the target so os.replace is an atomic rename on one filesystem.
-    return final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return final.with_name(f"{_temporary_prefix(final)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_orphaned_temporaries(final: Path) -> int:
+    """Delete temporaries of ``final`` whose writer, a process of this host, no longer exists; returns how many.
+
+    Only this host's processes can be checked: on a shared filesystem another machine's
+    temporaries are left alone (a live writer there must not lose its file).
+    """
+    prefix = _temporary_prefix(final)
+    orphans = []
+    for path in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not process_exists(int(pid_text)):
+            orphans.append(path)
+    for path in orphans:
+        remove_path(path)
+    return len(orphans)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 @contextlib.contextmanager
@@ -74,6 +110,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(final)
     tmp = temporary_sibling(final)
     try:
         yield tmp

@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import write_elem
 
+from scgrn_assets.lib.archive import ExtractionLimits
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.genes import harmonise_gene_ids, sum_duplicate_genes
@@ -56,11 +57,15 @@ class GeneUnion:
 
 def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
                       condition_levels: tuple[str, str] = ("control", "AD"),
-                      progress: Callable[[str], None] | None = None) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
-    """Yield each sample as (counts remapped into ``genes``, its obs rows), one sample in memory at a time."""
-    metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession)
+                      progress: Callable[[str], None] | None = None,
+                      limits: ExtractionLimits = ExtractionLimits()) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
+    """Yield each sample as (counts remapped into ``genes``, its obs rows), one sample in memory at a time.
+
+    ``limits`` bound the archive and every decompressed file (decompression bombs).
+    """
+    metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
-    for sample in read_study_samples(study, raw_dir, progress):
+    for sample in read_study_samples(study, raw_dir, progress, limits=limits):
         _check_barcodes(study, sample)
         symbols, ensembl = harmonise_gene_ids(sample.gene_ids, gene_id_type=study.gene_id_type,
                                               symbols=sample.gene_symbols, strip_r=study.strip_r_prefix,
@@ -87,7 +92,8 @@ def _study_uns(study: Study) -> dict:
 
 
 def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[str, str] = ("control", "AD"),
-                        progress: Callable[[str], None] | None = None) -> ad.AnnData:
+                        progress: Callable[[str], None] | None = None,
+                        limits: ExtractionLimits = ExtractionLimits()) -> ad.AnnData:
     """Read, harmonise and annotate one study in memory (for notebooks and tests).
 
     Returns an AnnData with integer counts in ``X`` (CSR, int32, cells x genes), ``obs``
@@ -99,7 +105,8 @@ def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[
     """
     genes = GeneUnion()
     blocks, frames = [], []
-    for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels, progress=progress):
+    for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels, progress=progress,
+                                        limits=limits):
         blocks.append(block)
         frames.append(obs)
     width = len(genes)
@@ -112,7 +119,8 @@ def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[
 
 def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
                      condition_levels: tuple[str, str] = ("control", "AD"),
-                     progress: Callable[[str], None] | None = None) -> ad.AnnData:
+                     progress: Callable[[str], None] | None = None,
+                     limits: ExtractionLimits = ExtractionLimits()) -> ad.AnnData:
     """Stream one study into an ``.h5ad`` at ``output`` (atomically); memory holds one sample.
 
     X is appended sample by sample as CSR (anndata's on-disk ``csr_matrix`` encoding);
@@ -127,7 +135,7 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
         indptr = [np.zeros(1, dtype=np.int64)]
         n_values = 0
         for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels,
-                                            progress=progress):
+                                            progress=progress, limits=limits):
             data.resize((n_values + block.nnz,))
             indices.resize((n_values + block.nnz,))
             data[n_values:] = block.data

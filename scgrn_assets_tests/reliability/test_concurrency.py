@@ -1,0 +1,189 @@
+"""Concurrency: parallel runs over one SCGRN_HOME lose nothing and show users no lock error.
+
+* Several study partitions materialised at once, each in its own process, over one Dagster
+  instance, as a multiprocess executor or several `scgrn` invocations would.
+* DuckDB: writers in several processes go through ``sql_store`` (serialised by its lock
+  file), readers query read-only at the same time, and ``scgrn sql`` waits out a writer (ours
+  or a foreign program holding DuckDB's own lock) instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scgrn_assets.lib.sql_store import list_tables, query, register_view, write_parquet
+from scgrn_assets_tests.reliability import ledger, scenarios
+
+LOCK_WORDS = ("lock", "Conflicting", "database is locked")
+
+
+def _python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def _finish(process: subprocess.Popen, timeout_seconds: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout_seconds)
+    assert process.returncode == 0, output
+    return output
+
+
+# --- DuckDB: serialised writers, read-only readers -------------------------------------------------
+
+WRITER = """
+    import sys
+    from pathlib import Path
+    import pandas as pd
+    from scgrn_assets.lib.sql_store import register_view, write_parquet
+
+    home, writer, n_views = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    for view in range(n_views):
+        table = pd.DataFrame({"writer": [writer] * 50, "view": [view] * 50, "value": range(50)})
+        parquet = write_parquet(table, home / "tables" / f"w{writer}_v{view}.parquet")
+        register_view(home / "scgrn.duckdb", f"w{writer}_v{view}", parquet)
+        # Every writer also replaces one shared view: the last write must win whole.
+        register_view(home / "scgrn.duckdb", "shared", parquet)
+    print("done", flush=True)
+"""
+
+READER = """
+    import sys, time
+    from pathlib import Path
+    from scgrn_assets.lib.errors import ScgrnInputError
+    from scgrn_assets.lib.sql_store import query
+
+    home, seconds = Path(sys.argv[1]), float(sys.argv[2])
+    deadline, n_queries = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        try:
+            rows = query(home / "scgrn.duckdb", "SELECT count(*) AS n, count(DISTINCT writer) AS w FROM shared")
+        except ScgrnInputError as error:
+            if "shared" not in str(error):  # before the first write the view is simply not there yet
+                raise
+            continue
+        # A view always shows one whole table: 50 rows of one writer, never a mixture.
+        assert rows["n"].iloc[0] == 50 and rows["w"].iloc[0] == 1, rows
+        n_queries += 1
+    print("queries", n_queries, flush=True)
+"""
+
+
+def test_parallel_writers_and_readers_lose_nothing_and_see_no_lock_error(tmp_path):
+    n_writers, n_views = 2, 4
+    register_view(tmp_path / "scgrn.duckdb", "seed", write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "seed.parquet"))
+    readers = [_python(READER, str(tmp_path), "4")]
+    writers = [_python(WRITER, str(tmp_path), str(writer), str(n_views)) for writer in range(n_writers)]
+    outputs = [_finish(process) for process in writers + readers]
+    ledger.record("fault", n_writers + len(readers))
+    assert not any(word in output for output in outputs for word in LOCK_WORDS), outputs
+    assert sum(int(output.split()[-1]) for output in outputs[n_writers:]) > 0, "the readers never got to read"
+    # Nothing lost: every view every writer registered is there, over its own table.
+    tables = set(list_tables(tmp_path / "scgrn.duckdb"))
+    expected = {f"w{w}_v{v}" for w in range(n_writers) for v in range(n_views)}
+    assert expected | {"shared", "seed"} == tables
+    for name in expected:
+        writer, view = (int(part[1:]) for part in name.split("_"))
+        rows = query(tmp_path / "scgrn.duckdb", f"SELECT writer, view, sum(value) AS total FROM {name} "
+                                                "GROUP BY writer, view")
+        assert rows.to_dict("records") == [{"writer": writer, "view": view, "total": sum(range(50))}]
+
+
+HOLD_DUCKDB = """
+    import sys, time
+    import duckdb
+    from pathlib import Path
+    from scgrn_assets.lib import sql_store
+
+    db, seconds, cooperative = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "ours"
+    if cooperative:  # a writer of this package: its lock file, then DuckDB's own write lock
+        with sql_store._database_lock(db, exclusive=True), duckdb.connect(str(db)) as connection:
+            print("holding", flush=True)
+            time.sleep(seconds)
+            connection.execute("CREATE OR REPLACE VIEW late AS SELECT 42 AS answer")
+    else:  # a foreign program (e.g. a duckdb shell) holding the database open for writing
+        with duckdb.connect(str(db)) as connection:
+            print("holding", flush=True)
+            time.sleep(seconds)
+    print("released", time.time(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("holder", ["ours", pytest.param("foreign", marks=pytest.mark.slow)])
+def test_scgrn_sql_waits_out_a_writer_instead_of_failing(tmp_path, holder):
+    db = tmp_path / "scgrn.duckdb"
+    register_view(db, "corpus_studies", write_parquet(pd.DataFrame({"study": ["GSE1"], "n_cells": [7]}),
+                                                      tmp_path / "corpus_studies.parquet"))
+    writer = _python(HOLD_DUCKDB, str(db), "3", holder)
+    assert writer.stdout.readline().strip() == "holding"
+    result = subprocess.run([sys.executable, "-m", "scgrn_assets.cli", "sql", "SELECT n_cells FROM corpus_studies"],
+                            env={**os.environ, "SCGRN_HOME": str(tmp_path)}, capture_output=True, text=True,
+                            timeout=300)
+    finished_at = time.time()
+    released_at = float(_finish(writer).split()[-1])
+    ledger.record("fault")
+    assert result.returncode == 0, result.stderr
+    assert not any(word in result.stderr for word in LOCK_WORDS), result.stderr
+    assert result.stdout.split()[-1] == "7"
+    if holder == "ours":  # the reader ran after the write, so it saw the writer's work
+        assert query(db, "SELECT answer FROM late")["answer"].tolist() == [42]
+    assert finished_at >= released_at  # started while the writer held the database, so it waited
+
+
+# --- several study partitions materialised in parallel processes ------------------------------------
+
+MATERIALISE_PARTITION = """
+    import sys
+    from pathlib import Path
+    import dagster as dg
+    from scgrn_assets import cli, definitions
+    from scgrn_assets.lib.storage import StorageLayout
+
+    home, accession = Path(sys.argv[1]), sys.argv[2]
+    layout = StorageLayout(home)
+    instance = cli._prepare_instance(layout)  # the instance the CLI uses: SCGRN_HOME/dagster
+    resources = definitions.build_resources(home=str(home))
+    result = dg.materialize([*definitions.all_assets, *definitions.all_asset_checks],
+                            selection=dg.AssetSelection.groups("ingest"), partition_key=accession,
+                            instance=instance, resources=resources, raise_on_error=False)
+    cli._raise_on_failure(result, f"study {accession}")
+    print("materialised", accession, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_study_partitions_materialised_in_parallel_processes(demo_files, tmp_path):
+    from scgrn_assets.lib.study_anndata import build_study_anndata
+
+    home = tmp_path / "home"
+    catalog_path = scenarios.prepare_home(home, demo_files.home / "demo_geo", demo_files.catalog_path)
+    accessions = demo_files.catalog().accessions
+    env = {"SCGRN_HOME": str(home), "SCGRN_CATALOG": str(catalog_path), "TQDM_DISABLE": "1"}
+    # The instance is created once first, as `scgrn demo` would before a parallel backfill.
+    _finish(_python("from pathlib import Path; from scgrn_assets import cli; from scgrn_assets.lib.storage "
+                    "import StorageLayout; cli._prepare_instance(StorageLayout(Path(r'%s')))" % home, env=env))
+    processes = [_python(MATERIALISE_PARTITION, str(home), accession, env=env) for accession in accessions]
+    outputs = [_finish(process, timeout_seconds=600) for process in processes]
+    ledger.record("fault", len(processes))
+    assert not any(word in output for output in outputs for word in LOCK_WORDS), outputs
+
+    import anndata as ad
+    import dagster as dg
+
+    catalog = demo_files.catalog()
+    for accession in accessions:
+        written = ad.read_h5ad(home / "assets" / "study_anndata" / accession / f"{accession}.h5ad")
+        expected = build_study_anndata(catalog.study(accession), demo_files.study_dir(accession),
+                                       condition_levels=catalog.condition_levels)
+        np.testing.assert_array_equal(written.X.toarray(), expected.X.toarray())
+        pd.testing.assert_frame_equal(written.obs, expected.obs, check_categorical=False)
+    instance = dg.DagsterInstance.from_config(str(home / "dagster"))
+    materialised = instance.get_materialized_partitions(dg.AssetKey("study_anndata"))
+    assert materialised == set(accessions), "the instance lost a parallel run's materialisation"

@@ -1,0 +1,347 @@
+"""Hostile input beyond what test_archive/test_download/test_catalog cover.
+
+Decompression bombs through the study reader path (a gzip member small enough for the
+archive's limits that expands past them, an endless line), pickles only through the
+restricted unpickler, model weights only from safetensors or ``torch.load(weights_only=True)``
+(a static scan of the package plus a malicious checkpoint), SQL values bound as parameters
+by the CLI, and catalog fields that used to slip past validation.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import io
+import os
+import pickle
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from scgrn_assets.lib import dense_text
+from scgrn_assets.lib.archive import ExtractionLimits
+from scgrn_assets.lib.catalog import ConditionRule, MetadataJoin, Study, StudyFile, load_catalog
+from scgrn_assets.lib.dense_text import read_dense_text_matrix
+from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.readers import read_metadata_table
+from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.lib.study_anndata import build_study_anndata, write_study_h5ad
+from scgrn_assets_tests.reliability import ledger
+
+PACKAGE = Path(__file__).resolve().parents[2] / "scgrn_assets"
+SHA = "0" * 64
+METADATA = b"Sample Name,strain\nGSM1,5XFAD\n"
+MIB = 1 << 20
+
+
+def make_study(fmt: str, counts_name: str) -> Study:
+    files = (StudyFile(counts_name, "file:///x", SHA, "counts"), StudyFile("meta.csv.gz", "file:///x", SHA, "metadata"))
+    return Study(accession="GSE1", title="bomb", species="mouse", format=fmt, gene_id_type="symbol", files=files,
+                 metadata=MetadataJoin(file="meta.csv.gz"),
+                 condition=ConditionRule(column="strain", values={"5XFAD": "AD"}))
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def gzip_of_repeated(unit: bytes, n_bytes: int, *, prefix: bytes = b"") -> bytes:
+    """gzip of ``prefix`` + ``unit`` repeated to ``n_bytes``, compressed without building it in memory."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    chunk = unit * (MIB // len(unit))
+    parts = [compressor.compress(prefix)]
+    for _ in range(n_bytes // len(chunk)):
+        parts.append(compressor.compress(chunk))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+class CountingStream(io.RawIOBase):
+    """A readable stream over a gzip that counts the decompressed bytes handed out."""
+
+    def __init__(self, compressed: bytes):
+        super().__init__()
+        self._inner = gzip.GzipFile(fileobj=io.BytesIO(compressed))
+        self.n_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.n_bytes += len(data)
+        return len(data)
+
+
+# --- decompression bombs through the study reader path ---------------------------------------------
+
+
+BOMB_LIMITS = ExtractionLimits(max_member_bytes=MIB, max_total_bytes=2 * MIB)
+
+
+@pytest.mark.parametrize("layout", ["raw_tar_dense_tsv", "raw_tar_10x_mtx", "processed_csv_well_plate"])
+def test_gzip_member_expanding_past_the_limit_is_refused(tmp_path, layout):
+    ledger.record("bad_input")
+    # 8 MiB of zero counts: well-formed lines, ~1000x compression, far under the archive limits compressed.
+    lines = gzip_of_repeated(b"G\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\n", 8 * MIB,
+                             prefix=b"GENE" + b"".join(b"\tc%d" % i for i in range(20)) + b"\n")
+    assert len(lines) < BOMB_LIMITS.max_member_bytes / 10
+    if layout == "raw_tar_dense_tsv":
+        files = {"GSE1_RAW.tar": tar_bytes({"GSM1_a.txt.gz": lines})}
+    elif layout == "raw_tar_10x_mtx":
+        matrix = gzip_of_repeated(b"1 1 1\n", 8 * MIB, prefix=b"%%MatrixMarket matrix coordinate integer general\n"
+                                                            b"1 1 11184810\n")
+        files = {"GSE1_RAW.tar": tar_bytes({"GSM1_a_matrix.mtx.gz": matrix,
+                                            "GSM1_a_features.tsv.gz": gzip.compress(b"E1\tApoe\n"),
+                                            "GSM1_a_barcodes.tsv.gz": gzip.compress(b"AAAC\n")})}
+    else:
+        files = {"GSE1_RAW.tar": gzip_of_repeated(b"G,0,0,0,0,0,0,0,0,0\n", 8 * MIB, prefix=b'"",' + b",".join(b"A%d.1" % i for i in range(9)) + b"\n")}
+    for name, data in {**files, "meta.csv.gz": gzip.compress(METADATA)}.items():
+        (tmp_path / name).write_bytes(data)
+    study = make_study(layout, "GSE1_RAW.tar")
+    with pytest.raises(ScgrnInputError, match=f"decompresses to more than {BOMB_LIMITS.max_member_bytes} bytes") as error:
+        build_study_anndata(study, tmp_path, limits=BOMB_LIMITS)
+    assert str(error.value).startswith("GSE1: ") and "max_member_bytes" in str(error.value)
+
+
+def test_metadata_table_bomb_is_refused(tmp_path):
+    ledger.record("bad_input")
+    path = tmp_path / "meta.csv.gz"
+    path.write_bytes(gzip_of_repeated(b"GSM1,5XFAD\n", 8 * MIB, prefix=b"Sample Name,strain\n"))
+    with pytest.raises(ScgrnInputError, match="decompresses to more than"):
+        read_metadata_table(path, study="GSE1", limits=BOMB_LIMITS)
+
+
+def test_bomb_leaves_no_study_file_and_no_temporary(tmp_path):
+    ledger.record("bad_input")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "GSE1_RAW.tar").write_bytes(tar_bytes({"GSM1_a.txt.gz": gzip_of_repeated(b"G\t0\n", 8 * MIB,
+                                                                                      prefix=b"GENE\tc1\n")}))
+    (raw / "meta.csv.gz").write_bytes(gzip.compress(METADATA))
+    output = tmp_path / "out" / "GSE1.h5ad"
+    with pytest.raises(ScgrnInputError, match="decompresses to more than"):
+        write_study_h5ad(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), raw, output, limits=BOMB_LIMITS)
+    assert list(output.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["header", "data line"])
+def test_endless_line_stops_at_the_line_limit_without_reading_the_rest(monkeypatch, where):
+    ledger.record("bad_input")
+    monkeypatch.setattr(dense_text, "MAX_LINE_BYTES", MIB // 2)
+    monkeypatch.setattr(dense_text, "BLOCK_BYTES", 64 << 10)
+    prefix = b"" if where == "header" else b"GENE\tc1\n"
+    stream = CountingStream(gzip_of_repeated(b"1\t", 8 * MIB, prefix=prefix))
+    with pytest.raises(ScgrnInputError, match=f"line {1 if where == 'header' else 2} is longer than"):
+        read_dense_text_matrix(io.BufferedReader(stream, 1 << 16), sep="\t", study="GSE1", file="GSM1_a.txt.gz")
+    # Memory stays bounded: the parser stopped near the limit, far from the 8 MiB line's end.
+    assert stream.n_bytes < dense_text.MAX_LINE_BYTES + 8 * dense_text.BLOCK_BYTES
+
+
+def test_files_just_under_the_limits_are_still_read(tmp_path):
+    # Guards the limits against refusing honest files: the same layout at a few KiB reads fine.
+    (tmp_path / "GSE1_RAW.tar").write_bytes(tar_bytes({"GSM1_a.txt.gz": gzip.compress(b"GENE\tc1\tc2\nApoe\t1\t2\n")}))
+    (tmp_path / "meta.csv.gz").write_bytes(gzip.compress(METADATA))
+    adata = build_study_anndata(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), tmp_path, limits=BOMB_LIMITS)
+    assert adata.X.toarray().tolist() == [[1], [2]]
+
+
+# --- pickles and model weights ---------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system`` (through ``__reduce__``): what a hostile pickle does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_restricted_unpickler_refuses_code_and_loads_plain_dictionaries(tmp_path):
+    tokenize = pytest.importorskip("scgrn_assets.lib.tokenize")
+    ledger.record("bad_input", 3)
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "token_dictionary.pkl"
+    hostile.write_bytes(pickle.dumps({"<pad>": 0, "x": _RunsCode(marker)}))
+    with pytest.raises(ScgrnInputError, match="posix.system|os.system|not allowed"):
+        tokenize.load_pickle_restricted(hostile)
+    assert not marker.exists()
+
+
+    object_array = tmp_path / "object_array.pkl"
+    object_array.write_bytes(pickle.dumps(np.array([{"a": 1}], dtype=object)))
+    with pytest.raises(ScgrnInputError):
+        tokenize.load_pickle_restricted(object_array)
+
+    plain = {"<pad>": 0, "<mask>": 1, "ENSMUSG1": np.int64(2), "nested": [1.5, ("a", None)]}
+    plain_path = tmp_path / "plain.pkl"
+    plain_path.write_bytes(pickle.dumps(plain))
+    assert tokenize.load_pickle_restricted(plain_path) == plain
+
+
+@pytest.mark.slow  # importing transformers takes ~30 s on a loaded machine
+def test_geneformer_checkpoint_with_a_hostile_pickle_runs_no_code(tmp_path):
+    geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
+    tokenize = pytest.importorskip("scgrn_assets.lib.tokenize")
+    torch = pytest.importorskip("torch")
+    ledger.record("bad_input")
+    marker = tmp_path / "pwned"
+    tokenize.save_pickle_atomic({"<pad>": 0, "<mask>": 1, "Apoe": 2}, tmp_path / "token_dictionary.pkl")
+    tokenize.save_pickle_atomic({"Apoe": 1.0}, tmp_path / "gene_median_dictionary.pkl")
+    config = geneformer.bert_config(vocab_size=3, max_position_embeddings=8)
+    config.save_pretrained(tmp_path)
+    # A legacy .bin checkpoint is a pickle: it must go through torch.load(weights_only=True).
+    with open(tmp_path / "pytorch_model.bin", "wb") as handle:
+        torch.save({"bert.embeddings.word_embeddings.weight": _RunsCode(marker)}, handle)
+    with pytest.raises(Exception) as error:
+        geneformer.load_geneformer(tmp_path, device="cpu")
+    assert not marker.exists(), "loading a checkpoint ran code from its pickle"
+    assert "weights_only" in str(error.value) or "Unpickl" in repr(error.value) or "safetensors" in str(error.value)
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def test_package_loads_untrusted_data_only_through_safe_loaders():
+    """Static policy: no bare pickle/joblib/torch.load/np.load(allow_pickle=True) anywhere in the package."""
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node, name in _calls(tree):
+            keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)[:80]}"
+            if name in ("pickle.load", "pickle.loads", "joblib.load", "dill.load", "cloudpickle.load", "pd.read_pickle",
+                        "pandas.read_pickle", "yaml.load", "yaml.unsafe_load", "marshal.loads"):
+                offences.append(where)
+            if name.endswith("Unpickler") and name != "pickle.Unpickler" and "Restricted" not in name:
+                offences.append(where)
+            if name == "torch.load" and keywords.get("weights_only") != "True":
+                offences.append(where)
+            if name in ("np.load", "numpy.load") and keywords.get("allow_pickle", "False") != "False":
+                offences.append(where)
+            if name == "eval" or name == "exec":
+                offences.append(where)
+    assert offences == []
+
+
+# --- SQL in the CLI: values are bound, statements are read-only ------------------------------------
+
+
+@pytest.fixture
+def sql_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    table = pd.DataFrame({"study": ["GSE1", "GSE2"], "n_cells": [10, 20]})
+    parquet = write_parquet(table, home / "assets" / "combined_corpus" / "corpus_studies.parquet")
+    register_view(home / "scgrn.duckdb", "corpus_studies", parquet)
+    monkeypatch.setenv("SCGRN_HOME", str(home))
+    return home
+
+
+@pytest.mark.parametrize("value", ["x' OR '1'='1", "GSE1'; DROP VIEW corpus_studies; --", "GSE1\" OR 1=1 --",
+                                   "') UNION SELECT table_name, 1 FROM information_schema.tables --"])
+def test_sql_values_are_bound_never_pasted(sql_home, capsys, value):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    assert cli.main(["sql", "SELECT count(*) AS n FROM corpus_studies WHERE study = ?", "--param", value]) == 0
+    assert capsys.readouterr().out.split()[-1] == "0"
+    assert cli.main(["sql", "SELECT CAST(sum(n_cells) AS INTEGER) AS total FROM corpus_studies"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "30"
+
+
+@pytest.mark.parametrize("statement", ["DROP VIEW corpus_studies", "CREATE TABLE evil AS SELECT 1",
+                                       "DELETE FROM corpus_studies", "SELECT 1; DROP VIEW corpus_studies"])
+def test_sql_cannot_change_the_database(sql_home, capsys, statement):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    assert cli.main(["sql", statement]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert cli.main(["sql", "SELECT CAST(sum(n_cells) AS INTEGER) AS total FROM corpus_studies"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "30"
+
+
+def test_sql_cannot_touch_files_outside_scgrn_home(sql_home, tmp_path, capsys):
+    from scgrn_assets import cli
+
+    outside = tmp_path / "outside.csv"
+    outside.write_text("secret\n")
+    written = tmp_path / "written.csv"
+    for statement in [f"SELECT * FROM read_csv('{outside}')", f"COPY (SELECT 1) TO '{written}'",
+                      f"ATTACH '{tmp_path / 'other.duckdb'}'"]:
+        ledger.record("bad_input")
+        assert cli.main(["sql", statement]) == 2
+        assert "Permission" in capsys.readouterr().err
+    assert not written.exists() and not (tmp_path / "other.duckdb").exists()
+
+
+# --- catalog fields that slipped past validation ---------------------------------------------------
+
+
+def _catalog(**study_changes) -> dict:
+    study = {"accession": "GSE1", "title": "t", "species": "mouse", "format": "raw_tar_dense_tsv",
+             "gene_id_type": "symbol",
+             "files": [{"name": "GSE1_RAW.tar", "url": "https://example.org/GSE1_RAW.tar", "sha256": "a" * 64},
+                       {"name": "meta.csv", "url": "https://example.org/meta.csv", "sha256": "b" * 64,
+                        "role": "metadata"}],
+             "metadata": {"file": "meta.csv"}}
+    study.update(study_changes)
+    return {"name": "hostile", "studies": [study]}
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_catalog(accession="GSE1\n"), "not a valid partition key"),
+    ({**_catalog(), "condition_levels": [[], "AD"]}, "condition_levels must be two distinct labels"),
+    ({**_catalog(), "condition_levels": 5}, "condition_levels must be two distinct labels"),
+    (_catalog(condition={"column": None, "values": {"a": "AD"}}), "condition must have 'column'"),
+    (_catalog(files=[{"name": "a\\..\\b", "url": "https://x/a", "sha256": "a" * 64}]), "plain file name"),
+    (_catalog(files=[{"name": "GSE1_RAW.tar", "url": "https://[::1/x", "sha256": "a" * 64}]), "malformed URL"),
+    (_catalog(files=[{"name": "GSE1_RAW.tar", "url": "https://x/a", "sha256": "a" * 64, "role": ["counts"]}]),
+     "unknown role"),
+], ids=["accession-newline", "level-list", "levels-int", "column-none", "backslash-name", "bad-ipv6-url",
+        "role-list"])
+def test_catalog_fields_that_slipped_past_validation_get_clear_messages(tmp_path, raw, message):
+    ledger.record("bad_input")
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ScgrnInputError, match=message) as error:
+        load_catalog(path)
+    assert str(path) in str(error.value)
+
+
+# --- counts that would wrap around in int32 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("entries, message", [
+    (b"1 1 1e30\n", "count above 2147483647"),
+    (b"1 1 inf\n", "count above 2147483647"),
+    (b"1 1 2147483647\n1 1 5\n", "add up to a count above 2147483647"),
+], ids=["huge", "infinite", "duplicates-overflow"])
+def test_mtx_counts_that_would_wrap_in_int32_are_refused(tmp_path, entries, message):
+    ledger.record("bad_input")
+    n_entries = entries.count(b"\n")
+    matrix = b"%%MatrixMarket matrix coordinate real general\n" + f"2 1 {n_entries}\n".encode() + entries
+    (tmp_path / "GSE1_RAW.tar").write_bytes(tar_bytes({
+        "GSM1_a_matrix.mtx.gz": gzip.compress(matrix),
+        "GSM1_a_features.tsv.gz": gzip.compress(b"E1\tApoe\nE2\tCd74\n"),
+        "GSM1_a_barcodes.tsv.gz": gzip.compress(b"AAAC\n")}))
+    (tmp_path / "meta.csv.gz").write_bytes(gzip.compress(METADATA))
+    with pytest.raises(ScgrnInputError, match=message):
+        build_study_anndata(make_study("raw_tar_10x_mtx", "GSE1_RAW.tar"), tmp_path)
