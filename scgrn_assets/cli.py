@@ -266,11 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
     status = commands.add_parser("status", help="list what is materialised")
     status.set_defaults(func=cmd_status)
-    sql = commands.add_parser("sql", help="run read-only SQL on SCGRN_HOME/scgrn.duckdb")
-    sql.add_argument("sql")
-    sql.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
-    sql.add_argument("--max-rows", type=int, default=50)
-    sql.set_defaults(func=cmd_sql)
+    for name, help_text in (("sql", "run read-only SQL on SCGRN_HOME/scgrn.duckdb"),
+                            ("edges", "the same, for the network tables (edges, mi_edges, cmi_edges, ...)")):
+        sql = commands.add_parser(name, help=help_text)
+        sql.add_argument("sql")
+        sql.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
+        sql.add_argument("--max-rows", type=int, default=50)
+        sql.set_defaults(func=cmd_sql)
     return parser
 
 

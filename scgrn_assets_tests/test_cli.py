@@ -49,6 +49,9 @@ def test_demo_on_a_users_two_study_catalog_then_status_and_sql(demo_files, tmp_p
     sql = run_scgrn("sql", "SELECT study, sum(n_cells) AS n FROM corpus_studies WHERE study = ? GROUP BY study",
                     "--param", "GSE900004", home=home, catalog=str(catalog)).stdout
     assert "GSE900004" in sql and "GSE900001" not in sql
+    edges = run_scgrn("edges", "SELECT count(*) AS n FROM edges WHERE n_cells >= ?", "--param", "1",
+                      home=home, catalog=str(catalog)).stdout
+    assert int(edges.split()[-1]) > 0
     # A value that looks like SQL is only ever a value.
     injected = run_scgrn("sql", "SELECT count(*) AS n FROM corpus_studies WHERE study = ?", "--param",
                          "x' OR '1'='1", home=home).stdout
