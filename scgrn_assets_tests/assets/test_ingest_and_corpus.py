@@ -18,6 +18,7 @@ import yaml
 from scgrn_assets import definitions
 from scgrn_assets.lib.catalog import builtin_catalog_path
 from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets_tests.archives import tar_bytes
 
 def materialise(home: Path, catalog: str, instance, *, partition: str | None = None, selection=None):
     resources = definitions.build_resources(home=str(home), catalog=catalog, quick=True)
@@ -109,16 +110,6 @@ def test_checksum_mismatch_fails_the_download_and_leaves_no_file(demo_files, scg
     assert not any(p.name.endswith(".part") for p in raw_dir.glob("*"))
 
 
-def _tar_with(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("case, members, expected", [
     ("truncated gzip", {"GSM9000011_AD_rep1.txt.gz": gzip.compress(b"\tc1\nApoe\t1\n" * 200)[:-40]},
      "truncated or corrupt"),
@@ -128,7 +119,7 @@ def _tar_with(members: dict[str, bytes]) -> bytes:
      "line 3 has 2 fields"),
 ])
 def test_bad_archives_fail_with_a_clear_error_and_no_study_file(demo_files, scgrn_home, case, members, expected):
-    catalog = _one_study_catalog(demo_files, scgrn_home, "GSE900001", counts_bytes=_tar_with(members))
+    catalog = _one_study_catalog(demo_files, scgrn_home, "GSE900001", counts_bytes=tar_bytes(members))
     result = materialise(scgrn_home, str(catalog), dg.DagsterInstance.ephemeral(), partition="GSE900001")
     assert not result.success
     message = _failure_message(result)

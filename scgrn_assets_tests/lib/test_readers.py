@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.readers import read_dense_count_block, read_study_samples
 from scgrn_assets.lib.simulate import simulate_sample_counts
 from scgrn_assets.lib.study_anndata import build_study_anndata
+from scgrn_assets_tests.archives import write_tar
 from scgrn_assets_tests.conftest import shared_data
 
 SHA = "0" * 64
@@ -29,15 +28,6 @@ def make_study(fmt: str, counts_name: str, *, gene_id_type: str = "symbol", cond
     return Study(accession="GSE1", title="t", species="mouse", format=fmt, gene_id_type=gene_id_type, files=files,
                  metadata=MetadataJoin(file="meta.csv"), condition=condition,
                  strip_r_prefix=fmt == "raw_tar_dropseq_dge" if strip_r_prefix is None else strip_r_prefix)
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 # --- against the simulator's files: every reader recovers the simulated counts exactly ---------------

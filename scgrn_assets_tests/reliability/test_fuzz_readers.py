@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import tarfile
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +32,7 @@ from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.readers import read_metadata_table
 from scgrn_assets.lib.study_anndata import build_study_anndata
 from scgrn_assets_tests.reliability import ledger
+from scgrn_assets_tests.archives import tar_bytes
 
 STUDY = "GSE1"
 SHA = "0" * 64
@@ -87,16 +87,6 @@ def fuzzed_bytes(valid: bytes) -> st.SearchStrategy[bytes]:
         return data
 
     return maybe_gzipped()
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def make_study(fmt: str, counts_name: str, *, gene_id_type: str = "symbol", metadata_name: str = "meta.csv") -> Study:

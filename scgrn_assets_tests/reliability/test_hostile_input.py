@@ -14,7 +14,6 @@ import gzip
 import io
 import os
 import pickle
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from scgrn_assets.lib.readers import read_metadata_table
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.study_anndata import build_study_anndata, write_study_h5ad
 from scgrn_assets_tests.reliability import ledger
+from scgrn_assets_tests.archives import tar_bytes
 
 PACKAGE = Path(__file__).resolve().parents[2] / "scgrn_assets"
 SHA = "0" * 64
@@ -44,16 +44,6 @@ def make_study(fmt: str, counts_name: str) -> Study:
     return Study(accession="GSE1", title="bomb", species="mouse", format=fmt, gene_id_type="symbol", files=files,
                  metadata=MetadataJoin(file="meta.csv.gz"),
                  condition=ConditionRule(column="strain", values={"5XFAD": "AD"}))
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def gzip_of_repeated(unit: bytes, n_bytes: int, *, prefix: bytes = b"") -> bytes:
