@@ -59,7 +59,6 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
     posterior = fit_nb_posterior(**arguments, study_names=studies, gene_names=subset.var_names.tolist(),
                                  config=config, progress=progress)
     path = artefact_path(storage.layout, "nb_posterior", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_posterior(posterior, path)
     ppc = posterior_predictive_check(posterior.idata, **arguments, seed=nb_model.seed)
     misfit = ppc_misfit_summary(ppc)

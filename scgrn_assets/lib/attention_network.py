@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.geneformer import pick_device
 from scgrn_assets.lib.tokenize import GeneformerDictionaries, TokenizedCells
 
@@ -171,10 +172,9 @@ class EdgeMoments:
     def save_npz(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (.npz) through a temporary name, then rename into place."""
         path = Path(path)
-        tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp_path, gene_names=self.gene_names.astype(str), gene_i=self.gene_i, gene_j=self.gene_j,
-                 n=self.n, mean=self.mean, m2=self.m2)
-        os.replace(tmp_path, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, gene_names=self.gene_names.astype(str), gene_i=self.gene_i, gene_j=self.gene_j,
+                     n=self.n, mean=self.mean, m2=self.m2)
         return path
 
     @classmethod

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.tokenize import (
     MASK_TOKEN,
     PAD_TOKEN,
@@ -233,21 +233,13 @@ def save_geneformer(trained: TrainedGeneformer, directory: str | os.PathLike) ->
     previous one, so a half-written model never looks complete.
     """
     directory = Path(directory)
-    tmp_directory = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp_directory, ignore_errors=True)
-    tmp_directory.mkdir(parents=True)
-    trained.model.save_pretrained(tmp_directory)
-    trained.dictionaries.save(tmp_directory)
-    (tmp_directory / "geneformer_convention.json").write_text(
-        json.dumps({"convention": trained.dictionaries.convention.name}))
-    np.save(tmp_directory / "loss_curve.npy", trained.loss_curve)
-    if directory.exists():
-        old_directory = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        os.replace(directory, old_directory)
-        os.replace(tmp_directory, directory)
-        shutil.rmtree(old_directory)
-    else:
-        os.replace(tmp_directory, directory)
+    with atomic_path(directory) as tmp_directory:
+        tmp_directory.mkdir()
+        trained.model.save_pretrained(tmp_directory)
+        trained.dictionaries.save(tmp_directory)
+        (tmp_directory / "geneformer_convention.json").write_text(
+            json.dumps({"convention": trained.dictionaries.convention.name}))
+        np.save(tmp_directory / "loss_curve.npy", trained.loss_curve)
     return directory
 
 

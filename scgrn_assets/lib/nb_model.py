@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import atomic_path
 
 #: Counts below this use the exact ``sum_k m_g(k) log(phi + k)`` table; larger ones use lgamma.
 SMALL_COUNT_TABLE_SIZE = 16
@@ -758,18 +760,12 @@ def save_posterior(posterior: NBPosterior, path) -> None:
     Written under a temporary name in the same folder and renamed into place, so a crash never
     leaves a half-written file that looks complete. ``arviz.from_netcdf(path)`` reads it back.
     """
-    path = os.fspath(path)
-    temporary = f"{path}.tmp-{os.getpid()}"
     # netCDF attributes hold no booleans, hence the int.
     posterior.idata.posterior.attrs.update(
         n_steps=int(posterior.n_steps), converged=int(posterior.converged), seconds=float(posterior.seconds)
     )
-    try:
-        posterior.idata.to_netcdf(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(Path(path)) as temporary:
+        posterior.idata.to_netcdf(str(temporary))
 
 
 def load_posterior(path) -> NBPosterior:

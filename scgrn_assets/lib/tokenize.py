@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import atomic_path
 
 PAD_TOKEN = "<pad>"
 MASK_TOKEN = "<mask>"
@@ -131,10 +132,8 @@ def load_pickle_restricted(path: str | os.PathLike) -> object:
 def save_pickle_atomic(value: object, path: str | os.PathLike) -> Path:
     """Pickle ``value`` to ``path`` through a temporary name, so a crash never leaves half a file."""
     path = Path(path)
-    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp_path, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         pickle.dump(value, handle, protocol=4)
-    os.replace(tmp_path, path)
     return path
 
 
@@ -413,10 +412,10 @@ class TokenizedCells:
     def save_npz(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (.npz) through a temporary name, then rename into place."""
         path = Path(path)
-        tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp_path, token_ids=self.token_ids, offsets=self.offsets,
-                 convention=np.array(self.convention.name))
-        os.replace(tmp_path, path)
+        # A file handle, not a name: np.savez would append ".npz" to the temporary name.
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, token_ids=self.token_ids, offsets=self.offsets,
+                     convention=np.array(self.convention.name))
         return path
 
     @classmethod
