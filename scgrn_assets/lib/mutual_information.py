@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.expression import log_normalized
 
 DEFAULT_TOP_K = 15
 DEFAULT_N_BINS = 5
@@ -271,8 +272,8 @@ def discretize_expression(
             file="combined_corpus",
             fix="build the candidate edges from the same corpus",
         )
-    columns = sp.csc_matrix(counts)[:, selected].astype(np.float64)
-    columns.data = np.log1p(columns.data / n_counts[columns.indices] * target_sum)
+    # float64 so that distinct values never collapse into ties before ranking.
+    columns = log_normalized(sp.csc_matrix(counts)[:, selected], n_counts, target_sum, dtype=np.float64).tocsc()
     codes = _quantile_codes_csc(columns, n_bins)
     return DiscretizedGenes(gene_names=gene_names[selected], codes=codes, n_bins=n_bins)
 
