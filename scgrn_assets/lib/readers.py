@@ -290,6 +290,10 @@ def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = Ex
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ScgrnInputError(f"cannot be read as a metadata table ({str(exc).splitlines()[0]})", study=study,
                               file=path.name, fix="re-download the metadata table (e.g. the SraRunTable)") from None
+    if not isinstance(table.index, pd.RangeIndex):
+        # pandas turns the extra leading fields of rows wider than the header into an index.
+        raise ScgrnInputError("has rows with more fields than its header", study=study, file=path.name,
+                              fix="re-download the metadata table (e.g. the SraRunTable)")
     table.columns = [str(c).strip() for c in table.columns]
     return table
 

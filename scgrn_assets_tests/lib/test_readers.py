@@ -222,3 +222,11 @@ def test_streamed_h5ad_equals_the_in_memory_study(demo_files, tmp_path, accessio
     assert (on_disk.X != in_memory.X).nnz == 0 and on_disk.X.dtype == np.int32
     pd.testing.assert_frame_equal(on_disk.obs, in_memory.obs)
     pd.testing.assert_frame_equal(on_disk.var, in_memory.var)
+
+
+def test_metadata_rows_wider_than_the_header_are_refused(tmp_path):
+    from scgrn_assets.lib.readers import read_metadata_table
+
+    (tmp_path / "runs.csv").write_bytes(b"well_id,plate_id\n,,,\n")  # found by the reader fuzz
+    with pytest.raises(ScgrnInputError, match="more fields than its header"):
+        read_metadata_table(tmp_path / "runs.csv", study="GSE1")
