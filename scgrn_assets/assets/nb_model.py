@@ -1,38 +1,18 @@
 """The hierarchical Negative-Binomial posterior and the per-gene condition effects."""
 
 import dagster as dg
-import numpy as np
 
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.corpus import measured_column, read_corpus
-from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.nb_inference import fit_nb_posterior
 from scgrn_assets.lib.nb_model import (NBFitConfig, condition_effect_table, global_parameter_summary,
                                        load_posterior, plot_elbo, plot_ppc, plot_volcano,
                                        posterior_predictive_check, ppc_misfit_summary, save_posterior,
-                                       select_model_genes)
+                                       select_model_inputs)
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.resources import NBModelSettings, ScgrnStorage
-
-
-def model_inputs(corpus, settings: NBModelSettings, levels: tuple[str, str]):
-    """Cells with a known condition, genes measured in every such study, then the top HVGs."""
-    known = corpus.obs["condition"].notna().to_numpy()
-    if known.sum() == 0 or corpus.obs.loc[known, "condition"].nunique() < 2:
-        raise ScgrnInputError("the corpus has no cells of both condition levels", file="combined_corpus",
-                              fix="check the catalog's condition rules")
-    studies = sorted(corpus.obs.loc[known, "study"].astype(str).unique())
-    # A gene a study did not measure is zero-padded there: fitting those zeros would bias its study effect.
-    measured_everywhere = np.all([corpus.var[measured_column(s)].to_numpy() for s in studies], axis=0)
-    subset = corpus[known][:, measured_everywhere]
-    genes = select_model_genes(subset, n_top_genes=settings.n_top_genes, batch_key="study")
-    subset = subset[:, genes]
-    condition = (subset.obs["condition"].astype(str) == levels[1]).to_numpy(dtype=float)
-    study_codes = subset.obs["study"].astype(str)
-    study_index = np.searchsorted(studies, study_codes.to_numpy())
-    return subset, condition, study_index, studies
 
 
 @dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"pymc", "netcdf"}, pool=GPU_POOL,
@@ -46,7 +26,8 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
     gene-length term, per-gene dispersion; posterior draws as an ArviZ netCDF."""
     catalog = storage.load_catalog()
     corpus = read_corpus(combined_corpus)
-    subset, condition, study_index, studies = model_inputs(corpus, nb_model, catalog.condition_levels)
+    inputs = select_model_inputs(corpus, n_top_genes=nb_model.n_top_genes, levels=catalog.condition_levels)
+    subset, studies = inputs.adata, inputs.studies
     config = NBFitConfig(max_steps=nb_model.max_steps, min_steps=min(nb_model.max_steps, NBFitConfig.min_steps),
                          batch_size=nb_model.batch_size, seed=nb_model.seed, device=nb_model.device)
 
@@ -54,8 +35,8 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
         if step % 500 == 0:
             context.log.info(f"ADVI step {step}/{n_steps}: ELBO {elbo:.4g}")
 
-    arguments = dict(counts=subset.X, library_size=subset.obs["n_counts"].to_numpy(), condition=condition,
-                     study_index=study_index, gene_length_bp=subset.var["gene_length_bp"].to_numpy())
+    arguments = dict(counts=subset.X, library_size=subset.obs["n_counts"].to_numpy(), condition=inputs.condition,
+                     study_index=inputs.study_index, gene_length_bp=subset.var["gene_length_bp"].to_numpy())
     posterior = fit_nb_posterior(**arguments, study_names=studies, gene_names=subset.var_names.tolist(),
                                  config=config, progress=progress)
     path = artefact_path(storage.layout, "nb_posterior", None)

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scgrn_assets.lib.corpus import measured_column
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
 
@@ -227,6 +228,43 @@ def select_model_genes(adata, n_top_genes: int = 3000, batch_key: str = "study")
     batch = batch_key if batch_key in working.obs and working.obs[batch_key].nunique() > 1 else None
     sc.pp.highly_variable_genes(working, flavor="seurat_v3", n_top_genes=n_keep, batch_key=batch, subset=False)
     return np.sort(np.flatnonzero(working.var["highly_variable"].to_numpy()))
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The cells and genes the NB model is fitted on, with its covariates.
+
+    ``adata`` holds the cells with a known condition and the selected genes; ``condition`` is 1.0
+    for the second condition level (e.g. AD) and 0.0 for the first; ``study_index`` indexes
+    ``studies`` (sorted names).
+    """
+
+    adata: object
+    condition: np.ndarray
+    study_index: np.ndarray
+    studies: list[str]
+
+
+def select_model_inputs(corpus, *, n_top_genes: int, levels: tuple[str, str]) -> ModelInputs:
+    """Cells with a known condition, genes measured in every study those cells come from, then the
+    top highly variable genes among them.
+
+    A gene a study did not measure is zero-padded in the corpus (``var["measured_in_<study>"]`` is
+    False there): fitting those zeros as observations would push that study's effect down, so such
+    genes are left out rather than imputed.
+    """
+    condition_labels = corpus.obs["condition"]
+    known = condition_labels.notna().to_numpy()
+    if known.sum() == 0 or condition_labels[known].nunique() < 2:
+        raise ScgrnInputError("the corpus has no cells of both condition levels", file="combined_corpus",
+                              fix="check the catalog's condition rules")
+    studies = sorted(corpus.obs.loc[known, "study"].astype(str).unique())
+    measured_everywhere = np.all([corpus.var[measured_column(s)].to_numpy() for s in studies], axis=0)
+    subset = corpus[known][:, measured_everywhere]
+    subset = subset[:, select_model_genes(subset, n_top_genes=n_top_genes, batch_key="study")]
+    condition = (subset.obs["condition"].astype(str) == levels[1]).to_numpy(dtype=float)
+    study_index = np.searchsorted(studies, subset.obs["study"].astype(str).to_numpy())
+    return ModelInputs(adata=subset, condition=condition, study_index=study_index, studies=studies)
 
 
 def prepare_nb_data(

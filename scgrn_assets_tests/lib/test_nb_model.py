@@ -430,3 +430,50 @@ def test_fit_on_the_demo_simulator_recovers_its_condition_effects():
     assert 0.8 <= np.mean((low <= true_beta1) & (true_beta1 <= high)) <= 0.98
     lfsr = condition_effect_table(posterior.idata)["lfsr"].to_numpy()
     assert np.mean(lfsr[true_beta1 == 0] < 0.05) <= NULL_CALL_RATE_LIMIT
+
+
+def _corpus_for_selection(rng):
+    import anndata as ad
+
+    n_cells, genes = 60, [f"g{i}" for i in range(8)]
+    obs = pd.DataFrame({
+        "study": np.repeat(["S1", "S2", "S3"], 20),
+        # S3 has no known condition: its cells are left out, and so is its say on which genes count.
+        "condition": pd.array(["AD", "control"] * 20 + [pd.NA] * 20, dtype="string"),
+    }, index=[f"c{i}" for i in range(n_cells)])
+    obs.loc["c3", "condition"] = pd.NA
+    var = pd.DataFrame(index=genes)
+    var["measured_in_S1"] = True
+    var["measured_in_S2"] = [g not in ("g2", "g5") for g in genes]
+    var["measured_in_S3"] = [g != "g7" for g in genes]
+    counts = sp.csr_matrix(rng.poisson(3.0, size=(n_cells, len(genes))).astype(np.int64))
+    return ad.AnnData(X=counts, obs=obs, var=var)
+
+
+def test_select_model_inputs_keeps_known_cells_and_genes_measured_in_their_studies():
+    from scgrn_assets.lib.nb_model import select_model_inputs
+
+    rng = np.random.default_rng(3)
+    corpus = _corpus_for_selection(rng)
+    inputs = select_model_inputs(corpus, n_top_genes=100, levels=("control", "AD"))
+
+    # Brute force: every cell with a condition; every gene measured in each study such cells come from.
+    cells = [c for c, label in corpus.obs["condition"].items() if not pd.isna(label)]
+    studies = sorted({corpus.obs.loc[c, "study"] for c in cells})
+    genes = [g for g in corpus.var_names if all(corpus.var.loc[g, f"measured_in_{s}"] for s in studies)]
+    assert inputs.studies == studies == ["S1", "S2"]
+    assert list(inputs.adata.obs_names) == cells
+    assert list(inputs.adata.var_names) == genes  # g2, g5 dropped (S2); g7 kept (only S3 lacks it)
+    expected_condition = [1.0 if corpus.obs.loc[c, "condition"] == "AD" else 0.0 for c in cells]
+    np.testing.assert_array_equal(inputs.condition, expected_condition)
+    np.testing.assert_array_equal(inputs.study_index, [studies.index(corpus.obs.loc[c, "study"]) for c in cells])
+    np.testing.assert_array_equal(inputs.adata.X.toarray(), corpus[cells, genes].X.toarray())
+
+
+def test_select_model_inputs_refuses_a_corpus_with_one_condition_level():
+    from scgrn_assets.lib.nb_model import select_model_inputs
+
+    corpus = _corpus_for_selection(np.random.default_rng(4))
+    corpus.obs.loc[corpus.obs["condition"] == "AD", "condition"] = "control"
+    with pytest.raises(ScgrnInputError, match="both condition levels"):
+        select_model_inputs(corpus, n_top_genes=100, levels=("control", "AD"))
