@@ -6,19 +6,25 @@ matrix is computed from that gene × gene block by a named method; every gene pa
 value updates per-edge moments (n, mean, M2). Moments merge exactly with Chan et al.'s
 parallel formula, so batches, studies and machines combine into one edge table.
 
-Everything runs batched on torch, on the GPU when one is present.
+On a GPU everything runs batched on torch. On the CPU the partial correlation runs one cell
+at a time through LAPACK on one triangle (``syrk``/``potrf``/``potri``, no full matrices,
+no symmetrising) and the moments through a numba loop, one pass over the values: about
+2.5× less CPU time per cell there than the batched torch path (measured side by side).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numba
 import numpy as np
 import pandas as pd
 import torch
+from scipy import linalg as scipy_linalg
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
@@ -31,33 +37,107 @@ DEFAULT_SHRINKAGE = 1e-3
 # ---------------------------------------------------------------------------------------
 # Partial correlation methods
 # ---------------------------------------------------------------------------------------
+#
+# Two output forms. Full: (n_cells, n_slots, n_slots) matrices. Triangle: (n_cells, n_pairs)
+# with n_pairs = n_slots·(n_slots − 1)/2, the strict upper triangle in column-major order:
+# pair (i, j), i < j, sits at j·(j − 1)/2 + i. The pairs of the leading k × k block are the
+# first k·(k − 1)/2, so a cell whose valid slots are a prefix fills a prefix of its row, and
+# with slots sorted by gene the pairs come out in the dense accumulator's key order.
 
 
-def pcorr_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor,
-                             shrinkage: float = DEFAULT_SHRINKAGE) -> torch.Tensor:
-    """Partial correlation of the original attention pipeline.
+def triangle_pairs(n_slots: int, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot pairs of the triangle form: ``(rows[t], columns[t])``, ``rows < columns``, int64."""
+    columns, rows = torch.tril_indices(n_slots, n_slots, offset=-1, device=device)
+    return rows, columns
 
-    ``S`` = cosine similarity of attention rows, shrunk toward the identity
-    ``(1 − λ)·S + λ·I``; ``P`` = its Moore–Penrose pseudo-inverse;
-    ``pcorr_ij = −P_ij / sqrt(P_ii·P_jj)`` (diagonal set to 1).
 
-    The shrunk matrix is symmetric positive definite for ``λ > 0`` (``S`` is a Gram matrix),
-    so its pseudo-inverse is its inverse: it is computed by Cholesky, with an eigen-based
-    pseudo-inverse for any matrix whose factorisation fails numerically.
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _negated_scaled_triangle(memory: np.ndarray, n_valid: int, slot_map: np.ndarray, out: np.ndarray) -> None:
+    """Read a cell's partial correlations out of its precision matrix in triangle form, one pass.
 
-    Parameters
-    ----------
-    blocks
-        Shape (n_cells, n_slots, n_slots): attention from gene (row) to gene (column).
-    valid
-        Shape (n_cells, n_slots), bool: which slots hold a gene. Invalid rows/columns are
-        zeroed, which makes the shrunk matrix block-diagonal, so they do not touch valid pairs.
-
-    Returns
-    -------
-    torch.Tensor
-        Shape (n_cells, n_slots, n_slots), same dtype as ``blocks``; invalid slots hold 0.
+    ``out[t] = −m_rs / √(m_rr·m_ss)`` for pair ``t = (a, b)`` of the triangle form, with
+    ``r = slot_map[a]``, ``s = slot_map[b]``; pairs with a negative map entry (invalid slots)
+    are not written. ``memory`` is the k × k precision matrix of which only entries
+    ``r·k + s`` with ``r ≤ s`` are read (the lower triangle of a Fortran-ordered LAPACK result).
     """
+    inverse_sqrt_diagonal = np.empty(n_valid, dtype=memory.dtype)
+    for r in range(n_valid):
+        inverse_sqrt_diagonal[r] = 1.0 / np.sqrt(memory[r * (n_valid + 1)])
+    for b in range(1, slot_map.shape[0]):
+        s = slot_map[b]
+        if s < 0:
+            continue
+        base = b * (b - 1) // 2
+        scale_s = -inverse_sqrt_diagonal[s]
+        for a in range(b):
+            r = slot_map[a]
+            if r < 0:
+                continue
+            value = memory[r * n_valid + s] if r < s else memory[s * n_valid + r]
+            out[base + a] = value * scale_s * inverse_sqrt_diagonal[r]
+
+
+@functools.lru_cache(maxsize=None)
+def _lapack_functions(dtype: np.dtype) -> tuple[Callable, Callable, Callable]:
+    """``syrk``, ``potrf``, ``potri`` for ``dtype`` (looking them up costs milliseconds)."""
+    syrk, = scipy_linalg.get_blas_funcs(("syrk",), dtype=dtype)
+    potrf, potri = scipy_linalg.get_lapack_funcs(("potrf", "potri"), dtype=dtype)
+    return syrk, potrf, potri
+
+
+def _lapack_cosine_shrunk_pinv_triangle(blocks: np.ndarray, valid: np.ndarray, shrinkage: float,
+                                        dtype: np.dtype, order: np.ndarray | None = None) -> np.ndarray:
+    """Triangle-form partial correlation on the CPU, one cell at a time, LAPACK on one triangle.
+
+    Per cell: unit rows U over the valid slots; ``dsyrk`` writes the lower triangle of
+    ``(1 − λ)·U·Uᵀ`` (half the flops of a full product), λ goes on the diagonal, ``dpotrf``
+    factors it and ``dpotri`` turns the factor into the lower triangle of the inverse.
+    Nothing is symmetrised, permuted or copied to a full matrix: the triangle is read out in
+    the output order (slots permuted by ``order``) directly. A cell whose factorisation fails
+    falls back to ``numpy.linalg.pinv``. Blocks are cast to ``dtype`` one cell at a time (in
+    cache), not as a whole batch.
+    """
+    n_cells, n_slots, _ = blocks.shape
+    dtype = np.dtype(dtype)
+    syrk, potrf, potri = _lapack_functions(dtype)
+    out = np.zeros((n_cells, n_slots * (n_slots - 1) // 2), dtype=dtype)
+    tiny = np.finfo(dtype).tiny
+    counts = valid.sum(axis=1)
+    # Row/column of each slot in the compressed k × k matrix of valid slots; -1 when invalid.
+    compressed = np.where(valid, np.cumsum(valid, axis=1) - 1, -1)
+    slot_maps = compressed if order is None else np.take_along_axis(compressed, order, axis=1)
+    for cell in range(n_cells):
+        n_valid = int(counts[cell])
+        if n_valid < 2:
+            continue
+        if valid[cell, :n_valid].all():
+            attention = blocks[cell, :n_valid, :n_valid]
+        else:
+            slots = np.flatnonzero(valid[cell])
+            attention = blocks[cell][np.ix_(slots, slots)]
+        attention = attention.astype(dtype, copy=False)
+        norms = np.sqrt(np.einsum("ij,ij->i", attention, attention))
+        unit_rows = attention / np.maximum(norms, tiny)[:, None]
+        # unit_rows.T is Fortran-ordered (no copy); syrk(trans=1) gives (Uᵀ)ᵀ·Uᵀ = U·Uᵀ, Fortran-ordered.
+        shrunk = syrk(1.0 - shrinkage, unit_rows.T, trans=1, lower=1)
+        # Fortran memory: entry (row r ≥ column c) of the lower triangle sits at c·k + r, the
+        # diagonal every k + 1; entry (r, s), r ≤ s, of the symmetric matrix is at r·k + s.
+        memory = shrunk.reshape(-1, order="F")
+        memory[:: n_valid + 1] += shrinkage
+        factor, info = potrf(shrunk, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            precision, info = potri(factor, lower=1, overwrite_c=1)
+            memory = precision.reshape(-1, order="F")
+        if info != 0:
+            full = (1.0 - shrinkage) * (unit_rows @ unit_rows.T)
+            full[np.diag_indices(n_valid)] += shrinkage
+            memory = np.linalg.pinv(full, hermitian=True).reshape(-1)
+        _negated_scaled_triangle(memory, n_valid, slot_maps[cell], out[cell])
+    return out
+
+
+def _torch_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """Full-form partial correlation, batched on torch: one Cholesky per cell in a batched call."""
     all_valid = bool(valid.all())
     pair_valid = valid[:, :, None] & valid[:, None, :]
     if not all_valid:
@@ -67,9 +147,12 @@ def pcorr_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor,
     shrunk = unit_rows @ unit_rows.transpose(-1, -2)
     shrunk.mul_(1.0 - shrinkage).diagonal(dim1=-2, dim2=-1).add_(shrinkage)
     cholesky_factor, info = torch.linalg.cholesky_ex(shrunk)
-    precision = torch.cholesky_inverse(cholesky_factor)
     failed = info != 0
-    if bool(failed.any()):
+    any_failed = bool(failed.any())
+    if any_failed:  # a failed factor may hold a zero pivot, which cholesky_inverse refuses
+        cholesky_factor[failed] = torch.eye(shrunk.shape[-1], dtype=shrunk.dtype, device=shrunk.device)
+    precision = torch.cholesky_inverse(cholesky_factor)
+    if any_failed:
         precision[failed] = torch.linalg.pinv(shrunk[failed], hermitian=True)
     inverse_sqrt_diagonal = torch.diagonal(precision, dim1=-2, dim2=-1).rsqrt()
     pcorr = precision.mul_(inverse_sqrt_diagonal[:, :, None]).mul_(-inverse_sqrt_diagonal[:, None, :])
@@ -79,9 +162,101 @@ def pcorr_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor,
     return pcorr
 
 
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "lapack" if device.type == "cpu" else "torch"
+    if backend not in ("lapack", "torch"):
+        raise ScgrnInputError(f"unknown backend {backend!r}", fix="use 'auto', 'lapack' (CPU) or 'torch'")
+    return backend
+
+
+def pcorr_triangle_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE,
+                                      backend: str = "auto", dtype: torch.dtype | None = None,
+                                      order: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pcorr_cosine_shrunk_pinv` in triangle form (see :func:`partial_correlation_triangle`)."""
+    dtype = dtype or blocks.dtype
+    if _pick_backend(backend, blocks.device) == "lapack":
+        values = _lapack_cosine_shrunk_pinv_triangle(
+            blocks.detach().cpu().numpy(), valid.cpu().numpy(), shrinkage, torch.empty((), dtype=dtype).numpy().dtype,
+            None if order is None else order.cpu().numpy())
+        return torch.from_numpy(values).to(blocks.device)
+    return _full_to_triangle(_torch_cosine_shrunk_pinv(blocks.to(dtype), valid, shrinkage), order)
+
+
+def _full_to_triangle(full: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Triangle form of full (symmetric) matrices, slots permuted by ``order`` first."""
+    n_cells, n_slots, _ = full.shape
+    rows, columns = triangle_pairs(n_slots, full.device)
+    flat = full.reshape(n_cells, n_slots * n_slots)
+    if order is None:
+        return flat.index_select(1, rows * n_slots + columns)
+    return flat.gather(1, order.index_select(1, rows) * n_slots + order.index_select(1, columns))
+
+
+def pcorr_cosine_shrunk_pinv(blocks: torch.Tensor, valid: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE,
+                             backend: str = "auto", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Partial correlation of the original attention pipeline.
+
+    ``S`` = cosine similarity of attention rows, shrunk toward the identity
+    ``(1 − λ)·S + λ·I``; ``P`` = its Moore–Penrose pseudo-inverse;
+    ``pcorr_ij = −P_ij / sqrt(P_ii·P_jj)`` (diagonal set to 1).
+
+    The shrunk matrix is symmetric positive definite for ``λ > 0`` (``S`` is a Gram matrix,
+    positive semi-definite, and ``λ·I`` lifts every eigenvalue to at least λ), and the
+    Moore–Penrose pseudo-inverse of an invertible matrix is its inverse. So it is computed
+    by Cholesky, which is exact for SPD matrices and several times cheaper than the SVD
+    behind ``pinv``; any matrix whose factorisation fails numerically (λ = 0 with a
+    rank-deficient ``S``, non-finite input) falls back to an eigen-based pseudo-inverse.
+
+    Parameters
+    ----------
+    blocks
+        Shape (n_cells, n_slots, n_slots): attention from gene (row) to gene (column).
+    valid
+        Shape (n_cells, n_slots), bool: which slots hold a gene. Invalid rows/columns are
+        left out (equivalently zeroed, which makes the shrunk matrix block-diagonal), so they
+        do not touch valid pairs.
+    backend
+        ``"lapack"``: per cell on one triangle with LAPACK (``syrk``/``potrf``/``potri``),
+        the fastest on a CPU; ``"torch"``: batched Cholesky on torch, for GPUs; ``"auto"``
+        picks by the device of ``blocks``.
+    dtype
+        Precision of the computation and the result (default that of ``blocks``; float64
+        keeps λ = 1e-3 inversions accurate).
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (n_cells, n_slots, n_slots), of ``dtype``; invalid slots hold 0.
+    """
+    if _pick_backend(backend, blocks.device) == "torch":
+        return _torch_cosine_shrunk_pinv(blocks.to(dtype or blocks.dtype), valid, shrinkage)
+    n_cells, n_slots = valid.shape
+    rows, columns = triangle_pairs(n_slots, blocks.device)
+    values = pcorr_triangle_cosine_shrunk_pinv(blocks, valid, shrinkage, backend="lapack", dtype=dtype)
+    pcorr = torch.zeros((n_cells, n_slots * n_slots), dtype=values.dtype, device=values.device)
+    pcorr[:, rows * n_slots + columns] = values
+    pcorr[:, columns * n_slots + rows] = values
+    pcorr = pcorr.reshape(n_cells, n_slots, n_slots)
+    pcorr.diagonal(dim1=-2, dim2=-1).copy_(valid.to(pcorr.dtype))
+    return pcorr
+
+
 PcorrMethod = Callable[..., torch.Tensor]
 PCORR_METHODS: dict[str, PcorrMethod] = {"cosine_shrunk_pinv": pcorr_cosine_shrunk_pinv}
-"""Named partial-correlation methods: ``method(blocks, valid, **options) -> pcorr``; add alternatives here."""
+"""Named partial-correlation methods: ``method(blocks, valid, **options) -> pcorr``; add alternatives here.
+
+Every method takes a ``dtype`` option (precision of the computation and result, default that of ``blocks``)."""
+PCORR_TRIANGLE_METHODS: dict[str, PcorrMethod] = {"cosine_shrunk_pinv": pcorr_triangle_cosine_shrunk_pinv}
+"""Optional triangle-form fast paths of methods in :data:`PCORR_METHODS` (same options, plus ``order``)."""
+
+
+def _method_function(method: str) -> PcorrMethod:
+    try:
+        return PCORR_METHODS[method]
+    except KeyError:
+        raise ScgrnInputError(f"unknown partial correlation method {method!r}",
+                              fix=f"use one of {sorted(PCORR_METHODS)}") from None
 
 
 def partial_correlation(blocks: torch.Tensor, valid: torch.Tensor | None = None,
@@ -97,14 +272,29 @@ def partial_correlation(blocks: torch.Tensor, valid: torch.Tensor | None = None,
     options
         Passed to the method (e.g. ``shrinkage=1e-3``).
     """
-    try:
-        method_function = PCORR_METHODS[method]
-    except KeyError:
-        raise ScgrnInputError(f"unknown partial correlation method {method!r}",
-                              fix=f"use one of {sorted(PCORR_METHODS)}") from None
+    method_function = _method_function(method)
     if valid is None:
         valid = torch.ones(blocks.shape[:2], dtype=torch.bool, device=blocks.device)
     return method_function(blocks, valid, **options)
+
+
+def partial_correlation_triangle(blocks: torch.Tensor, valid: torch.Tensor | None = None,
+                                 method: str = "cosine_shrunk_pinv", order: torch.Tensor | None = None,
+                                 **options) -> torch.Tensor:
+    """:func:`partial_correlation` in triangle form: shape (n_cells, n_slots·(n_slots − 1)/2).
+
+    Pair ``t`` is slots ``(rows[t], columns[t])`` of :func:`triangle_pairs`, or with
+    ``order`` (shape (n_cells, n_slots), a permutation per cell) slots
+    ``(order[rows[t]], order[columns[t]])``: the triangle of the matrix with rows and columns
+    permuted, without permuting the blocks. Pairs with an invalid slot hold 0. Uses the
+    method's triangle fast path when it has one.
+    """
+    method_function = _method_function(method)
+    if valid is None:
+        valid = torch.ones(blocks.shape[:2], dtype=torch.bool, device=blocks.device)
+    if method in PCORR_TRIANGLE_METHODS:
+        return PCORR_TRIANGLE_METHODS[method](blocks, valid, order=order, **options)
+    return _full_to_triangle(method_function(blocks, valid, **options), order)
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,15 +403,85 @@ def merge_edge_moments(parts: Sequence[EdgeMoments]) -> EdgeMoments:
                        (unique_keys % n_genes).astype(np.int32), n.numpy(), mean.numpy(), m2.numpy())
 
 
+@numba.njit(cache=True, nogil=True)
+def _chan_update_one(count: np.ndarray, mean: np.ndarray, m2: np.ndarray, key: int, value: float) -> None:
+    """Chan et al.'s merge of one observation (n_b = 1, M2_b = 0) into pair ``key``: Welford's update.
+
+    ``n = n_a + 1``, ``δ = x − mean_a``, ``mean = mean_a + δ/n``,
+    ``M2 = M2_a + δ²·n_a/n = M2_a + δ·(x − mean)``.
+    """
+    n = count[key] + 1.0
+    delta = value - mean[key]
+    new_mean = mean[key] + delta / n
+    count[key] = n
+    mean[key] = new_mean
+    m2[key] += delta * (value - new_mean)
+
+
+@numba.njit(cache=True, nogil=True)
+def _chan_update_pairs(count, mean, m2, keys, values) -> None:
+    for index in range(keys.shape[0]):
+        _chan_update_one(count, mean, m2, keys[index], values[index])
+
+
+@numba.njit(cache=True, nogil=True)
+def _chan_update_triangles(count, mean, m2, high_offset, sorted_genes, n_valid, values) -> None:
+    """Every valid pair of every cell, in triangle order (:func:`triangle_pairs`), one pass."""
+    for cell in range(sorted_genes.shape[0]):
+        pair = 0
+        for j in range(1, n_valid[cell]):
+            base = high_offset[sorted_genes[cell, j]]
+            for i in range(j):
+                _chan_update_one(count, mean, m2, base + sorted_genes[cell, i], values[cell, pair])
+                pair += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _touched_pairs(count, mean, m2, high_offset, low_out, high_out, count_out, mean_out, m2_out) -> None:
+    """Pairs with a count, written in (low, high) order: the layout (rows = high) transposed.
+
+    First the pairs per low gene (one sequential pass), then the layout is read in tiles of
+    64 lows (short sequential runs per row) and each low's pairs are written where they go.
+    """
+    n_genes = high_offset.shape[0] - 1
+    start = np.zeros(n_genes + 1, dtype=np.int64)
+    for high in range(n_genes):
+        base = high_offset[high]
+        for low in range(high):
+            if count[base + low] != 0:
+                start[low + 1] += 1
+    for low in range(n_genes):
+        start[low + 1] += start[low]
+    tile = 64
+    for first in range(0, n_genes, tile):
+        last = min(first + tile, n_genes)
+        for high in range(first + 1, n_genes):
+            base = high_offset[high]
+            for low in range(first, min(last, high)):
+                key = base + low
+                if count[key] != 0:
+                    position = start[low]
+                    start[low] += 1
+                    low_out[position] = low
+                    high_out[position] = high
+                    count_out[position] = count[key]
+                    mean_out[position] = mean[key]
+                    m2_out[position] = m2[key]
+
+
 class EdgeMomentAccumulator:
-    """Streams partial-correlation values per gene pair into (n, mean, M2) on a torch device.
+    """Streams partial-correlation values per gene pair into (n, mean, M2).
 
-    Each batch is first reduced to its own per-pair moments (exact two-pass), then merged
-    into the running state with Chan et al.'s parallel update. Two storage modes:
+    Every update is Chan et al.'s parallel merge, so the state merges exactly with other
+    accumulators (:func:`merge_edge_moments`). Storage modes:
 
-    - dense (``n_genes² ≤ max_dense_pairs``): the strict upper triangle of the
-      gene × gene matrix as flat arrays on the device; fastest, fine up to a few thousand genes
-      (2**24 pairs take 8 arrays × 64 MiB);
+    - dense (``n_genes² ≤ max_dense_pairs``): one slot per gene pair in flat arrays, pair
+      ``(low, high)`` at ``high·(high − 1)/2 + low``; fine up to a few thousand genes.
+      On the CPU (backend ``"numba"``) each observation is merged as it comes (Chan with
+      ``n_b = 1``, i.e. Welford), one pass over the values, three float64 arrays;
+      elsewhere (backend ``"torch"``, e.g. a GPU) values wait until they outnumber the pairs,
+      are reduced per pair (exact two-pass) with scatter-adds and merged elementwise
+      (2**24 pairs take 8 arrays × 64 MiB on the device);
     - sparse (larger universes, e.g. 20-30k genes): each batch's touched pairs are reduced
       with ``torch.unique`` and kept on the host, compacted by :func:`merge_edge_moments`
       whenever more than ``compact_every`` rows are pending; memory grows with the pairs
@@ -232,25 +492,42 @@ class EdgeMomentAccumulator:
     gene_names
         Shape (n_genes,): the gene universe the indices refer to.
     device
-        Where the dense state and the batch reductions live.
+        Where the torch state and the batch reductions live.
+    backend
+        Dense mode only: ``"numba"`` (CPU), ``"torch"`` (any device) or ``"auto"``
+        (numba on the CPU, torch elsewhere).
     """
 
     def __init__(self, gene_names: Sequence[str], device: str | torch.device = "cpu",
-                 max_dense_pairs: int = 2**24, compact_every: int = 2**24):
+                 max_dense_pairs: int = 2**24, compact_every: int = 2**24, backend: str = "auto"):
         self.gene_names = np.asarray(gene_names, dtype=str)
         self.n_genes = len(self.gene_names)
         self.device = torch.device(device)
         self.dense = self.n_genes * self.n_genes <= max_dense_pairs
         self.compact_every = compact_every
-        if self.dense:
+        if backend == "auto":
+            backend = "numba" if self.device.type == "cpu" else "torch"
+        if backend not in ("numba", "torch"):
+            raise ScgrnInputError(f"unknown accumulator backend {backend!r}", fix="use 'auto', 'numba' or 'torch'")
+        if backend == "numba" and self.device.type != "cpu":
+            raise ScgrnInputError("the numba accumulator runs on the CPU", fix="use backend='torch' on a GPU")
+        self.backend = backend
+        self._numba = self.dense and backend == "numba"
+        if self._numba:
+            n_pairs = self.n_genes * (self.n_genes - 1) // 2
+            # Counts are float64 (exact below 2**53), so the update needs no casts.
+            self._count, self._mean_np, self._m2_np = (np.zeros(n_pairs) for _ in range(3))
+            high = np.arange(self.n_genes + 1, dtype=np.int64)
+            self._high_offset_np = high * (high - 1) // 2
+        elif self.dense:
             n_pairs = self.n_genes * (self.n_genes - 1) // 2
             # State and per-batch scratch, reused in place: re-allocating big tensors each batch page-faults.
             # Counts are float64 (exact below 2**53) so the merge needs no casts.
             (self._n, self._mean, self._m2, self._batch_n, self._batch_mean, self._batch_m2, self._previous_n,
              self._scratch) = (torch.zeros(n_pairs, dtype=torch.float64, device=self.device) for _ in range(8))
-            # Triangle position of (low, high) is row_offset[low] + high; one extra row for the sentinel gene.
-            low = torch.arange(self.n_genes + 1, dtype=torch.int64, device=self.device)
-            self._row_offset = low * (2 * self.n_genes - low - 1) // 2 - low - 1
+            # Position of (low, high) is high_offset[high] + low; one extra row for the sentinel gene.
+            high = torch.arange(self.n_genes + 1, dtype=torch.int64, device=self.device)
+            self._high_offset = high * (high - 1) // 2
             # Values wait until they outnumber the triangle, so the elementwise merge costs < 1 pass per value.
             self._flush_every = max(n_pairs, 2**20)
             self._waiting_keys: list[torch.Tensor] = []
@@ -270,11 +547,17 @@ class EdgeMomentAccumulator:
         values
             Shape (n_values,), the partial correlations (cast to float64).
         """
+        if self._numba:
+            gene_i, gene_j = np.asarray(gene_i, dtype=np.int64), np.asarray(gene_j, dtype=np.int64)
+            low, high = np.minimum(gene_i, gene_j), np.maximum(gene_i, gene_j)
+            _chan_update_pairs(self._count, self._mean_np, self._m2_np, self._high_offset_np[high] + low,
+                               np.asarray(values, dtype=np.float64))
+            return
         gene_i, gene_j = gene_i.to(self.device), gene_j.to(self.device)
         low, high = torch.minimum(gene_i, gene_j), torch.maximum(gene_i, gene_j)
         values = values.to(device=self.device, dtype=torch.float64)
         if self.dense:
-            self._add_dense(self._row_offset[low] + high, values)
+            self._add_dense(self._high_offset[high] + low, values)
         else:
             self._add_sparse(low * self.n_genes + high, values)
 
@@ -284,7 +567,7 @@ class EdgeMomentAccumulator:
         Parameters
         ----------
         pcorr
-            Shape (n_cells, n_slots, n_slots).
+            Shape (n_cells, n_slots, n_slots), symmetric.
         gene_index
             Shape (n_cells, n_slots), int64: gene (index into ``gene_names``) in each slot;
             the genes of one cell's valid slots are distinct.
@@ -292,21 +575,50 @@ class EdgeMomentAccumulator:
             Shape (n_cells, n_slots), bool.
         """
         n_cells, n_slots = valid.shape
-        rows, columns = torch.triu_indices(n_slots, n_slots, offset=1, device=pcorr.device)
-        # Slots ordered by gene (invalid ones last, as gene n_genes) make each cell's pairs come
-        # out as (low, high) with ascending keys: no min/max, and scatters hit memory in order.
+        rows, columns = triangle_pairs(n_slots, pcorr.device)
+        # Slots ordered by gene (invalid ones last, as gene n_genes), then the triangle in that order.
         sorted_genes, order = torch.sort(torch.where(valid, gene_index, self.n_genes), dim=1)
         flat_pairs = (order * n_slots).index_select(1, rows) + order.index_select(1, columns)
-        values = pcorr.reshape(n_cells, n_slots * n_slots).gather(1, flat_pairs).to(torch.float64)
-        high = sorted_genes.index_select(1, columns)
+        values = pcorr.reshape(n_cells, n_slots * n_slots).gather(1, flat_pairs)
+        self.add_triangles(values, sorted_genes, valid.sum(dim=1))
+
+    def add_triangles(self, values: torch.Tensor, sorted_genes: torch.Tensor, n_valid: torch.Tensor) -> None:
+        """Add partial correlations in triangle form (:func:`triangle_pairs`) of gene-sorted slots.
+
+        Parameters
+        ----------
+        values
+            Shape (n_cells, n_slots·(n_slots − 1)/2): pair ``t`` of a cell is its slots
+            ``(rows[t], columns[t])``.
+        sorted_genes
+            Shape (n_cells, n_slots), int64: the gene in each slot; a cell's first ``n_valid``
+            slots hold distinct genes in ascending order, the rest are ignored.
+        n_valid
+            Shape (n_cells,): valid slots per cell (a prefix).
+        """
+        n_cells, n_slots = sorted_genes.shape
+        rows, columns = triangle_pairs(n_slots, sorted_genes.device)
+        slot = torch.arange(n_slots, device=sorted_genes.device)
+        in_prefix = slot[None, :] < n_valid[:, None]
+        genes = torch.where(in_prefix, sorted_genes, self.n_genes)
+        if not bool((genes[:, 1:] > genes[:, :-1])[in_prefix[:, 1:]].all()):
+            raise ValueError("add_triangles needs distinct genes in ascending order in each cell's valid slots")
+        if self._numba:
+            _chan_update_triangles(self._count, self._mean_np, self._m2_np, self._high_offset_np,
+                                   genes.cpu().numpy(), n_valid.to(torch.int64).cpu().numpy(),
+                                   values.detach().to(torch.float64).cpu().numpy())
+            return
+        # Slots ascend by gene, so rows < columns means low = rows, high = columns, and the keys of
+        # one cell ascend in this order: the scatters sweep memory forwards.
         if self.dense:
-            keys = self._row_offset[sorted_genes].index_select(1, rows) + high
+            keys = self._high_offset[genes].index_select(1, columns) + genes.index_select(1, rows)
         else:
-            keys = sorted_genes.index_select(1, rows) * self.n_genes + high
-        if bool(valid.all()):
+            keys = genes.index_select(1, rows) * self.n_genes + genes.index_select(1, columns)
+        values = values.to(torch.float64)
+        if bool((n_valid == n_slots).all()):
             keys, values = keys.reshape(-1), values.reshape(-1)
         else:
-            pair_valid = columns[None, :] < valid.sum(dim=1, keepdim=True)
+            pair_valid = columns[None, :] < n_valid[:, None]
             keys, values = keys[pair_valid], values[pair_valid]
         keys, values = keys.to(self.device), values.to(self.device)
         if self.dense:
@@ -374,11 +686,24 @@ class EdgeMomentAccumulator:
             back = np.array([index_of_name[name] for name in merged.gene_names], dtype=np.int64)
             first, second = back[merged.gene_i], back[merged.gene_j]
             return _sorted_edges(self.gene_names, first, second, merged.n, merged.mean, merged.m2)
+        if self._numba:
+            n_touched = int(np.count_nonzero(self._count))
+            # Outputs allocated by numpy (huge pages for big arrays), not inside numba (a page fault per 4 KiB).
+            moments = EdgeMoments(self.gene_names, np.empty(n_touched, np.int32), np.empty(n_touched, np.int32),
+                                  np.empty(n_touched, np.int64), np.empty(n_touched), np.empty(n_touched))
+            _touched_pairs(self._count, self._mean_np, self._m2_np, self._high_offset_np, moments.gene_i,
+                           moments.gene_j, moments.n, moments.mean, moments.m2)
+            return moments
         self._flush_dense()
-        low, high = torch.triu_indices(self.n_genes, self.n_genes, offset=1, device=self.device)
         touched = torch.nonzero(self._n).squeeze(1)
-        return EdgeMoments(self.gene_names, low[touched].cpu().numpy().astype(np.int32),
-                           high[touched].cpu().numpy().astype(np.int32),
+        # Invert key = high·(high − 1)/2 + low: high = ⌊(1 + √(1 + 8·key)) / 2⌋, corrected for rounding.
+        high = ((1.0 + torch.sqrt(1.0 + 8.0 * touched.to(torch.float64))) / 2.0).floor().to(torch.int64)
+        high -= (self._high_offset[high] > touched).to(torch.int64)
+        high += (self._high_offset[high + 1] <= touched).to(torch.int64)
+        low = touched - self._high_offset[high]
+        order = torch.argsort(low * self.n_genes + high)
+        touched, low, high = touched[order], low[order], high[order]
+        return EdgeMoments(self.gene_names, low.cpu().numpy().astype(np.int32), high.cpu().numpy().astype(np.int32),
                            self._n[touched].cpu().numpy().astype(np.int64),
                            self._mean[touched].cpu().numpy(), self._m2[touched].cpu().numpy())
 
@@ -467,6 +792,52 @@ def last_layer_attention_block(model: torch.nn.Module, input_ids: torch.Tensor, 
     return probabilities.gather(-1, columns).sum(dim=1)
 
 
+def sort_slots_by_gene(gene_index: torch.Tensor, valid: torch.Tensor,
+                       n_genes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order each cell's slots by gene, invalid slots last (as gene ``n_genes``).
+
+    Returns
+    -------
+    sorted_genes, order, valid
+        Shape (n_cells, n_slots) each: genes in ascending order, the slot each came from,
+        and which sorted slots are valid (a prefix).
+    """
+    sorted_genes, order = torch.sort(torch.where(valid, gene_index, n_genes), dim=1)
+    return sorted_genes, order, sorted_genes < n_genes
+
+
+def add_attention_blocks(accumulator: EdgeMomentAccumulator, blocks: torch.Tensor, gene_index: torch.Tensor,
+                         valid: torch.Tensor, method: str = "cosine_shrunk_pinv",
+                         dtype: torch.dtype = torch.float64, **options) -> None:
+    """One batch of the step: partial correlation of each cell's block, added to ``accumulator``.
+
+    Slots are put in gene order (the partial correlation is read out in that order, the block
+    is not permuted; nothing to do when the caller already extracted the block in that order,
+    as :func:`attention_edge_moments` does), so the triangle form comes out in the
+    accumulator's key order.
+
+    Parameters
+    ----------
+    blocks
+        Shape (n_cells, n_slots, n_slots): attention from gene (row) to gene (column).
+    gene_index
+        Shape (n_cells, n_slots), int64: the gene in each slot (distinct within a cell's valid slots).
+    valid
+        Shape (n_cells, n_slots), bool.
+    method, options
+        As in :func:`partial_correlation`.
+    dtype
+        Precision of the partial correlation (float64 keeps λ = 1e-3 inversions accurate);
+        ``blocks`` may be float32, the method casts it.
+    """
+    n_slots = valid.shape[1]
+    sorted_genes, order, sorted_valid = sort_slots_by_gene(gene_index, valid, accumulator.n_genes)
+    if bool((order == torch.arange(n_slots, device=order.device)).all()):
+        order = None
+    values = partial_correlation_triangle(blocks, valid, method, order=order, dtype=dtype, **options)
+    accumulator.add_triangles(values, sorted_genes, sorted_valid.sum(dim=1))
+
+
 def attention_edge_moments(
     model: torch.nn.Module,
     cells: TokenizedCells,
@@ -552,11 +923,13 @@ def attention_edge_moments(
             # Cells are batched by length, so most batches need far fewer than max_genes slots.
             n_slots = max(int(valid.sum(dim=1).max()), 1)
             positions, valid = positions[:, :n_slots], valid[:, :n_slots]
+            # Slots in gene order: the block comes out in the accumulator's key order, no permuting later.
+            gene_index, order, valid = sort_slots_by_gene(
+                token_to_gene[input_ids.gather(1, positions)], valid, accumulator.n_genes)
+            positions = positions.gather(1, order)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 blocks = last_layer_attention_block(model, input_ids, attention_mask, positions)
-            pcorr = partial_correlation(blocks.to(pcorr_dtype), valid, method, **method_options)
-            gene_index = token_to_gene[input_ids.gather(1, positions)]
-            accumulator.add_pcorr_blocks(pcorr, gene_index, valid)
+            add_attention_blocks(accumulator, blocks, gene_index, valid, method, dtype=pcorr_dtype, **method_options)
             if progress is not None:
                 progress(min(start + batch_size, cells.n_cells), cells.n_cells)
     return accumulator.result()

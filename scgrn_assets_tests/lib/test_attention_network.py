@@ -13,18 +13,26 @@ from scgrn_assets.lib.attention_network import (
     PCORR_METHODS,
     EdgeMomentAccumulator,
     EdgeMoments,
+    add_attention_blocks,
     attention_edge_moments,
     edge_table,
     first_gene_slots,
     last_layer_attention_block,
     merge_edge_moments,
     partial_correlation,
+    partial_correlation_triangle,
+    triangle_pairs,
 )
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.geneformer import SmallGeneformerConfig, build_masked_lm
 from scgrn_assets.lib.tokenize import V2, GeneformerDictionaries, TokenizedCells
 
 SHRINKAGE = 1e-3
+# Both backends compute in float64 (Cholesky of the SPD shrunk matrix); against the float64
+# numpy pinv reference they agree to ~1e-13 on these inputs. The tolerance leaves headroom
+# for the condition number (up to ~1e5 with λ = 1e-3), not for a lower precision.
+PCORR_RTOL, PCORR_ATOL = 1e-9, 1e-10
+BACKENDS = ["lapack", "torch"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,33 +59,94 @@ def random_blocks(n_cells: int, n_slots: int, seed: int) -> np.ndarray:
     return np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
 
 
-def test_partial_correlation_matches_numpy_pinv():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_correlation_matches_numpy_pinv(backend):
     blocks = random_blocks(6, 12, seed=0)
-    pcorr = partial_correlation(torch.as_tensor(blocks)).numpy()
+    pcorr = partial_correlation(torch.as_tensor(blocks), backend=backend).numpy()
     for cell in range(6):
-        np.testing.assert_allclose(pcorr[cell], numpy_pcorr(blocks[cell]), rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(pcorr[cell], numpy_pcorr(blocks[cell]), rtol=PCORR_RTOL, atol=PCORR_ATOL)
 
 
-def test_partial_correlation_ignores_invalid_slots():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_correlation_ignores_invalid_slots(backend):
     blocks = random_blocks(3, 10, seed=1)
     valid = np.ones((3, 10), dtype=bool)
     valid[0, 6:] = False
     valid[2, [1, 4, 9]] = False
     blocks[~valid] = 123.0  # garbage in padded rows must not leak
-    pcorr = partial_correlation(torch.as_tensor(blocks), torch.as_tensor(valid)).numpy()
+    pcorr = partial_correlation(torch.as_tensor(blocks), torch.as_tensor(valid), backend=backend).numpy()
     for cell in range(3):
         kept = np.flatnonzero(valid[cell])
         expected = numpy_pcorr(blocks[cell][np.ix_(kept, kept)])
-        np.testing.assert_allclose(pcorr[cell][np.ix_(kept, kept)], expected, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(pcorr[cell][np.ix_(kept, kept)], expected, rtol=PCORR_RTOL, atol=PCORR_ATOL)
         dropped = np.flatnonzero(~valid[cell])
         assert np.all(pcorr[cell][dropped, :] == 0) and np.all(pcorr[cell][:, dropped] == 0)
 
 
-def test_partial_correlation_of_a_singular_block_still_matches_pinv():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_correlation_of_a_singular_block_still_matches_pinv(backend):
     # Identical attention rows: the cosine matrix is rank-deficient, shrinkage keeps it invertible.
     block = np.tile(random_blocks(1, 8, seed=2)[0, :1], (8, 1))
-    pcorr = partial_correlation(torch.as_tensor(block[None])).numpy()[0]
+    pcorr = partial_correlation(torch.as_tensor(block[None]), backend=backend).numpy()[0]
     np.testing.assert_allclose(pcorr, numpy_pcorr(block), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failed_cholesky_falls_back_to_pinv(backend):
+    # λ = 0 and an all-zero attention row: the cosine matrix has a zero row and column, the
+    # Cholesky factorisation fails at that pivot, and the pseudo-inverse is the inverse of the
+    # cosine matrix of the other rows (plus zeros). Pairs with the zero gene are 0/0, not compared.
+    blocks = random_blocks(2, 8, seed=4)
+    blocks[1, 3, :] = 0.0
+    cosine = blocks[1] / np.linalg.norm(blocks[1], axis=1, keepdims=True).clip(1e-300)
+    assert np.linalg.cholesky(cosine @ cosine.T + np.eye(8) * np.eye(8)[3]) is not None  # only the pivot is 0
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(cosine @ cosine.T)
+    pcorr = partial_correlation(torch.as_tensor(blocks), shrinkage=0.0, backend=backend).numpy()
+    np.testing.assert_allclose(pcorr[0], numpy_pcorr(blocks[0], shrinkage=0.0), rtol=1e-6, atol=1e-8)
+    others = np.array([0, 1, 2, 4, 5, 6, 7])
+    np.testing.assert_allclose(pcorr[1][np.ix_(others, others)],
+                               numpy_pcorr(blocks[1][others], shrinkage=0.0), rtol=1e-6, atol=1e-8)
+
+
+def random_cells(n_cells: int, n_slots: int, n_genes: int, seed: int):
+    """Attention blocks, the gene in each slot (distinct, in no order) and a validity mask
+    with 0, 1, a prefix or scattered valid slots per cell (padding holds garbage)."""
+    rng = np.random.default_rng(seed)
+    blocks = random_blocks(n_cells, n_slots, seed + 1000).astype(np.float32)
+    gene_index = np.stack([rng.choice(n_genes, n_slots, replace=False) for _cell in range(n_cells)])
+    valid = rng.random((n_cells, n_slots)) < rng.uniform(0.3, 1.0, size=(n_cells, 1))
+    valid[0] = False
+    valid[1] = np.arange(n_slots) == 2
+    valid[2] = np.arange(n_slots) < n_slots - 3
+    valid[3] = True
+    blocks[~valid] = 7.0
+    gene_index[~valid] = -5  # never read
+    return blocks, gene_index, valid
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("permuted", [False, True], ids=["slot_order", "permuted"])
+def test_triangle_form_matches_numpy_per_cell(backend, permuted):
+    blocks, _genes, valid = random_cells(9, 11, 50, seed=5)
+    rng = np.random.default_rng(6)
+    order = np.stack([rng.permutation(11) for _cell in range(9)]) if permuted else None
+    rows, columns = (index.numpy() for index in triangle_pairs(11))
+    # float32 blocks, float64 computation: the cast happens per cell and changes nothing.
+    got = partial_correlation_triangle(torch.as_tensor(blocks), torch.as_tensor(valid), backend=backend,
+                                       order=None if order is None else torch.as_tensor(order),
+                                       dtype=torch.float64).numpy()
+    assert got.shape == (9, 55) and got.dtype == np.float64
+    for cell in range(9):
+        kept = np.flatnonzero(valid[cell])
+        expected = np.zeros((11, 11))
+        if len(kept):
+            expected[np.ix_(kept, kept)] = numpy_pcorr(blocks[cell][np.ix_(kept, kept)].astype(np.float64))
+        slots = np.arange(11) if order is None else order[cell]
+        np.testing.assert_allclose(got[cell], expected[slots[rows], slots[columns]], rtol=PCORR_RTOL, atol=PCORR_ATOL)
+    same = partial_correlation_triangle(torch.as_tensor(blocks.astype(np.float64)), torch.as_tensor(valid),
+                                        backend=backend, order=None if order is None else torch.as_tensor(order))
+    np.testing.assert_array_equal(same.numpy(), got)
 
 
 def test_partial_correlation_methods_are_named():
@@ -116,9 +185,13 @@ def moments_frame(moments: EdgeMoments) -> pd.DataFrame:
     return frame.set_index(["i", "j"]).sort_index()
 
 
-@pytest.mark.parametrize("max_dense_pairs", [2**24, 0], ids=["dense", "sparse"])
+ACCUMULATORS = [pytest.param(2**24, "numba", id="dense-numba"), pytest.param(2**24, "torch", id="dense-torch"),
+                pytest.param(0, "auto", id="sparse")]
+
+
+@pytest.mark.parametrize(("max_dense_pairs", "backend"), ACCUMULATORS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_merged_moments_equal_two_pass_of_concatenated_data(seed, max_dense_pairs):
+def test_merged_moments_equal_two_pass_of_concatenated_data(seed, max_dense_pairs, backend):
     names = np.array([f"gene{index:02d}" for index in range(15)])
     gene_a, gene_b, values = random_observations(seed)
     reference = two_pass_reference(names, gene_a, gene_b, values)
@@ -130,7 +203,7 @@ def test_merged_moments_equal_two_pass_of_concatenated_data(seed, max_dense_pair
         order = rng.permutation(len(names))
         position = np.argsort(order)
         accumulator = EdgeMomentAccumulator(names[order], max_dense_pairs=max_dense_pairs,
-                                            compact_every=200 if part_index % 2 else 2**24)
+                                            compact_every=200 if part_index % 2 else 2**24, backend=backend)
         for batch in np.array_split(part, 3):
             accumulator.add(torch.as_tensor(position[gene_a[batch]]), torch.as_tensor(position[gene_b[batch]]),
                             torch.as_tensor(values[batch]))
@@ -147,6 +220,72 @@ def test_merged_moments_equal_two_pass_of_concatenated_data(seed, max_dense_pair
     for part in parts[1:]:
         pairwise = pairwise.merge(part)
     np.testing.assert_allclose(moments_frame(pairwise)["m2"], got["m2"], rtol=1e-10, atol=1e-14)
+
+
+def reference_moments(blocks, gene_index, valid, names):
+    """One cell at a time: numpy pinv partial correlation, every valid pair, two-pass moments."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for cell in range(len(blocks)):
+        kept = np.flatnonzero(valid[cell])
+        if len(kept) < 2:
+            continue
+        pcorr = numpy_pcorr(blocks[cell][np.ix_(kept, kept)].astype(np.float64))
+        for row in range(len(kept)):
+            for column in range(row + 1, len(kept)):
+                pair = tuple(sorted((names[gene_index[cell, kept[row]]], names[gene_index[cell, kept[column]]])))
+                values.setdefault(pair, []).append(pcorr[row, column])
+    frame = pd.DataFrame([(i, j, len(v), np.mean(v), np.sum((np.array(v) - np.mean(v)) ** 2))
+                          for (i, j), v in values.items()], columns=["i", "j", "n", "mean", "m2"])
+    return frame.set_index(["i", "j"]).sort_index()
+
+
+@pytest.mark.parametrize(("max_dense_pairs", "backend"), ACCUMULATORS)
+@pytest.mark.parametrize("pcorr_backend", BACKENDS)
+def test_attention_blocks_in_random_batches_and_splits_match_per_cell_reference(max_dense_pairs, backend,
+                                                                                 pcorr_backend):
+    # 40 genes, 11 slots per cell: genes absent from many cells, pairs seen 0 to ~10 times.
+    blocks, gene_index, valid = random_cells(60, 11, 40, seed=7)
+    names = np.array([f"gene{index:02d}" for index in range(40)])
+    reference = reference_moments(blocks, gene_index, valid, names)
+    rng = np.random.default_rng(8)
+    parts = []
+    for part in np.split(rng.permutation(60), [17, 41]):  # machines, each with its own gene numbering
+        numbering = rng.permutation(40)
+        local = np.where(valid[part], np.argsort(numbering)[np.clip(gene_index[part], 0, None)], -1)
+        accumulator = EdgeMomentAccumulator(names[numbering], max_dense_pairs=max_dense_pairs, backend=backend)
+        for batch in np.array_split(np.arange(len(part)), 3):
+            add_attention_blocks(accumulator, torch.as_tensor(blocks[part][batch]), torch.as_tensor(local[batch]),
+                                 torch.as_tensor(valid[part][batch]), shrinkage=SHRINKAGE, backend=pcorr_backend)
+        result = accumulator.result()
+        # Lexicographically sorted pairs, low < high.
+        assert np.all(np.diff(result.gene_i.astype(np.int64) * 40 + result.gene_j) > 0)
+        parts.append(result)
+    got = moments_frame(merge_edge_moments(parts))
+    assert got.index.equals(reference.index)
+    np.testing.assert_array_equal(got["n"], reference["n"])
+    np.testing.assert_allclose(got["mean"], reference["mean"], rtol=PCORR_RTOL, atol=PCORR_ATOL)
+    np.testing.assert_allclose(got["m2"], reference["m2"], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(("max_dense_pairs", "backend"), ACCUMULATORS)
+def test_add_pcorr_blocks_equals_add_attention_blocks(max_dense_pairs, backend):
+    blocks, gene_index, valid = random_cells(12, 9, 20, seed=9)
+    names = [f"g{index}" for index in range(20)]
+    genes, valid_t = torch.as_tensor(np.clip(gene_index, 0, None)), torch.as_tensor(valid)
+    full = EdgeMomentAccumulator(names, max_dense_pairs=max_dense_pairs, backend=backend)
+    full.add_pcorr_blocks(partial_correlation(torch.as_tensor(blocks), valid_t, dtype=torch.float64), genes, valid_t)
+    fused = EdgeMomentAccumulator(names, max_dense_pairs=max_dense_pairs, backend=backend)
+    add_attention_blocks(fused, torch.as_tensor(blocks), genes, valid_t)
+    first, second = moments_frame(full.result()), moments_frame(fused.result())
+    assert first.index.equals(second.index)
+    np.testing.assert_array_equal(first["n"], second["n"])
+    np.testing.assert_allclose(first[["mean", "m2"]], second[["mean", "m2"]], rtol=1e-12, atol=1e-13)
+
+
+def test_add_triangles_refuses_unsorted_genes():
+    accumulator = EdgeMomentAccumulator([f"g{index}" for index in range(5)])
+    with pytest.raises(ValueError, match="ascending"):
+        accumulator.add_triangles(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[0, 3, 2]]), torch.tensor([3]))
 
 
 def test_moments_npz_roundtrip(tmp_path):
