@@ -1,16 +1,16 @@
 """Reference networks, co-expression baselines and the benchmark metrics that compare methods."""
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.baselines import pearson_edges, random_edges, spearman_edges, tree_edges
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.download import fetch_file
 from scgrn_assets.lib.expression import log_normalized
 from scgrn_assets.lib.grn_metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
+from scgrn_assets.lib.grn_pipeline import (baseline_predictions, baseline_table, network_genes, prediction_tables,
+                                           regulators)
 from scgrn_assets.lib.references import ReferenceSource, load_reference
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.assets.network import read_edges
@@ -50,10 +50,6 @@ def reference_networks(context: dg.AssetExecutionContext, storage: ScgrnStorage,
                                      "preview": table_preview(table)})
 
 
-def network_genes(edge_table: pd.DataFrame) -> list[str]:
-    return sorted(set(edge_table["gene_i"]) | set(edge_table["gene_j"]))
-
-
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
 def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
@@ -64,60 +60,20 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
     genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
     columns = corpus.var_names.get_indexer(genes)
     expression = log_normalized(corpus.X[:, columns], corpus.obs["n_counts"].to_numpy()).toarray()
-    references = pd.read_parquet(reference_networks)
-    directed = references[references["directed"]]
-    tf_list = sorted(set(directed["source"]) & set(genes)) or None
+    tf_list = regulators(pd.read_parquet(reference_networks), genes)
 
     def tree_progress(done: int, total: int) -> None:
         if done % 100 == 0 or done == total:
             context.log.info(f"tree baseline: {done}/{total} targets")
 
-    predictions = {
-        "pearson": pearson_edges(expression, genes),
-        "spearman": spearman_edges(expression, genes),
-        "tree": tree_edges(expression, genes, tf_list=tf_list, n_trees=benchmark.tree_n_trees,
-                           max_cells=benchmark.tree_max_cells, seed=benchmark.seed, progress=tree_progress),
-        # A uniform null over all pairs: a TF prior would credit the baseline with the reference's regulators.
-        "random": random_edges(genes, seed=benchmark.seed),
-    }
-    table = pd.concat([p.assign(method=m, directed=bool(p.attrs.get("directed", True)))
-                       for m, p in predictions.items()], ignore_index=True)
+    table = baseline_table(baseline_predictions(expression, genes, tf_list, tree_n_trees=benchmark.tree_n_trees,
+                                                tree_max_cells=benchmark.tree_max_cells, seed=benchmark.seed,
+                                                progress=tree_progress))
     path = artefact_path(storage.layout, "baseline_edges", None)
     write_parquet(table, path)
     register_view(storage.layout.duckdb_path, "baseline_edges", path)
     return dg.Output(path, metadata={"n_genes": len(genes), "n_regulators": len(tf_list or genes),
                                      "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict())})
-
-
-def prediction_tables(edges: pd.DataFrame, baseline_path, mi_path, cmi_path) -> dict[str, pd.DataFrame]:
-    """Every method's predictions as DataFrame[source, target, score] with attrs["directed"].
-
-    MI scores its candidate edges by MI; "cmi_pruned" keeps only the edges flagged direct
-    (scored by CMI min), so it shows what explaining away does to precision.
-    """
-    attention = pd.DataFrame({"source": edges["gene_i"], "target": edges["gene_j"],
-                              "score": edges["abs_stability"].replace([np.inf, -np.inf], np.nan).fillna(0.0)})
-    attention.attrs["directed"] = False
-    predictions = {"attention_stability": attention}
-    baselines = pd.read_parquet(baseline_path)
-    for method, group in baselines.groupby("method", sort=False):
-        table = group[["source", "target", "score"]].reset_index(drop=True)
-        table.attrs["directed"] = bool(group["directed"].iloc[0])
-        predictions[method] = table
-    mi = pd.read_parquet(mi_path)
-    predictions["mi"] = _undirected(mi["parent"], mi["target"], mi["mi"])
-    cmi = pd.read_parquet(cmi_path)
-    direct = cmi[cmi["direct"]]
-    predictions["cmi_pruned"] = _undirected(direct["parent"], direct["target"], direct["cmi_min"])
-    return predictions
-
-
-def _undirected(source, target, score) -> pd.DataFrame:
-    # MI is symmetric: candidate direction (parent -> target) is not evidence of regulation.
-    table = pd.DataFrame({"source": np.asarray(source), "target": np.asarray(target),
-                          "score": np.asarray(score, dtype=float)})
-    table.attrs["directed"] = False
-    return table
 
 
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
@@ -127,8 +83,9 @@ def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSet
                       reference_networks):
     """AUROC, AUPRC (average precision and trapezoid), AUPRC ratio, EPR, degree correlation and
     top-K enrichment with two nulls, for every method x reference x universe."""
-    predictions = prediction_tables(read_edges(edge_stability, geneformer.min_cells_per_edge), baseline_edges,
-                                    mi_edges, cmi_edges)
+    predictions = prediction_tables(read_edges(edge_stability, geneformer.min_cells_per_edge),
+                                    pd.read_parquet(baseline_edges), pd.read_parquet(mi_edges),
+                                    pd.read_parquet(cmi_edges))
     genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
     references_table = pd.read_parquet(reference_networks)
     references = {name: group.reset_index(drop=True) for name, group in references_table.groupby("reference")}

@@ -14,6 +14,7 @@ from scgrn_assets.lib.attention_network import attention_edge_moments, edge_tabl
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer, save_geneformer,
                                          train_small_geneformer)
+from scgrn_assets.lib.grn_pipeline import stable_edges
 from scgrn_assets.lib.plots import plot_histogram, plot_loss_curve
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.storage import atomic_path
@@ -155,5 +156,4 @@ def edge_stability(context: dg.AssetExecutionContext, storage: ScgrnStorage, att
 def read_edges(path: Path, min_cells: int) -> pd.DataFrame:
     """The edge table without pairs seen in fewer than ``min_cells`` cells: with n = 2 or 3 the
     sample sd is tiny by chance and mean/sd explodes, which would put noise at the top."""
-    edges = pd.read_parquet(path)
-    return edges[edges["n_cells"] >= min_cells].reset_index(drop=True)
+    return stable_edges(pd.read_parquet(path), min_cells)

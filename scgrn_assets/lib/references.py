@@ -471,6 +471,50 @@ def load_reference(
     )
 
 
+TRUTH_FORMATS = ("auto", "trrust", "edge_list")
+_SOURCE_HEADERS = ("gene1", "regulator", "tf", "source", "from")
+_TARGET_HEADERS = ("gene2", "target", "to")
+_SIGN_HEADERS = ("type", "sign", "mode", "mor")
+
+
+def load_ground_truth(path: str | Path, *, format: str = "auto", name: str | None = None,
+                      directed: bool = True) -> pd.DataFrame:
+    """Read a ground-truth network file with the reader its layout needs.
+
+    ``auto`` decides from the first line: four tab-separated fields whose third is a TRRUST mode
+    -> :func:`load_trrust`; a header naming the regulator (``Gene1``, ``regulator``, ``tf``,
+    ``source``, ``from``) and the target (``Gene2``, ``target``, ``to``) -> :func:`load_edge_list`
+    on those columns, signs from ``Type`` / ``sign`` / ``mode`` / ``mor`` when present (BEELINE's
+    ``GroundTruthNetwork.csv``, ``krumsiek11_edges_derived.csv``, DoRothEA-style tables); otherwise
+    a plain two-column regulator, target list (SERGIO's ``gt_GRN.csv``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The normalised reference, named ``name`` (default: the file name without suffixes).
+    """
+    path = _require_file(path, study=name)
+    name = name or path.name.split(".")[0]
+    if format not in TRUTH_FORMATS:
+        raise ScgrnInputError(f"unknown truth format {format!r}", file=str(path),
+                              fix=f"use one of {', '.join(TRUTH_FORMATS)}")
+    with _open_text(path) as handle:
+        first_line = next((line.rstrip("\r\n") for line in handle if line.strip()), "")
+    tab_fields = first_line.split("\t")
+    if format == "trrust" or (format == "auto" and len(tab_fields) == 4 and tab_fields[2] in _TRRUST_MODE_SIGN):
+        return load_trrust(path, name=name)
+    separator = "," if "," in first_line else ("\t" if "\t" in first_line else None)
+    header = [field.strip().strip('"') for field in (first_line.split(separator) if separator else first_line.split())]
+    lowered = [field.lower() for field in header]
+    source = next((header[lowered.index(key)] for key in _SOURCE_HEADERS if key in lowered), None)
+    target = next((header[lowered.index(key)] for key in _TARGET_HEADERS if key in lowered), None)
+    if source is not None and target is not None:
+        sign = next((header[lowered.index(key)] for key in _SIGN_HEADERS if key in lowered), None)
+        return load_edge_list(path, name=name, directed=directed, source_column=source, target_column=target,
+                              sign_column=sign, header=True)
+    return load_edge_list(path, name=name, directed=directed)
+
+
 def load_tf_list(path: str | Path, *, study: str | None = None) -> list[str]:
     """Read a TF list: BEELINE's ``human-tfs.csv`` (``TF,Sources``) or one symbol per line.
 

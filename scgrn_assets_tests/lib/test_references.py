@@ -256,3 +256,21 @@ def test_load_reference_without_path_or_url_says_what_to_add():
     # aliases are optional, links are not
     with pytest.raises(ScgrnInputError, match=r"STRING.*'links'.*urls\['links'\]"):
         load_reference(source)
+
+
+@pytest.mark.parametrize("text, expected_edges, expected_signs", [
+    ("Gene1,Gene2,Type\nA,B,+\nA,B,+\nB,C,-\nC,C,+\n", {("A", "B"), ("B", "C"), ("C", "C")}, {1, -1}),
+    ("regulator,target,sign,weight\nA,B,+,1.0\nC,B,-,-0.5\n", {("A", "B"), ("C", "B")}, {1, -1}),
+    ("tf\ttarget\tmor\nA\tB\t1\nA\tC\t-1\n", {("A", "B"), ("A", "C")}, {1, -1}),
+    ("1,85\n1,3\n85,3\n", {("1", "85"), ("1", "3"), ("85", "3")}, {0}),
+    ("A\tB\tActivation\t123\nA\tC\tRepression\t456\n", {("A", "B"), ("A", "C")}, {1, -1}),
+])
+def test_load_ground_truth_picks_the_reader_from_the_first_line(tmp_path, text, expected_edges, expected_signs):
+    from scgrn_assets.lib.references import load_ground_truth
+
+    path = tmp_path / "truth.csv"
+    path.write_text(text)
+    truth = load_ground_truth(path)
+    assert set(zip(truth["source"], truth["target"])) == expected_edges
+    assert set(truth["sign"]) == expected_signs
+    assert truth["directed"].all() and (truth["reference"] == "truth").all()
