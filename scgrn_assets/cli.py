@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scgrn_assets.instance import single_host_dagster_yaml
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import StorageLayout, scgrn_home
+from scgrn_assets.lib.storage import StorageLayout, atomic_path, scgrn_home
 
 # The progress bar speaks in the terminal; the full logs stay in the instance (see `scgrn ui`).
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -25,8 +25,9 @@ def _prepare_instance(layout: StorageLayout):
 
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
     config = layout.dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML)
+    if not config.exists():  # atomically: a run killed while writing it must not leave a truncated instance config
+        with atomic_path(config) as tmp:
+            tmp.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
     instance = dg.DagsterInstance.get()
     release_runs_of_killed_cli_processes(instance)
@@ -172,7 +173,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"SCGRN_HOME: {layout.home}")
     if catalog.name == "demo":
         ensure_demo_data(layout, catalog)
-    materialize_everything(layout, os.environ["SCGRN_CATALOG"], quick=args.quick)
+    return _materialise_and_report(layout, args.quick)
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """Every asset for SCGRN_CATALOG (e.g. ``real``), nothing simulated: files come from the catalog URLs."""
+    from scgrn_assets.settings import catalog_name, current_catalog
+
+    layout = StorageLayout(scgrn_home())
+    catalog = current_catalog()
+    print(f"SCGRN_HOME: {layout.home}\ncatalog:    {catalog_name()} ({catalog.path}, {len(catalog.studies)} studies)")
+    if any(f.sha256 is None for s in catalog.studies for f in s.files):
+        print(f"sha256 pins: {catalog.lock_path} (files without a sha256 are pinned on first download)")
+    return _materialise_and_report(layout, args.quick)
+
+
+def _materialise_and_report(layout: StorageLayout, quick: bool) -> int:
+    from scgrn_assets.settings import catalog_name
+
+    materialize_everything(layout, catalog_name(), quick=quick)
     from scgrn_assets.lib.sql_store import ensure_database
 
     ensure_database(layout.duckdb_path)
@@ -254,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a smoke run: few model-training steps, small null draws (numbers not meaningful)")
     demo.set_defaults(func=cmd_demo)
+    materialize = commands.add_parser("materialize", help="materialise every asset for SCGRN_CATALOG "
+                                                          "(e.g. real: downloads from GEO), nothing simulated")
+    materialize.add_argument("--quick", action="store_true",
+                             help="a smoke run: few model-training steps, small null draws (numbers not meaningful)")
+    materialize.set_defaults(func=cmd_materialize)
     simulate = commands.add_parser("simulate", help="write the simulated GEO studies (and optionally a catalog)")
     simulate.add_argument("--out", help="folder (default SCGRN_HOME/demo_geo)")
     simulate.add_argument("--seed", type=int, default=7)
@@ -273,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         sql.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
         sql.add_argument("--max-rows", type=int, default=50)
         sql.set_defaults(func=cmd_sql)
+    from scgrn_assets.cli_benchmark import add_benchmark_parser
+
+    add_benchmark_parser(commands)
     return parser
 
 

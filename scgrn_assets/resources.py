@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
 
 from scgrn_assets.lib.catalog import Catalog, load_catalog
-from scgrn_assets.lib.download import DownloadPolicy
+from scgrn_assets.lib.download import DownloadPolicy, parse_url_mirrors
 from scgrn_assets.lib.storage import StorageLayout
 
 
@@ -26,17 +27,29 @@ class ScgrnStorage(dg.ConfigurableResource):
 
 
 class GeoDownloader(dg.ConfigurableResource):
-    """Retries, timeouts and size limits for fetching study files (GEO over HTTPS, or file://)."""
+    """Retries, timeouts and size limits for fetching study files (GEO over HTTPS, or file://).
+
+    ``url_mirror`` fetches from a mirror instead of the catalog's host
+    (``https://ftp.ncbi.nlm.nih.gov=http://mirror:8000``, comma-separated rules); unset, it is
+    read from ``SCGRN_URL_MIRROR`` when a download starts. Checksums and pins stay keyed by
+    the catalog's URLs.
+    """
 
     max_attempts: int = 5
     backoff_seconds: float = 1.0
     timeout_seconds: float = 60.0
     max_bytes: int | None = None
+    url_mirror: str | None = None
 
     @property
     def policy(self) -> DownloadPolicy:
         return DownloadPolicy(max_attempts=self.max_attempts, backoff_seconds=self.backoff_seconds,
                               timeout_seconds=self.timeout_seconds, max_bytes=self.max_bytes)
+
+    @property
+    def mirrors(self) -> tuple[tuple[str, str], ...]:
+        text = self.url_mirror if self.url_mirror is not None else os.environ.get("SCGRN_URL_MIRROR", "")
+        return parse_url_mirrors(text)
 
 
 class GeneformerSettings(dg.ConfigurableResource):

@@ -2,6 +2,7 @@
 
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import zarr
 from anndata.io import read_elem, sparse_dataset
@@ -9,10 +10,10 @@ from anndata.io import read_elem, sparse_dataset
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.lib.corpus import QCThresholds, combine_studies, measured_column, study_gene_names
-from scgrn_assets.lib.download import fetch_file
+from scgrn_assets.lib.checksum_lock import ChecksumLock, fetch_pinned
 from scgrn_assets.lib.gene_annotation import empty_gene_annotation, read_gene_annotation
 from scgrn_assets.lib.plots import plot_cells_by_condition, plot_library_sizes
-from scgrn_assets.lib.qc_checks import scan_counts
+from scgrn_assets.lib.qc_checks import cells_repeated_across_studies, row_fingerprints, scan_counts
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 
@@ -27,8 +28,9 @@ def gene_annotation(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
         table = empty_gene_annotation()
     else:
         source = path.with_name(catalog.gene_annotation.name)
-        fetch_file(catalog.gene_annotation.url, source, sha256=catalog.gene_annotation.sha256, study="catalog",
-                   policy=downloader.policy)
+        fetch_pinned(catalog.gene_annotation.url, source, sha256=catalog.gene_annotation.sha256,
+                     lock=ChecksumLock(catalog.lock_path), study="catalog", policy=downloader.policy,
+                     mirrors=downloader.mirrors)
         table = read_gene_annotation(source)
     write_parquet(table.reset_index(drop=True), path)
     return dg.Output(path, metadata={"n_genes": len(table), "preview": table_preview(table)})
@@ -49,6 +51,9 @@ CORPUS_CHECKS = [
     dg.AssetCheckSpec("genes_are_the_union_of_studies", asset="combined_corpus", blocking=True,
                       description="Corpus genes plus QC-removed genes equal the union of the studies' genes."),
     dg.AssetCheckSpec("every_cell_has_a_study", asset="combined_corpus", blocking=True),
+    dg.AssetCheckSpec("cells_are_not_repeated_across_studies", asset="combined_corpus",
+                      description="No two studies hold an identical cell (the same count vector): a GEO "
+                                  "SuperSeries next to its subseries would count those cells twice."),
 ]
 
 
@@ -71,7 +76,18 @@ def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, s
     store = zarr.open_group(str(path), mode="r")
     obs = read_elem(store["obs"])
     var = read_elem(store["var"])
-    scan = scan_counts(sparse_dataset(store["X"])[start:start + 20_000] for start in range(0, len(obs), 20_000))
+    fingerprints = []
+
+    def count_blocks():
+        matrix = sparse_dataset(store["X"])
+        for start in range(0, len(obs), 20_000):
+            block = matrix[start:start + 20_000]
+            fingerprints.append(row_fingerprints(block))
+            yield block
+
+    scan = scan_counts(count_blocks())
+    repeated = cells_repeated_across_studies(np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64),
+                                             obs["study"])
 
     # Per-study summary as a SQL table: the first thing a user queries.
     studies = (obs.assign(condition=obs["condition"].astype(object).fillna("NA"))
@@ -106,3 +122,9 @@ def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, s
     no_study = int(obs["study"].isna().sum()) + int((~obs["study"].isin(list(study_files))).sum())
     yield dg.AssetCheckResult(check_name="every_cell_has_a_study", passed=no_study == 0,
                               metadata={"cells_without_study": no_study})
+    yield dg.AssetCheckResult(
+        check_name="cells_are_not_repeated_across_studies", passed=repeated.empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=None if repeated.empty else "studies share identical cells: drop one of each pair from the catalog",
+        metadata={"repeated_cells": int(repeated["n_cells"].sum()),
+                  "study_pairs": table_preview(repeated, n_rows=len(repeated))})

@@ -6,7 +6,7 @@ import pandas as pd
 
 from scgrn_assets.assets.metadata import table_preview
 from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.download import fetch_file
+from scgrn_assets.lib.checksum_lock import ChecksumLock, fetch_pinned
 from scgrn_assets.lib.qc_checks import scan_counts
 from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs
 from scgrn_assets.lib.storage import remove_stale_temporaries
@@ -19,18 +19,24 @@ from scgrn_assets.resources import GeoDownloader, ScgrnStorage
           kinds={"geo"}, tags={"stage": "ingest"})
 def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, downloader: GeoDownloader):
     """The study's supplementary files (count archive, metadata table) fetched from the catalog URLs,
-    sha256-verified, written atomically."""
-    study = storage.load_catalog().study(context.partition_key)
+    sha256-verified (the catalog's sha256, or the pin its first download wrote to the catalog's
+    lock file), written atomically."""
+    catalog = storage.load_catalog()
+    study = catalog.study(context.partition_key)
+    lock = ChecksumLock(catalog.lock_path)
     folder = artefact_path(storage.layout, "geo_raw_archive", study.accession)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
     rows = []
     for study_file in study.files:
         context.log.info(f"{study.accession}: fetching {study_file.url}")
-        result = fetch_file(study_file.url, folder / study_file.name, sha256=study_file.sha256,
-                            study=study.accession, policy=downloader.policy)
+        pinned_before = study_file.sha256 or lock.pinned_sha256(study_file.url)
+        result = fetch_pinned(study_file.url, folder / study_file.name, sha256=study_file.sha256, lock=lock,
+                              study=study.accession, policy=downloader.policy, mirrors=downloader.mirrors)
         rows.append({"file": study_file.name, "role": study_file.role, "bytes": result.n_bytes,
-                     "sha256": result.sha256[:16], "attempts": result.n_attempts})
+                     "sha256": result.sha256[:16], "attempts": result.n_attempts,
+                     "verified_by": "catalog" if study_file.sha256 else
+                     "lock file" if pinned_before else "pinned now (first use)"})
     return dg.Output(folder, metadata={
         "files": table_preview(pd.DataFrame(rows), n_rows=len(rows)),
         "total_bytes": sum(r["bytes"] for r in rows),
@@ -55,6 +61,13 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
     path = artefact_path(storage.layout, "study_anndata", study.accession)
     adata = write_study_h5ad(study, geo_raw_archive, path, condition_levels=catalog.condition_levels,
                              progress=lambda name: context.log.info(f"{study.accession}: reading {name}"))
+    ingest = adata.uns["ingest"]
+    if ingest["n_skipped_samples"]:
+        context.log.warning(f"{study.accession}: skipped {ingest['n_skipped_samples']} sample file(s) that failed "
+                            f"to parse (skip_bad_samples: true): {ingest['skipped_samples']}")
+    if ingest["n_cells_without_metadata"]:
+        context.log.warning(f"{study.accession}: {ingest['n_cells_without_metadata']} cells have no metadata row "
+                            "and keep NA metadata (cells_without_metadata: na)")
     # Checks read the file back: they vouch for what downstream will read, not for memory.
     scan = scan_counts(iter_row_chunks(path))
     obs = read_study_obs(path)
@@ -65,6 +78,10 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
         "cells_by_condition": dg.MetadataValue.json(
             adata.obs["condition"].astype(object).fillna("NA").value_counts().to_dict()),
         "median_counts_per_cell": float(adata.obs["n_counts"].median()),
+        "skipped_samples": dg.MetadataValue.md(ingest["skipped_samples"] or "none"),
+        "n_cells_without_metadata": ingest["n_cells_without_metadata"],
+        "n_spike_ins_dropped": ingest["n_spike_ins_dropped"],
+        "condition_na_reason": study.condition_na_reason or "-",
         "preview": table_preview(adata.obs),
         "path": dg.MetadataValue.path(str(path)),
     })

@@ -28,8 +28,10 @@ KNOWN_FORMATS = {
     "raw_tar_dropseq_dge": "RAW tar of per-sample Drop-seq DGE files (.dge.txt.gz)",
     # 10x Genomics MTX triplets per sample, flattened into a RAW tar as GEO does.
     "raw_tar_10x_mtx": "RAW tar of per-sample 10x matrix.mtx.gz / features.tsv.gz / barcodes.tsv.gz",
+    # GEO's own re-processing of bulk RNA-seq series: one GeneID x GSM raw counts table.
+    "ncbi_rnaseq_counts": "NCBI-generated GeneID x GSM raw counts (.tsv.gz), one bulk sample per column",
 }
-KNOWN_GENE_ID_TYPES = ("symbol", "ensembl")
+KNOWN_GENE_ID_TYPES = ("symbol", "ensembl", "entrez")
 KNOWN_SPECIES = ("mouse", "human")
 ALLOWED_URL_SCHEMES = ("file", "https", "http")
 FILE_ROLES = ("counts", "metadata", "gene_map", "gene_annotation")
@@ -39,11 +41,15 @@ _ACCESSION = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class StudyFile:
-    """One file of a study: where it lives, its checksum and what it holds."""
+    """One file of a study: where it lives, its checksum and what it holds.
+
+    ``sha256`` is None when the catalog leaves it to trust on first use: the first download
+    pins it in the catalog's lock file (:mod:`scgrn_assets.lib.checksum_lock`).
+    """
 
     name: str
     url: str
-    sha256: str
+    sha256: str | None
     role: str  # counts | metadata | gene_map
 
 
@@ -57,14 +63,17 @@ class ConditionRule:
 
 @dataclass(frozen=True)
 class MetadataJoin:
-    """How cells meet their metadata table (an SraRunTable CSV)."""
+    """How cells meet their metadata table (an SraRunTable CSV or a GEO series matrix)."""
 
     file: str
-    # Per-sample layouts: the column holding the GSM accession that prefixes each sample file.
+    # Per-sample layouts: the column holding the GSM accession that prefixes each sample file
+    # (``geo_accession`` in a series matrix).
     sample_column: str = "Sample Name"
     # Processed well/plate layouts: the columns forming the cell name <well>.<plate>.
     well_column: str = "well_id"
     plate_column: str = "plate_id"
+    # "error": a cell or sample without a metadata row stops the study; "na": it keeps NA metadata.
+    cells_without_metadata: str = "error"
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,10 @@ class Study:
     metadata: MetadataJoin
     condition: ConditionRule | None
     strip_r_prefix: bool = False
+    # Why a study without a condition rule is all NA (no Alzheimer's/control contrast, bulk, ...).
+    condition_na_reason: str = ""
+    # Skip (and list) sample files that fail to parse instead of stopping the study.
+    skip_bad_samples: bool = False
 
     def files_with_role(self, role: str) -> list[StudyFile]:
         return [f for f in self.files if f.role == role]
@@ -123,6 +136,11 @@ class Catalog:
     @property
     def accessions(self) -> list[str]:
         return [s.accession for s in self.studies]
+
+    @property
+    def lock_path(self) -> Path:
+        """Where trust-on-first-use sha256 pins live: ``<catalog>.lock.yaml`` beside the catalog."""
+        return self.path.with_name(f"{self.path.stem}.lock.yaml")
 
     def study(self, accession: str) -> Study:
         for study in self.studies:
@@ -253,7 +271,7 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
                               study=accession, fix="use letters, digits, '_', '.', '-' (e.g. GSE98969)")
     here = f"catalog {where}"
     allowed = {"accession", "title", "species", "format", "gene_id_type", "files", "metadata", "condition",
-               "strip_r_prefix"}
+               "strip_r_prefix", "skip_bad_samples"}
     unknown = set(entry) - allowed
     if unknown:
         raise ScgrnInputError(f"{here}: unknown fields {sorted(unknown)}", study=accession,
@@ -284,19 +302,38 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     if metadata_file not in names:
         raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
                               study=accession, fix="list it under 'files' with role: metadata")
+    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata"}
     metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
-        if set(metadata_raw) <= {"file", "sample_column", "well_column", "plate_column"} else None
+        if set(metadata_raw) <= metadata_keys else None
     if metadata is None:
-        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - {'file'})}",
-                              study=accession, fix="allowed: file, sample_column, well_column, plate_column")
+        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - metadata_keys)}",
+                              study=accession, fix=f"allowed: {', '.join(sorted(metadata_keys))}")
+    if metadata.cells_without_metadata not in ("error", "na"):
+        raise ScgrnInputError(f"{here}: metadata.cells_without_metadata is {metadata.cells_without_metadata!r}",
+                              study=accession, fix="use error (the default) or na")
+    if fmt == "ncbi_rnaseq_counts" and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
+        raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
+                              fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
+    skip_bad_samples = entry.get("skip_bad_samples", False)
+    if not isinstance(skip_bad_samples, bool):
+        raise ScgrnInputError(f"{here}: skip_bad_samples must be true or false, got {skip_bad_samples!r}",
+                              study=accession)
 
     condition = None
-    if entry.get("condition") is not None:
-        rule = entry["condition"]
+    condition_na_reason = ""
+    rule = entry.get("condition")
+    if isinstance(rule, dict) and set(rule) == {"na"}:
+        # An explicit "no contrast here": the study joins the corpus with condition NA.
+        if not isinstance(rule["na"], str) or not rule["na"].strip():
+            raise ScgrnInputError(f"{here}: condition.na must say why the study has no condition", study=accession,
+                                  fix="e.g. condition: {na: lifespan atlas, no Alzheimer's/control contrast}")
+        condition_na_reason = rule["na"].strip()
+    elif rule is not None:
         if not isinstance(rule, dict) or not isinstance(rule.get("column"), str) or not rule["column"] \
                 or not isinstance(rule.get("values"), dict):
             raise ScgrnInputError(f"{here}: condition must have 'column' and a 'values' mapping", study=accession,
-                                  fix="e.g. condition: {column: strain, values: {5XFAD: AD, C57BL/6: control}}")
+                                  fix="e.g. condition: {column: strain, values: {5XFAD: AD, C57BL/6: control}}, "
+                                      "or condition: {na: <why the study has no contrast>}")
         values = {str(k): str(v) for k, v in rule["values"].items()}
         bad = sorted(set(values.values()) - set(levels))
         if bad:
@@ -306,7 +343,8 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
 
     return Study(accession=accession, title=str(entry.get("title", accession)), species=species, format=fmt,
                  gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
-                 strip_r_prefix=bool(entry.get("strip_r_prefix", fmt == "raw_tar_dropseq_dge")))
+                 strip_r_prefix=bool(entry.get("strip_r_prefix", fmt == "raw_tar_dropseq_dge")),
+                 condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples)
 
 
 def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) -> StudyFile:
@@ -325,14 +363,16 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
         raise ScgrnInputError(f"{here}: file {name} has URL {url!r} with scheme {scheme!r}", study=accession,
                               fix=f"use one of {list(ALLOWED_URL_SCHEMES)}://")
     sha256 = raw.get("sha256")
-    if not isinstance(sha256, str) or not _SHA256.match(sha256.lower()):
+    # Absent: trust on first use (pinned in the lock file by the first download). Present: must be valid.
+    if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.match(sha256.lower())):
         raise ScgrnInputError(f"{here}: file {name} has no valid sha256 (64 hex digits), got {sha256!r}",
-                              study=accession, fix="add the file's sha256 (sha256sum FILE)")
+                              study=accession, fix="add the file's sha256 (sha256sum FILE) or leave the field out "
+                                                   "to pin it on first download")
     role = raw.get("role", "counts")
     if not isinstance(role, str) or role not in FILE_ROLES:
         raise ScgrnInputError(f"{here}: file {name} has unknown role {role!r}", study=accession,
                               fix=f"use one of {list(FILE_ROLES)}")
-    return StudyFile(name=name, url=url, sha256=sha256.lower(), role=role)
+    return StudyFile(name=name, url=url, sha256=sha256.lower() if sha256 is not None else None, role=role)
 
 
 def expand_variables(text: str, variables: dict[str, str]) -> str:

@@ -148,6 +148,7 @@ def fetch_file(
     study: str,
     policy: DownloadPolicy = DownloadPolicy(),
     progress: ProgressCallback | None = None,
+    checksum_fix: str | None = None,
 ) -> FetchResult:
     """Download ``url`` to ``destination`` atomically and verify its sha256 (when given).
 
@@ -167,6 +168,9 @@ def fetch_file(
         Retries, timeouts, redirect and size limits.
     progress
         Called as ``progress(n_bytes_so_far, n_bytes_total_or_None)`` after each chunk.
+    checksum_fix
+        The fix named when the sha256 never matches (default: check the catalog entry);
+        callers whose sha256 comes from elsewhere (a trust-on-first-use pin) say where.
 
     Returns
     -------
@@ -229,13 +233,46 @@ def fetch_file(
     if mismatched_sha256 is not None:
         raise download.fail(
             f"sha256 mismatch (expected {expected_sha256}, got {mismatched_sha256}) after {attempts_text} from {url}",
-            "the file on the server changed or the catalog's sha256 is wrong: check the catalog entry",
+            checksum_fix or "the file on the server changed or the catalog's sha256 is wrong: check the catalog entry",
         )
     raise download.fail(
         f"download of {url} failed after {attempts_text}: {last_failure}",
         "check the network connection and that the URL still answers, then run again "
         "(the partial download is kept and resumed)",
     )
+
+
+def parse_url_mirrors(text: str) -> tuple[tuple[str, str], ...]:
+    """Mirror rules from ``"PREFIX=REPLACEMENT[,PREFIX=REPLACEMENT...]"`` (e.g. ``SCGRN_URL_MIRROR``).
+
+    ``https://ftp.ncbi.nlm.nih.gov=http://127.0.0.1:8000/geo`` fetches every URL under the GEO
+    host from the local mirror instead. Commas or whitespace separate rules.
+    """
+    rules = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        prefix, equals, replacement = item.partition("=")
+        schemes = (urlsplit(prefix).scheme.lower(), urlsplit(replacement).scheme.lower())
+        if not equals or not all(s in ("https", "http", "file") for s in schemes) or not urlsplit(prefix).netloc:
+            raise ScgrnInputError(f"URL mirror rule {item!r} is not PREFIX=REPLACEMENT with http(s)/file URLs",
+                                  fix="e.g. SCGRN_URL_MIRROR=https://ftp.ncbi.nlm.nih.gov=http://mirror.example:8000")
+        rules.append((prefix.rstrip("/"), replacement.rstrip("/")))
+    return tuple(rules)
+
+
+def apply_url_mirrors(url: str, mirrors: tuple[tuple[str, str], ...]) -> str:
+    """``url`` with the longest matching mirror prefix replaced; unchanged when none matches.
+
+    A prefix matches only up to a URL boundary, so ``https://ftp.ncbi.nlm.nih.gov`` does not
+    capture ``https://ftp.ncbi.nlm.nih.gov.example.org/...``.
+    """
+    best = None
+    for prefix, replacement in mirrors:
+        if url.startswith(prefix) and (len(url) == len(prefix) or url[len(prefix)] in "/?#"):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, replacement)
+    return url if best is None else best[1] + url[len(best[0]):]
 
 
 def _normalised_sha256(sha256: str | None, *, url: str, study: str, file: str) -> str | None:

@@ -54,11 +54,16 @@ def _broken(mutate) -> dict:
 
 @pytest.mark.parametrize("mutate, message, fix", [
     (lambda s, r: s.update(format="parquet"), "unknown format 'parquet'", "raw_tar_10x_mtx"),
-    (lambda s, r: s["files"][0].pop("sha256"), "has no valid sha256", "sha256sum"),
     (lambda s, r: s["files"][0].update(sha256="xyz"), "has no valid sha256", "sha256sum"),
+    (lambda s, r: s["files"][0].update(sha256=""), "has no valid sha256", "pin it on first download"),
     (lambda s, r: s["files"][0].update(url="ftp://ftp.ncbi.nlm.nih.gov/x.tar"), "scheme 'ftp'", "https"),
     (lambda s, r: s.update(species="yeast"), "unknown species", "mouse"),
-    (lambda s, r: s.update(gene_id_type="entrez"), "unknown gene_id_type", "ensembl"),
+    (lambda s, r: s.update(gene_id_type="refseq"), "unknown gene_id_type", "ensembl"),
+    (lambda s, r: s.update(condition={"na": " "}), "condition.na must say why", "na:"),
+    (lambda s, r: s.update(condition={"na": "atlas", "column": "x"}), "must have 'column'", "{na:"),
+    (lambda s, r: s.update(skip_bad_samples="yes"), "skip_bad_samples must be true or false", None),
+    (lambda s, r: s["metadata"].update(cells_without_metadata="drop"), "cells_without_metadata is 'drop'", "na"),
+    (lambda s, r: s.update(format="ncbi_rnaseq_counts", gene_id_type="entrez"), "GeneID -> symbol", "gene_map"),
     (lambda s, r: s.pop("format"), "missing required field 'format'", "add 'format:'"),
     (lambda s, r: s.update(colour="blue"), "unknown fields ['colour']", "allowed fields"),
     (lambda s, r: s["metadata"].update(file="other.csv"), "metadata file 'other.csv' is not among", "role: metadata"),
@@ -89,3 +94,51 @@ def test_unknown_builtin_catalog_lists_the_builtins():
     with pytest.raises(ScgrnInputError, match="demo"):
         load_catalog("no_such_catalog")
     assert builtin_catalog_path("demo").exists()
+
+
+def test_file_without_sha256_is_left_to_trust_on_first_use(tmp_path):
+    raw = _broken(lambda s, r: s["files"][0].pop("sha256"))
+    catalog = parse(raw, tmp_path)
+    assert catalog.study("GSE98969").files[0].sha256 is None
+    assert catalog.study("GSE98969").files[1].sha256 == SHA  # a pinned file stays pinned
+    assert catalog.lock_path == tmp_path / "catalog.lock.yaml"
+
+
+def test_explicit_na_condition_keeps_its_reason(tmp_path):
+    raw = _broken(lambda s, r: s.update(condition={"na": "lifespan atlas: no Alzheimer's/control contrast"}))
+    study = parse(raw, tmp_path).study("GSE98969")
+    assert study.condition is None
+    assert study.condition_na_reason == "lifespan atlas: no Alzheimer's/control contrast"
+    assert study.skip_bad_samples is False and study.metadata.cells_without_metadata == "error"
+
+
+def test_real_catalog_has_the_seven_geo_studies_with_https_urls_formats_and_condition_rules():
+    from urllib.parse import parse_qs, urlsplit
+
+    from scgrn_assets.lib.catalog import KNOWN_FORMATS
+
+    catalog = load_catalog("real")
+    assert catalog.accessions == ["GSE98969", "GSE98971", "GSE121654", "GSE123025", "GSE123030", "GSE74995",
+                                  "GSE130627"]
+    assert catalog.lock_path == builtin_catalog_path("real").with_name("real.lock.yaml")
+    for study in catalog.studies:
+        assert study.species == "mouse" and study.format in KNOWN_FORMATS
+        assert study.condition is not None or study.condition_na_reason, study.accession
+        assert study.metadata_file.name == f"{study.accession}_series_matrix.txt.gz"
+        for study_file in study.files:
+            parts = urlsplit(study_file.url)
+            assert parts.scheme == "https" and study_file.sha256 is None  # pinned on first use
+            if parts.netloc == "ftp.ncbi.nlm.nih.gov":  # GEO's layout: /geo/series/GSE98nnn/GSE98969/{suppl,matrix}/
+                _, geo, series, stem, accession, folder, name = parts.path.split("/")
+                assert (geo, series, stem, name) == ("geo", "series", accession[:-3] + "nnn", study_file.name)
+                assert folder == ("matrix" if study_file.role == "metadata" else "suppl")
+            else:  # GEO's NCBI-generated counts and annotation
+                assert parts.netloc == "www.ncbi.nlm.nih.gov" and parts.path == "/geo/download/"
+                assert parse_qs(parts.query)["file"] == [study_file.name]
+    for accession in ("GSE98969", "GSE98971", "GSE121654", "GSE123025"):  # the four processed studies
+        assert catalog.study(accession).gene_id_type == "symbol"
+    assert catalog.study("GSE98969").condition.column == "strain"
+    assert catalog.study("GSE98969").condition.values == {"5XFAD": "AD", "C57BL/6": "control"}
+    assert catalog.study("GSE98969").skip_bad_samples
+    assert [s.accession for s in catalog.studies if s.condition is None] == [
+        "GSE121654", "GSE123025", "GSE123030", "GSE74995", "GSE130627"]
