@@ -14,9 +14,7 @@ import gzip
 import io
 import lzma
 import os
-import shutil
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,10 +23,19 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import atomic_path
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _READ_BYTES = 1 << 20
-_CORRUPT_DATA_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, tarfile.TarError)
+try:  # ISA-L's inflate reads the same gzip streams 2-3x faster than zlib (stdlib gzip is the fallback)
+    from isal import igzip as _gzip
+    from isal.isal_zlib import error as _IsalError
+    _GZIP_ERRORS: tuple[type[BaseException], ...] = (_IsalError,)
+except ImportError:  # pragma: no cover - isal is a dependency; kept working without it
+    _gzip = gzip
+    _GZIP_ERRORS = ()
+_GzipFile = getattr(_gzip, "IGzipFile", gzip.GzipFile)
+_CORRUPT_DATA_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, tarfile.TarError, *_GZIP_ERRORS)
 _REDOWNLOAD_FIX = "re-download the file (delete it from SCGRN_HOME so that it is fetched again) or exclude the sample"
 _UNSAFE_ARCHIVE_FIX = "the archive is unsafe or not what the catalog expects: check the catalog URL and sha256"
 
@@ -103,13 +110,13 @@ def _open_maybe_gzip(fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, nam
         with open(fileobj_or_path, "rb") as probe:
             is_gzip = probe.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
         # Opened by name, so that closing the returned stream closes the file too.
-        return gzip.open(fileobj_or_path, "rb") if is_gzip else open(fileobj_or_path, "rb")
+        return _gzip.open(fileobj_or_path, "rb") if is_gzip else open(fileobj_or_path, "rb")
     if hasattr(fileobj_or_path, "peek"):
         stream: IO[bytes] = fileobj_or_path
     else:
         stream = io.BufferedReader(_ReadAdapter(fileobj_or_path))  # peek needs a buffer
     if stream.peek(len(_GZIP_MAGIC))[: len(_GZIP_MAGIC)] == _GZIP_MAGIC:
-        return gzip.GzipFile(filename=name, fileobj=stream, mode="rb")
+        return _GzipFile(filename=name, fileobj=stream, mode="rb")
     return stream
 
 
@@ -208,12 +215,13 @@ def extract_tar_safely(
         (an earlier extraction there stays untouched) and the temporary folder is removed.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging_folder = Path(tempfile.mkdtemp(prefix=f".{destination.name}.extracting-", dir=destination.parent))
     archive_name = Path(tar_path).name
     relative_paths: dict[PurePosixPath, None] = {}  # ordered set
     total_bytes = 0
-    try:
+    # atomic_path: a `.tmp-<name>-<host>-<pid>-...` staging folder, renamed over any earlier extraction
+    # on success, removed on error, and removed by the next extraction when a kill -9 left it.
+    with atomic_path(destination) as staging_folder:
+        staging_folder.mkdir()
         for member_name, member_file in iter_tar_members(tar_path, study=study, limits=limits):
             relative_path = PurePosixPath(member_name)
             target = staging_folder.joinpath(*relative_path.parts)
@@ -234,10 +242,6 @@ def extract_tar_safely(
             relative_paths[relative_path] = None
             if progress is not None:
                 progress(len(relative_paths), total_bytes)
-        _move_into_place(staging_folder, destination)
-    except BaseException:
-        shutil.rmtree(staging_folder, ignore_errors=True)
-        raise
     return [destination.joinpath(*relative_path.parts) for relative_path in relative_paths]
 
 
@@ -249,18 +253,6 @@ def _open_tar_stream(tar_path: Path, *, study: str) -> tarfile.TarFile:
     except TypeError as error:  # tarfile's gzip header parser fails this way on a header cut short
         raise ScgrnInputError(f"truncated or corrupt data (gzip header: {error})", study=study,
                               file=Path(tar_path).name, fix=_REDOWNLOAD_FIX) from error
-
-
-def _move_into_place(staging_folder: Path, destination: Path) -> None:
-    """Rename the finished folder to ``destination``, replacing an earlier extraction there."""
-    if not destination.exists():
-        os.replace(staging_folder, destination)
-        return
-    # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-    retired_folder = Path(tempfile.mkdtemp(prefix=f".{destination.name}.retired-", dir=destination.parent))
-    os.replace(destination, retired_folder / destination.name)
-    os.replace(staging_folder, destination)
-    shutil.rmtree(retired_folder, ignore_errors=True)
 
 
 def _refuse_unsafe_member(member: tarfile.TarInfo, *, study: str, archive_name: str) -> None:

@@ -4,18 +4,20 @@ GEO's per-sample MARS-seq tables, processed CSVs and Drop-seq DGE files are all 
 text: one line per gene, the gene name first, then one integer per cell. Single-cell
 matrices are ~90% zeros, so the parser keeps only non-zero entries and never holds the
 decompressed text of a whole file: it reads fixed-size blocks and parses complete lines
-with a compiled kernel (pandas' C parser is several times slower on 10^4-column lines).
+with a compiled kernel (pandas' C parser is several times slower on 10^4-column lines),
+skipping runs of zeros 8 bytes at a time, while the next block is decompressed in a thread.
+Values are stored gene by gene as the file holds them and transposed to cells x genes once.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
 import numba
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
@@ -26,34 +28,105 @@ MAX_LINE_BYTES = 256 << 20
 GENE_COLUMN_NAMES = {"", "gene", "genes", "gene_id", "gene_name", "gene_symbol", "symbol"}
 
 # Error codes returned by the kernel.
-_OK, _FIELD_COUNT, _NEGATIVE, _NOT_INTEGER, _NOT_A_NUMBER, _TOO_LARGE = 0, 1, 2, 3, 4, 5
+_OK, _FIELD_COUNT, _NEGATIVE, _NOT_INTEGER, _NOT_A_NUMBER, _TOO_LARGE, _NO_ROOM = 0, 1, 2, 3, 4, 5, 6
 _MESSAGES = {
     _FIELD_COUNT: "has {found} fields, expected 1+{expected}",
     _NEGATIVE: "has a negative count in field {field}",
     _NOT_INTEGER: "has a non-integer count in field {field}",
     _NOT_A_NUMBER: "has a value that is not a number in field {field}",
-    _TOO_LARGE: "has a count too large for a count matrix in field {field} (a sentinel or an overflow?)",
+    _TOO_LARGE: "has a count too large for a count matrix (above 2147483647) in field {field} "
+                "(a sentinel or an overflow?)",
 }
 
 
-@dataclass
 class DenseTextMatrix:
-    """A parsed genes x cells text matrix, returned as cells x genes counts."""
+    """A parsed genes x cells text matrix, handed out as cells x genes counts.
 
-    gene_names: list[str]
-    cell_names: list[str]
-    counts: sp.csr_matrix  # (n_cells, n_genes), int32
+    The parser stores what the file holds, gene by gene (the non-zero cells of each line);
+    ``counts`` transposes all of it into a cells x genes CSR matrix (int32, sorted indices)
+    on first use. A file of many samples (a processed CSV of many plates) is parsed with
+    ``cell_groups``: each group's values are then stored apart, and :meth:`cell_rows` of one
+    group touches only that group's values, so splitting the file costs one pass over it and
+    no whole-file CSR copy.
+    """
+
+    def __init__(self, gene_names: list[str], cell_names: list[str], *, chunks: list[list[tuple]] | None = None,
+                 cell_nnz: np.ndarray | None = None, group_of: np.ndarray | None = None,
+                 local_index: np.ndarray | None = None):
+        self.gene_names = gene_names
+        self.cell_names = cell_names
+        n_cells = len(cell_names)
+        # Per group, in gene order: (first gene, non-zeros per line, cell index within the group, value);
+        # indices and values as uint16 where they fit.
+        self._chunks = chunks if chunks is not None else [[]]
+        self._cell_nnz = cell_nnz if cell_nnz is not None else np.zeros(n_cells, dtype=np.int64)
+        self._group_of = group_of if group_of is not None else np.zeros(n_cells, dtype=np.int64)
+        self._local_index = local_index if local_index is not None else np.arange(n_cells, dtype=np.int64)
+        self._counts: sp.csr_matrix | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.cell_names), len(self.gene_names)
+
+    @property
+    def counts(self) -> sp.csr_matrix:
+        """All cells x all genes (int32 CSR, sorted indices); built once, then the gene-major data is freed."""
+        if self._counts is None:
+            self._counts = self._build_rows(np.arange(len(self.cell_names)))
+            self._chunks = [[] for _ in self._chunks]
+        return self._counts
+
+    def cell_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The counts of cells ``rows`` (in that order) x all genes, as int32 CSR with sorted indices."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._counts is not None:
+            return self._counts[rows]
+        return self._build_rows(rows)
+
+    def _build_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        n_cells, n_genes = self.shape
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError("cell_rows() needs distinct rows")
+        out_row = np.full(n_cells, -1, dtype=np.int64)
+        out_row[rows] = np.arange(len(rows))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self._cell_nnz[rows], out=indptr[1:])
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        data = np.empty(int(indptr[-1]), dtype=np.int32)
+        next_position = indptr[:-1].copy()
+        for group in np.unique(self._group_of[rows]):
+            members = np.flatnonzero(self._group_of == group)
+            local_out_row = np.empty(len(members), dtype=np.int64)
+            local_out_row[self._local_index[members]] = out_row[members]
+            for first_gene, line_nnz, cells, values in self._chunks[group]:
+                _scatter_to_rows(first_gene, line_nnz, cells, values, local_out_row, next_position, indices, data)
+        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_genes))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _load8(buf, pos):  # pragma: no cover - compiled
+    """The 8 bytes at ``pos`` as one little-endian word (LLVM turns this into a single load)."""
+    return (np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
+            | (np.uint64(buf[pos + 2]) << np.uint64(16)) | (np.uint64(buf[pos + 3]) << np.uint64(24))
+            | (np.uint64(buf[pos + 4]) << np.uint64(32)) | (np.uint64(buf[pos + 5]) << np.uint64(40))
+            | (np.uint64(buf[pos + 6]) << np.uint64(48)) | (np.uint64(buf[pos + 7]) << np.uint64(56)))
 
 
 @numba.njit(cache=True, nogil=True)
-def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
-                 name_start, name_end, rows, cols, vals):  # pragma: no cover - compiled
-    """Parse complete lines of ``buf``; returns (n_lines, n_nonzero, error, error_line, error_value)."""
+def _parse_lines(buf, sep, n_cells, first_line_number, name_start, name_end, line_nnz, cells, vals,
+                 cell_nnz):  # pragma: no cover - compiled
+    """Parse the complete lines of ``buf`` gene by gene: line i's non-zero fields go to ``cells`` (cell
+    index) and ``vals`` (count), ``line_nnz[i]`` of them, and each cell's total to ``cell_nnz``.
+
+    Returns (n_lines, n_nonzero, error, error_line or blank lines, error_value).
+    """
     n = buf.shape[0]
     pos = 0
     line = 0
     nnz = 0
     blank_lines = 0
+    zero_sep = np.uint64(48) | (np.uint64(sep) << np.uint64(8))
+    zeros8 = zero_sep | (zero_sep << np.uint64(16)) | (zero_sep << np.uint64(32)) | (zero_sep << np.uint64(48))
     while pos < n:
         if buf[pos] == 10 or (buf[pos] == 13 and pos + 1 < n and buf[pos + 1] == 10):
             # Blank lines (often a trailing one) carry no gene.
@@ -61,12 +134,15 @@ def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
             blank_lines += 1
             continue
         first_line_number_here = first_line_number + blank_lines
+        if line >= name_start.shape[0]:
+            return line, nnz, 6, first_line_number_here + line, 0
         # Gene name: up to the first separator.
         start = pos
         while pos < n and buf[pos] != sep and buf[pos] != 10:
             pos += 1
         name_start[line] = start
         name_end[line] = pos
+        line_start_nnz = nnz
         field = 0
         while pos < n and buf[pos] != 10:
             pos += 1  # skip separator
@@ -78,11 +154,35 @@ def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
                         field += 1
                     pos += 1
                 return line, nnz, 1, first_line_number_here + line, field + 1
+            # Runs of zeros, four fields per 8-byte compare: "0<sep>0<sep>0<sep>0<sep>".
+            while pos + 8 <= n and field + 4 <= n_cells and _load8(buf, pos) == zeros8:
+                pos += 8
+                field += 4
             if pos < n and buf[pos] == 48 and (pos + 1 == n or buf[pos + 1] == sep or buf[pos + 1] == 10):
                 pos += 1  # fast path: most fields are a bare "0"
                 continue
+            # Fast path for a plain positive integer ("17"); anything else is parsed below.
+            if pos < n and 49 <= buf[pos] <= 57:
+                end = pos
+                value = 0
+                while end < n and 48 <= buf[end] <= 57 and value <= 2147483647:
+                    value = value * 10 + (buf[end] - 48)
+                    end += 1
+                if value <= 2147483647 and (end == n or buf[end] == sep or buf[end] == 10):
+                    if nnz >= cells.shape[0]:
+                        return line, nnz, 6, first_line_number_here + line, field
+                    cells[nnz] = field - 1
+                    vals[nnz] = value
+                    cell_nnz[field - 1] += 1
+                    nnz += 1
+                    pos = end
+                    continue
+            # General path: sign, decimals, exponents ("3.0", "1e+05", R's "1.2e+07"). The value is
+            # mantissa x 10^(exponent - fraction digits), the mantissa saturating past int32.
             mantissa = 0
-            fraction_nonzero = False
+            too_large = False
+            fraction_digits = 0
+            pending_zeros = 0
             exponent = 0
             digits = 0
             seen_dot = False
@@ -93,11 +193,19 @@ def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
             while pos < n and buf[pos] != sep and buf[pos] != 10 and buf[pos] != 13:
                 c = buf[pos]
                 if 48 <= c <= 57:
-                    if seen_dot:
-                        if c != 48:
-                            fraction_nonzero = True
+                    if seen_dot and c == 48:
+                        pending_zeros += 1  # trailing zeros of a fraction change nothing
                     else:
-                        mantissa = mantissa * 10 + (c - 48)
+                        shift = pending_zeros + 1 if seen_dot else 1
+                        for _ in range(shift):
+                            if mantissa <= 2147483647:
+                                mantissa = mantissa * 10
+                            else:
+                                too_large = True
+                        mantissa += c - 48
+                        if seen_dot:
+                            fraction_digits += shift
+                            pending_zeros = 0
                     digits += 1
                 elif c == 46 and not seen_dot:  # '.'
                     seen_dot = True
@@ -109,7 +217,8 @@ def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
                         pos += 1
                     exp_digits = 0
                     while pos < n and 48 <= buf[pos] <= 57:
-                        exponent = exponent * 10 + (buf[pos] - 48)
+                        if exponent < 1000:
+                            exponent = exponent * 10 + (buf[pos] - 48)
                         exp_digits += 1
                         pos += 1
                     if exp_digits == 0:
@@ -124,30 +233,101 @@ def _parse_lines(buf, sep, n_cells, first_line_number, row_offset,
                 pos += 1  # tolerate CRLF
             if digits == 0:
                 return line, nnz, 4, first_line_number_here + line, field
-            if fraction_nonzero:
+            scale = exponent - fraction_digits
+            if fraction_digits > 0 and scale < 0:
+                # The mantissa ends in a non-zero fraction digit that the exponent does not lift.
                 return line, nnz, 3, first_line_number_here + line, field
-            if exponent > 9 or mantissa > 2147483647:
+            if mantissa > 2147483647 or too_large or (scale > 9 and mantissa != 0):
                 return line, nnz, 5, first_line_number_here + line, field
             value = mantissa
-            if exponent > 0:
-                value = mantissa * 10 ** exponent
-            elif exponent < 0:
-                scale = 10 ** (-exponent)
-                if mantissa % scale != 0:
+            if scale > 0 and mantissa != 0:
+                value = mantissa * 10 ** scale
+                if value > 2147483647:
+                    return line, nnz, 5, first_line_number_here + line, field
+            elif scale < 0 and mantissa != 0:
+                if scale < -18:
                     return line, nnz, 3, first_line_number_here + line, field
-                value = mantissa // scale
+                divisor = 10 ** (-scale)
+                if mantissa % divisor != 0:
+                    return line, nnz, 3, first_line_number_here + line, field
+                value = mantissa // divisor
             if negative and value != 0:
                 return line, nnz, 2, first_line_number_here + line, field
             if value != 0:
-                rows[nnz] = field - 1
-                cols[nnz] = row_offset + line
+                if nnz >= cells.shape[0]:
+                    return line, nnz, 6, first_line_number_here + line, field
+                cells[nnz] = field - 1
                 vals[nnz] = value
+                cell_nnz[field - 1] += 1
                 nnz += 1
         if field != n_cells:
             return line, nnz, 1, first_line_number_here + line, field + 1
+        line_nnz[line] = nnz - line_start_nnz
         pos += 1  # newline
         line += 1
     return line, nnz, 0, blank_lines, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_to_rows(first_gene, line_nnz, cells, values, out_row, next_position, indices,
+                     data):  # pragma: no cover - compiled
+    """Gene-major entries into cells x genes CSR rows (cells with ``out_row`` -1 are left out);
+    chunks come in gene order, so each row's genes come out sorted."""
+    k = 0
+    for line in range(line_nnz.shape[0]):
+        gene = first_gene + line
+        for _ in range(line_nnz[line]):
+            row = out_row[cells[k]]
+            if row >= 0:
+                position = next_position[row]
+                indices[position] = gene
+                data[position] = values[k]
+                next_position[row] = position + 1
+            k += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_by_group(cells, group_of, n_groups):  # pragma: no cover - compiled
+    counts = np.zeros(n_groups, dtype=np.int64)
+    for k in range(cells.shape[0]):
+        counts[group_of[cells[k]]] += 1
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_by_group(line_nnz, cells, vals, group_of, local_index, group_start, group_line_nnz, out_cells,
+                    out_vals):  # pragma: no cover - compiled
+    """Distribute a block's values to their cell's group: group g's values land in
+    ``out_*[group_start[g]:group_start[g + 1]]`` in line order, cells renumbered within the group."""
+    fill = group_start[:-1].copy()
+    k = 0
+    for line in range(line_nnz.shape[0]):
+        for _ in range(line_nnz[line]):
+            cell = cells[k]
+            group = group_of[cell]
+            position = fill[group]
+            out_cells[position] = local_index[cell]
+            out_vals[position] = vals[k]
+            fill[group] = position + 1
+            group_line_nnz[group, line] += 1
+            k += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_names(buf, name_start, name_end):  # pragma: no cover - compiled
+    """The bytes of every name, each followed by a newline (names never hold one)."""
+    total = 0
+    for i in range(name_start.shape[0]):
+        total += name_end[i] - name_start[i] + 1
+    out = np.empty(total, dtype=np.uint8)
+    pos = 0
+    for i in range(name_start.shape[0]):
+        for k in range(name_start[i], name_end[i]):
+            out[pos] = buf[k]
+            pos += 1
+        out[pos] = 10
+        pos += 1
+    return out
 
 
 def _prefetched_blocks(stream: IO[bytes], block_bytes: int) -> Iterator[bytes]:
@@ -193,7 +373,8 @@ def _split_header(header: bytes, sep: bytes) -> list[str]:
 
 def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str,
                            header_has_gene_column: bool | None = None,
-                           progress: Callable[[int], None] | None = None) -> DenseTextMatrix:
+                           progress: Callable[[int], None] | None = None,
+                           cell_groups: Callable[[list[str]], list] | None = None) -> DenseTextMatrix:
     """Parse a genes x cells delimited text matrix into cells x genes sparse counts.
 
     Parameters
@@ -205,9 +386,12 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
     header_has_gene_column
         Whether the header's first field names the gene column (``GENE`` in DGE files,
         ``""`` in R's write.csv). ``None`` decides from the first data line's width.
+    cell_groups
+        Maps the cell names to one key per cell (e.g. its plate); the values of each group
+        are stored apart, so that :meth:`DenseTextMatrix.cell_rows` of one group is cheap.
 
-    Counts must be non-negative integers (``3``, ``3.0`` and R's ``1e+05`` are accepted);
-    anything else raises :class:`ScgrnInputError` naming the line and the fix.
+    Counts must be non-negative integers (``3``, ``3.0`` and R's ``1e+05`` are accepted)
+    that fit in int32; anything else raises :class:`ScgrnInputError` naming the line and the fix.
     """
     sep_byte = sep.encode()
     header = stream.readline(MAX_LINE_BYTES + 1)
@@ -219,9 +403,12 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
     header_fields = _split_header(header, sep_byte)
     pending = b""
     gene_names: list[str] = []
-    row_chunks, col_chunks, val_chunks = [], [], []
+    chunks: list[list[tuple]] = [[]]
+    group_of = local_index = None
     n_cells: int | None = None
     cell_names: list[str] = []
+    cell_nnz = np.zeros(0, dtype=np.int64)
+    scratch: dict[str, np.ndarray] = {}
     line_number = 2
     bytes_read = len(header)
     sep_code = sep_byte[0]
@@ -236,11 +423,12 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
                 if len(pending) > MAX_LINE_BYTES:
                     raise _line_too_long(line_number, study=study, file=file)
                 continue
-            complete, pending = data[:cut], data[cut:]
+            pending = data[cut:]
         else:
-            complete, pending = (data if data.endswith(b"\n") else data + b"\n"), b""
+            data, cut, pending = (data if data.endswith(b"\n") else data + b"\n"), None, b""
+        buf = np.frombuffer(data, dtype=np.uint8)[:cut]
         if n_cells is None:
-            first_width = complete[: complete.find(b"\n")].rstrip(b"\r").count(sep_byte)
+            first_width = data[: data.find(b"\n")].rstrip(b"\r").count(sep_byte)
             has_gene_column = header_has_gene_column
             if has_gene_column is None:
                 # An empty or "GENE"-like first field names the gene column (write.csv, Drop-seq);
@@ -249,42 +437,102 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
                                    or len(header_fields) == first_width + 1)
             cell_names = header_fields[1:] if has_gene_column else header_fields
             n_cells = len(cell_names)
-        buf = np.frombuffer(complete, dtype=np.uint8)
-        max_lines = complete.count(b"\n")
-        # Worst case every field is non-zero: bound by the number of separators.
-        max_values = complete.count(sep_byte)
-        name_start = np.empty(max_lines, dtype=np.int64)
-        name_end = np.empty(max_lines, dtype=np.int64)
-        rows = np.empty(max_values, dtype=np.int32)
-        cols = np.empty(max_values, dtype=np.int32)
-        vals = np.empty(max_values, dtype=np.int64)
+            cell_nnz = np.zeros(n_cells, dtype=np.int64)
+            group_of, local_index = _cell_groups(cell_groups, cell_names)
+            chunks = [[] for _ in range(int(group_of.max()) + 1 if n_cells else 1)]
+        # Upper bounds, so the kernel never runs out of room: a non-zero field takes at least
+        # 2 bytes (separator + digit), a complete gene line at least 2 per cell + its newline.
+        max_values = len(buf) // 2 + 1
+        max_lines = len(buf) // (2 * n_cells + 1) + 1 if n_cells else len(buf) + 1
+        name_start = _scratch(scratch, "name_start", max_lines, np.int64)
+        name_end = _scratch(scratch, "name_end", max_lines, np.int64)
+        line_nnz = _scratch(scratch, "line_nnz", max_lines, np.int32)
+        cells = _scratch(scratch, "cells", max_values, np.int32)
+        vals = _scratch(scratch, "vals", max_values, np.int32)
         n_lines, nnz, error, error_line_or_blanks, error_value = _parse_lines(
-            buf, sep_code, n_cells, line_number, len(gene_names), name_start, name_end, rows, cols, vals)
+            buf, sep_code, n_cells, line_number, name_start, name_end, line_nnz, cells, vals, cell_nnz)
+        if error == _NO_ROOM:
+            raise AssertionError(f"{file}: dense text parser ran out of room at line {error_line_or_blanks}")
         if error:
             detail = _MESSAGES[error].format(found=error_value, expected=n_cells, field=error_value + 1)
             raise ScgrnInputError(f"line {error_line_or_blanks} {detail}", study=study, file=file,
                                   fix="re-download the file or exclude the sample")
-        gene_names.extend(complete[s:e].decode("utf-8", errors="replace").strip('"')
-                          for s, e in zip(name_start[:n_lines], name_end[:n_lines]))
-        row_chunks.append(rows[:nnz].copy())
-        col_chunks.append(cols[:nnz].copy())
-        val_chunks.append(vals[:nnz].copy())
+        if n_lines:
+            gene_names.extend(_decode_names(buf, name_start[:n_lines], name_end[:n_lines]))
+            first_gene = len(gene_names) - n_lines
+            if len(chunks) == 1:
+                chunks[0].append((first_gene, line_nnz[:n_lines].copy(), cells[:nnz].astype(_index_dtype(n_cells)),
+                                  vals[:nnz].astype(_value_dtype(vals[:nnz]))))
+            else:
+                _append_by_group(chunks, first_gene, line_nnz[:n_lines], cells[:nnz], vals[:nnz], group_of,
+                                 local_index)
         line_number += n_lines + error_line_or_blanks
         bytes_read += len(block)
         if progress is not None:
             progress(bytes_read)
     if n_cells is None:
-        cell_names, n_cells = header_fields[1:], len(header_fields) - 1
-    values = np.concatenate(val_chunks) if val_chunks else np.empty(0, np.int64)
-    if values.size and values.max() > np.iinfo(np.int32).max:
-        raise ScgrnInputError(f"has a count above {np.iinfo(np.int32).max}", study=study, file=file,
-                              fix="check that the file holds counts, not a sentinel or an overflowed value")
-    counts = sp.csr_matrix(
-        (values.astype(np.int32),
-         (np.concatenate(row_chunks) if row_chunks else np.empty(0, np.int32),
-          np.concatenate(col_chunks) if col_chunks else np.empty(0, np.int32))),
-        shape=(n_cells, len(gene_names)), dtype=np.int32)
-    return DenseTextMatrix(gene_names=gene_names, cell_names=cell_names, counts=counts)
+        cell_names = header_fields[1:]
+        cell_nnz = np.zeros(len(cell_names), dtype=np.int64)
+        group_of, local_index = _cell_groups(cell_groups, cell_names)
+        chunks = [[] for _ in range(int(group_of.max()) + 1 if len(cell_names) else 1)]
+    return DenseTextMatrix(gene_names=gene_names, cell_names=cell_names, chunks=chunks, cell_nnz=cell_nnz,
+                           group_of=group_of, local_index=local_index)
+
+
+def _cell_groups(cell_groups: Callable[[list[str]], list] | None,
+                 cell_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each cell, its index within the group); one group when ``cell_groups`` is None."""
+    n_cells = len(cell_names)
+    if cell_groups is None or n_cells == 0:
+        return np.zeros(n_cells, dtype=np.int64), np.arange(n_cells, dtype=np.int64)
+    keys = list(cell_groups(cell_names))
+    if len(keys) != n_cells:
+        raise ValueError(f"cell_groups gave {len(keys)} keys for {n_cells} cells")
+    group_of = pd.factorize(pd.Series(keys, dtype=object))[0].astype(np.int64)
+    local_index = np.empty(n_cells, dtype=np.int64)
+    for group in range(int(group_of.max()) + 1):
+        members = np.flatnonzero(group_of == group)
+        local_index[members] = np.arange(len(members))
+    return group_of, local_index
+
+
+def _append_by_group(chunks: list[list[tuple]], first_gene: int, line_nnz: np.ndarray, cells: np.ndarray,
+                     vals: np.ndarray, group_of: np.ndarray, local_index: np.ndarray) -> None:
+    """Store a block's values group by group (views into one array per block)."""
+    n_groups = len(chunks)
+    group_start = np.zeros(n_groups + 1, dtype=np.int64)
+    np.cumsum(_count_by_group(cells, group_of, n_groups), out=group_start[1:])
+    group_line_nnz = np.zeros((n_groups, len(line_nnz)), dtype=np.int32)
+    out_cells = np.empty(len(cells), dtype=_index_dtype(int(local_index.max()) + 1 if len(local_index) else 0))
+    out_vals = np.empty(len(vals), dtype=_value_dtype(vals))
+    _split_by_group(line_nnz, cells, vals, group_of, local_index, group_start, group_line_nnz, out_cells, out_vals)
+    for group in range(n_groups):
+        start, stop = group_start[group], group_start[group + 1]
+        chunks[group].append((first_gene, group_line_nnz[group], out_cells[start:stop], out_vals[start:stop]))
+
+
+def _index_dtype(n_cells: int):
+    """The smallest type for cell indices below ``n_cells``: stored values take 4 bytes, not 8, in
+    the usual files (fewer than 65,536 cells per file or per group, counts below 65,536)."""
+    return np.uint16 if n_cells <= 1 << 16 else np.int32
+
+
+def _value_dtype(values: np.ndarray):
+    return np.uint16 if not len(values) or int(values.max()) < 1 << 16 else np.int32
+
+
+def _scratch(store: dict[str, np.ndarray], key: str, size: int, dtype) -> np.ndarray:
+    """A buffer of at least ``size`` elements, reused block after block (blocks are alike in size)."""
+    if key not in store or store[key].shape[0] < size:
+        store[key] = np.empty(size + size // 4, dtype=dtype)
+    return store[key]
+
+
+def _decode_names(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
+    """The gene names of a block's lines, decoded in one call rather than one per line."""
+    blob = _gather_names(buf, starts, ends).tobytes()
+    names = blob.decode("utf-8", errors="replace").split("\n")[:-1]
+    return [name.strip('"') for name in names] if b'"' in blob else names
 
 
 def _line_too_long(line_number: int, *, study: str, file: str) -> ScgrnInputError:

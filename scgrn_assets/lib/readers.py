@@ -8,7 +8,9 @@ extracted whole and never held in memory whole.
 
 from __future__ import annotations
 
+import csv
 import io
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,17 @@ from scgrn_assets.lib.archive import ExtractionLimits, iter_tar_members, open_ma
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.dense_text import read_dense_text_matrix
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.mtx_text import read_mtx_coo
 
 _GSM_MEMBER = re.compile(r"^(?P<sample>GSM\d+)_(?P<name>.+?)(?P<suffix>\.dge\.txt\.gz|\.txt\.gz)$")
 # Header and comment lines of a Matrix Market file are short; reading one is bounded (bombs).
 _MAX_MTX_LINE_BYTES = 1 << 20
 _TENX_MEMBER = re.compile(
     r"^(?P<sample>GSM\d+)_(?P<name>.+?)_?(?P<kind>matrix\.mtx|features\.tsv|genes\.tsv|barcodes\.tsv)\.gz$")
+_SERIES_MATRIX = re.compile(r"_series_matrix\.txt(\.gz)?$")
+_GSM = re.compile(r"^GSM\d+$")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,19 +51,47 @@ class SampleCounts:
     cell_plates: list[str] | None = None    # well/plate layouts: plate of each cell (cell_names hold wells)
 
 
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample file left out because it failed to parse (catalog ``skip_bad_samples: true``)."""
+
+    sample: str
+    file: str
+    reason: str
+
+
 def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], None] | None = None, *,
-                       limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
+                       limits: ExtractionLimits = ExtractionLimits(),
+                       skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """Dispatch to the reader of ``study.format``; files are in ``raw_dir`` by catalog name.
 
     ``limits`` bound archive members and every decompressed file (``max_member_bytes``).
+    With ``study.skip_bad_samples``, a sample file that fails to parse is appended to
+    ``skipped`` (and logged) instead of stopping the study; otherwise its error propagates.
     """
     reader = READERS[study.format]
+    skipped = skipped if skipped is not None else []
     for count_file in study.files_with_role("counts"):
         path = raw_dir / count_file.name
         if not path.exists():
             raise ScgrnInputError(f"count file {path} is missing", study=study.accession, file=count_file.name,
                                   fix="materialise geo_raw_archive for this study first")
-        yield from reader(study, path, progress, limits=limits)
+        yield from reader(study, path, progress, limits=limits, skipped=skipped)
+
+
+def _skip_or_raise(study: Study, skipped: list[SkippedSample], sample: str, member: str,
+                   error: ScgrnInputError) -> None:
+    """Record a sample that failed to parse when the catalog allows it; re-raise otherwise."""
+    if not study.skip_bad_samples:
+        raise error
+    skipped.append(SkippedSample(sample=sample, file=member, reason=error.problem))
+    logger.warning("%s: skipping sample %s (%s): %s", study.accession, sample, member, error.problem)
+
+
+def _no_sample_left(study: Study, path: Path, skipped: list[SkippedSample]) -> ScgrnInputError:
+    listed = "; ".join(f"{s.file}: {s.reason}" for s in skipped[:3])
+    return ScgrnInputError(f"every sample file failed to parse ({listed})", study=study.accession, file=path.name,
+                           fix="re-download the archive; check the catalog's format for this study")
 
 
 def _member_name(name: str) -> str:
@@ -64,41 +99,57 @@ def _member_name(name: str) -> str:
 
 
 def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None, *,
-                           limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
-    """GSE98969-style RAW tar: per-sample ``GSM…_<name>.txt.gz``, genes x cells, tab-separated."""
-    yield from _read_dense_members(study, path, suffix=".txt.gz", progress=progress, limits=limits)
+                           limits: ExtractionLimits = ExtractionLimits(),
+                           skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+    """GSE98969-style RAW tar: per-sample ``GSM…_<name>.txt.gz``, genes x cells, tab-separated.
+
+    MARS-seq tables are R ``write.table`` output: the header lists the cells (wells) only,
+    one field shorter than the data lines, which start with the gene.
+    """
+    yield from _read_dense_members(study, path, suffix=".txt.gz", progress=progress, limits=limits,
+                                   skipped=skipped if skipped is not None else [])
 
 
 def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None, *,
-                             limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
+                             limits: ExtractionLimits = ExtractionLimits(),
+                             skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE121654-style RAW tar: per-sample Drop-seq ``GSM…_<name>.dge.txt.gz`` (header ``GENE``)."""
-    yield from _read_dense_members(study, path, suffix=".dge.txt.gz", progress=progress, limits=limits)
+    yield from _read_dense_members(study, path, suffix=".dge.txt.gz", progress=progress, limits=limits,
+                                   skipped=skipped if skipped is not None else [])
 
 
 def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
-                        limits: ExtractionLimits) -> Iterator[SampleCounts]:
+                        limits: ExtractionLimits, skipped: list[SkippedSample]) -> Iterator[SampleCounts]:
     found = 0
+    n_skipped_before = len(skipped)
     for member, stream in iter_tar_members(path, study=study.accession, limits=limits):
         name = _member_name(member)
         match = _GSM_MEMBER.match(name)
         if not match or match.group("suffix") != suffix:
             continue  # GEO RAW tars also hold unrelated supplementary files
-        found += 1
         if progress:
             progress(name)
-        with read_guard(study=study.accession, file=f"{path.name}:{name}"):
-            text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
-            matrix = read_dense_text_matrix(text, sep="\t",
-                                            study=study.accession, file=f"{path.name}:{name}")
+        try:
+            with read_guard(study=study.accession, file=f"{path.name}:{name}"):
+                text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
+                matrix = read_dense_text_matrix(text, sep="\t",
+                                                study=study.accession, file=f"{path.name}:{name}")
+        except ScgrnInputError as error:
+            _skip_or_raise(study, skipped, match.group("sample"), name, error)
+            continue
+        found += 1
         yield SampleCounts(sample=match.group("sample"), sample_name=match.group("name"), source_file=name,
                            cell_names=matrix.cell_names, gene_ids=matrix.gene_names, counts=matrix.counts)
+    if not found and len(skipped) > n_skipped_before:
+        raise _no_sample_left(study, path, skipped[n_skipped_before:])
     if not found:
         raise ScgrnInputError(f"holds no GSM…{suffix} sample files", study=study.accession, file=path.name,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
 
 
 def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
-                                  limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
+                                  limits: ExtractionLimits = ExtractionLimits(),
+                                  skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE123025-style processed CSV: genes x cells, cells named ``<well>.<plate>``.
 
     One "sample" per plate, so per-sample checks (duplicate barcodes) stay meaningful.
@@ -107,8 +158,10 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
         progress(path.name)
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
-        matrix = read_dense_text_matrix(text, sep=",",
-                                        study=study.accession, file=path.name)
+        # Values stored plate by plate: each plate's counts below are built from its own values only.
+        matrix = read_dense_text_matrix(text, sep=",", study=study.accession, file=path.name,
+                                        cell_groups=lambda cells: [normalise_plate_id(c.rpartition(".")[2])
+                                                                   for c in cells])
     if not matrix.cell_names:
         raise ScgrnInputError("has no cell columns", study=study.accession, file=path.name,
                               fix="re-download the file; check the catalog's format for this study")
@@ -125,7 +178,7 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
         rows = np.flatnonzero(plates_array == plate)
         yield SampleCounts(sample=f"plate{plate}", sample_name=f"plate{plate}", source_file=path.name,
                            cell_names=[wells[i] for i in rows], gene_ids=matrix.gene_names,
-                           counts=matrix.counts[rows], cell_plates=[plate] * len(rows))
+                           counts=matrix.cell_rows(rows), cell_plates=[plate] * len(rows))
 
 
 def normalise_plate_id(value: object) -> str:
@@ -143,13 +196,16 @@ def _natural_key(text: str):
 
 
 def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
-                         limits: ExtractionLimits = ExtractionLimits()) -> Iterator[SampleCounts]:
+                         limits: ExtractionLimits = ExtractionLimits(),
+                         skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """RAW tar of per-sample 10x triplets ``GSM…_<name>_{matrix.mtx,features.tsv,barcodes.tsv}.gz``.
 
     Members of one sample may come in any order; each sample is yielded once all three
     have been read (features and barcodes are small; only the matrix is large).
     """
+    skipped = skipped if skipped is not None else []
     pending: dict[tuple[str, str], dict[str, object]] = {}
+    bad: set[tuple[str, str]] = set()
     found = 0
     for member, stream in iter_tar_members(path, study=study.accession, limits=limits):
         name = _member_name(member)
@@ -157,29 +213,67 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
         if not match:
             continue
         key = (match.group("sample"), match.group("name").rstrip("_"))
+        if key in bad:
+            continue  # a sibling member already failed: the sample is out
         kind = match.group("kind").split(".")[0].replace("genes", "features")
         where = f"{path.name}:{name}"
-        with read_guard(study=study.accession, file=where):
-            text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
-            if kind == "matrix":
-                if progress:
-                    progress(name)
-                parts = pending.setdefault(key, {})
-                parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
-            else:
-                pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where)
-            parts = pending[key]
-        if {"matrix", "features", "barcodes"} <= set(parts):
+        try:
+            with read_guard(study=study.accession, file=where):
+                text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
+                if kind == "matrix":
+                    if progress:
+                        progress(name)
+                    parts = pending.setdefault(key, {})
+                    parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
+                else:
+                    pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where)
+                parts = pending[key]
+            assembled = _assemble_10x(study, key, pending.pop(key), where) \
+                if {"matrix", "features", "barcodes"} <= set(parts) else None
+        except ScgrnInputError as error:
+            _skip_or_raise(study, skipped, key[0], name, error)
+            pending.pop(key, None)
+            bad.add(key)
+            continue
+        if assembled is not None:
             found += 1
-            yield _assemble_10x(study, key, pending.pop(key), where)
+            yield assembled
     if pending:
         (sample, name), parts = next(iter(pending.items()))
         missing = sorted({"matrix", "features", "barcodes"} - set(parts))
         raise ScgrnInputError(f"sample {sample}_{name} lacks its {', '.join(missing)} file(s)", study=study.accession,
                               file=path.name, fix="re-download the archive or exclude the sample")
+    if not found and bad:
+        raise _no_sample_left(study, path, skipped)
     if not found:
         raise ScgrnInputError("holds no 10x matrix/features/barcodes triplets", study=study.accession, file=path.name,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
+
+
+def read_ncbi_rnaseq_counts(study: Study, path: Path, progress=None, *,
+                            limits: ExtractionLimits = ExtractionLimits(),
+                            skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+    """GEO's NCBI-generated raw counts of a bulk RNA-seq series: ``GeneID<TAB>GSM…<TAB>GSM…``.
+
+    Each column is one bulk library; it becomes one sample holding one profile (named by its
+    GSM), so the per-sample metadata join and the corpus treat it like any other profile.
+    """
+    if progress:
+        progress(path.name)
+    with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
+        text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
+        matrix = read_dense_text_matrix(text, sep="\t", study=study.accession, file=path.name,
+                                        header_has_gene_column=True)
+    if not matrix.cell_names:
+        raise ScgrnInputError("has no sample columns", study=study.accession, file=path.name,
+                              fix="re-download the file; check the catalog's format for this study")
+    not_gsm = [c for c in matrix.cell_names if not _GSM.match(c)]
+    if not_gsm:
+        raise ScgrnInputError(f"has columns that are not GSM accessions (e.g. {not_gsm[:3]})", study=study.accession,
+                              file=path.name, fix=f"check the catalog's format ({study.format}) for this file")
+    for column, gsm in enumerate(matrix.cell_names):
+        yield SampleCounts(sample=gsm, sample_name=gsm, source_file=path.name, cell_names=[gsm],
+                           gene_ids=matrix.gene_names, counts=matrix.counts[column:column + 1])
 
 
 def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -> SampleCounts:
@@ -196,7 +290,10 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
     if features.shape[1] >= 3:
         # 10x v3 features also list antibody/CRISPR captures: keep gene expression only.
         keep = (features[2] == "Gene Expression").to_numpy()
-    counts = matrix.tocsr()[keep].T.tocsr()
+    # Cells x features in one conversion (coo -> csr sums duplicate coordinates, in int64).
+    counts = matrix.T.tocsr()
+    if not keep.all():
+        counts = counts[:, np.flatnonzero(keep)].tocsr()
     if counts.nnz and counts.data.max() > np.iinfo(np.int32).max:
         raise ScgrnInputError(f"sample {sample}: repeated entries add up to a count above {np.iinfo(np.int32).max}",
                               study=study.accession, file=where, fix="check that the file holds counts")
@@ -220,53 +317,11 @@ def _read_10x_names(stream: IO[bytes], *, study: str, file: str) -> pd.DataFrame
 
 
 def _read_mtx(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
-    """Matrix Market coordinate file (1-based), streamed in chunks; counts must be integers >= 0."""
-    header = stream.readline(_MAX_MTX_LINE_BYTES).decode("ascii", errors="replace").lower()
-    if not header.startswith("%%matrixmarket matrix coordinate"):
-        raise ScgrnInputError(f"is not a MatrixMarket coordinate file (header {header.strip()[:60]!r})",
-                              study=study, file=file, fix="re-download the archive or exclude the sample")
-    line = stream.readline(_MAX_MTX_LINE_BYTES)
-    while line.startswith(b"%"):
-        line = stream.readline(_MAX_MTX_LINE_BYTES)
-    try:
-        n_rows, n_cols, n_entries = (int(v) for v in line.split())
-    except ValueError:
-        n_rows = n_cols = n_entries = -1
-    if min(n_rows, n_cols, n_entries) < 0:
-        raise ScgrnInputError(f"has a malformed size line {line[:60]!r}", study=study, file=file,
-                              fix="re-download the archive or exclude the sample")
-    rows, cols, vals = [], [], []
-    try:
-        reader = pd.read_csv(stream, sep=" ", header=None, names=["row", "col", "value"], comment="%",
-                             dtype={"row": np.int64, "col": np.int64, "value": np.float64}, chunksize=2_000_000,
-                             engine="c")
-        for chunk in reader:
-            rows.append(chunk["row"].to_numpy())
-            cols.append(chunk["col"].to_numpy())
-            vals.append(chunk["value"].to_numpy())
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ScgrnInputError(f"has a malformed entry line ({str(exc).splitlines()[0]})", study=study, file=file,
-                              fix="re-download the archive or exclude the sample") from None
-    row = np.concatenate(rows) if rows else np.empty(0, np.int64)
-    col = np.concatenate(cols) if cols else np.empty(0, np.int64)
-    value = np.concatenate(vals) if vals else np.empty(0, np.float64)
-    if len(value) != n_entries:
-        raise ScgrnInputError(f"declares {n_entries} entries but holds {len(value)}", study=study, file=file,
-                              fix="the file is truncated: re-download it or exclude the sample")
-    if np.isnan(value).any() or (value < 0).any():
-        raise ScgrnInputError("has negative or missing counts", study=study, file=file,
-                              fix="this is not a count matrix: exclude the sample")
-    if (value > np.iinfo(np.int32).max).any():  # also inf: the int32 cast below would wrap it silently
-        raise ScgrnInputError(f"has a count above {np.iinfo(np.int32).max}", study=study, file=file,
-                              fix="check that the file holds counts, not a sentinel or an overflowed value")
-    if (value != np.round(value)).any():
-        raise ScgrnInputError("has non-integer counts", study=study, file=file,
-                              fix="use raw UMI counts, not normalised values")
-    if row.size and (row.min() < 1 or row.max() > n_rows or col.min() < 1 or col.max() > n_cols):
-        raise ScgrnInputError(f"has an index outside its declared {n_rows} x {n_cols} shape", study=study, file=file,
-                              fix="re-download the archive or exclude the sample")
-    # coo -> csr later sums duplicate coordinates, as Matrix Market allows (in int64: no wrap-around).
-    return sp.coo_matrix((value.astype(np.int64), (row - 1, col - 1)), shape=(n_rows, n_cols))
+    """Matrix Market coordinate file (1-based), streamed in blocks; counts must be integers >= 0.
+
+    Plain integer entry lines go through a compiled kernel; see :func:`read_mtx_coo`.
+    """
+    return read_mtx_coo(stream, study=study, file=file)
 
 
 READERS: dict[str, Callable[..., Iterator[SampleCounts]]] = {
@@ -274,12 +329,16 @@ READERS: dict[str, Callable[..., Iterator[SampleCounts]]] = {
     "processed_csv_well_plate": read_processed_csv_well_plate,
     "raw_tar_dropseq_dge": read_raw_tar_dropseq_dge,
     "raw_tar_10x_mtx": read_raw_tar_10x_mtx,
+    "ncbi_rnaseq_counts": read_ncbi_rnaseq_counts,
 }
 
 
 def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
-    """An SraRunTable (CSV, one row per run) or any CSV/TSV metadata table, as strings (at most
-    ``limits.max_member_bytes`` decompressed)."""
+    """An SraRunTable (CSV, one row per run), a GEO series matrix (``…_series_matrix.txt.gz``,
+    one row per GSM: :func:`read_series_matrix`) or any CSV/TSV metadata table, as strings (at
+    most ``limits.max_member_bytes`` decompressed)."""
+    if _SERIES_MATRIX.search(path.name):
+        return read_series_matrix(path, study=study, limits=limits)
     sep = "\t" if path.name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
     try:
         with read_guard(study=study, file=path.name):
@@ -296,6 +355,71 @@ def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = Ex
                               fix="re-download the metadata table (e.g. the SraRunTable)")
     table.columns = [str(c).strip() for c in table.columns]
     return table
+
+
+def read_series_matrix(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
+    """The sample header of a GEO series matrix as one row per GSM, all strings.
+
+    Columns: each ``!Sample_<field>`` line by its field name (``geo_accession``, ``title``,
+    ``source_name_ch1``, ...; repeated lines joined with ``"; "``), plus one column per key
+    of the ``!Sample_characteristics_ch1`` lines' ``key: value`` cells. GEO aligns those
+    lines by position, not by key, so each sample's keys are read from its own cells; a
+    sample without a key gets ``""``. The expression table after
+    ``!series_matrix_table_begin`` is never read.
+    """
+    fields: dict[str, list[str]] = {}
+    characteristics: list[list[str]] = []
+    try:
+        with read_guard(study=study, file=path.name), path.open("rb") as raw, \
+                open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study) as stream:
+            text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+            for line_number, cells in enumerate(csv.reader(text, delimiter="\t", quotechar='"'), start=1):
+                if not cells:
+                    continue
+                key = cells[0].strip()
+                if key.lower() == "!series_matrix_table_begin":
+                    break
+                if not key.startswith("!Sample_"):
+                    continue
+                values = [c.strip() for c in cells[1:]]
+                if key == "!Sample_characteristics_ch1":
+                    characteristics.append(values)
+                else:
+                    name = key[len("!Sample_"):]
+                    if name in fields:
+                        fields[name] = [f"{a}; {b}" if a and b else a or b
+                                        for a, b in zip(fields[name], values + [""] * len(fields[name]))]
+                    else:
+                        fields[name] = values
+    except csv.Error as error:
+        raise ScgrnInputError(f"cannot be read as a GEO series matrix ({error})", study=study, file=path.name,
+                              fix="re-download the series matrix") from None
+    gsms = fields.get("geo_accession")
+    if not gsms:
+        raise ScgrnInputError("has no !Sample_geo_accession line: not a GEO series matrix", study=study,
+                              file=path.name, fix="re-download the series matrix (…_series_matrix.txt.gz)")
+    n_samples = len(gsms)
+    for name, values in list(fields.items()) + [(f"characteristics_ch1 line {i + 1}", v)
+                                                for i, v in enumerate(characteristics)]:
+        if len(values) > n_samples:
+            raise ScgrnInputError(f"!Sample_{name} has {len(values)} values for {n_samples} samples", study=study,
+                                  file=path.name, fix="re-download the series matrix")
+    table = {name: values + [""] * (n_samples - len(values)) for name, values in fields.items()}
+    per_sample: list[dict[str, str]] = [{} for _ in range(n_samples)]
+    for values in characteristics:
+        for index, cell in enumerate(values):
+            if not cell:
+                continue
+            key, colon, value = cell.partition(":")
+            key, value = (key.strip(), value.strip()) if colon else ("characteristics_ch1", cell)
+            if key in table:  # a characteristic named like a sample field: keep both
+                key = f"{key} (characteristics)"
+            previous = per_sample[index].get(key)
+            per_sample[index][key] = f"{previous}; {value}" if previous else value
+    keys = list(dict.fromkeys(k for sample in per_sample for k in sample))
+    for key in keys:
+        table[key] = [sample.get(key, "") for sample in per_sample]
+    return pd.DataFrame(table, dtype=str)
 
 
 def read_dense_count_block(array, rows: slice, *, study: str, file: str) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -322,5 +446,5 @@ def read_dense_count_block(array, rows: slice, *, study: str, file: str) -> tupl
     return counts, measured
 
 
-__all__ = ["SampleCounts", "READERS", "read_study_samples", "read_metadata_table", "read_dense_count_block",
-           "normalise_plate_id"]
+__all__ = ["SampleCounts", "SkippedSample", "READERS", "read_study_samples", "read_metadata_table",
+           "read_series_matrix", "read_dense_count_block", "normalise_plate_id"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,9 +17,28 @@ from anndata.io import write_elem
 from scgrn_assets.lib.archive import ExtractionLimits
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.genes import harmonise_gene_ids, sum_duplicate_genes
-from scgrn_assets.lib.readers import SampleCounts, normalise_plate_id, read_metadata_table, read_study_samples
+from scgrn_assets.lib.genes import drop_spike_ins, harmonise_gene_ids, sum_duplicate_genes
+from scgrn_assets.lib.readers import (SampleCounts, SkippedSample, normalise_plate_id, read_metadata_table,
+                                      read_study_samples)
+from scgrn_assets.lib.memory import release_free_memory
+from scgrn_assets.lib.read_ahead import read_ahead
 from scgrn_assets.lib.storage import atomic_path
+
+
+@dataclass
+class StudyReadReport:
+    """What reading a study left out, for the asset's metadata and the ``.h5ad``'s ``uns["ingest"]``."""
+
+    skipped_samples: list[SkippedSample] = field(default_factory=list)
+    n_cells_without_metadata: int = 0
+    spike_ins_dropped: set[str] = field(default_factory=set)
+
+    def uns(self) -> dict:
+        skipped = self.skipped_samples
+        return {"skipped_samples": "; ".join(f"{s.sample} ({s.file}): {s.reason}" for s in skipped),
+                "n_skipped_samples": len(skipped),
+                "n_cells_without_metadata": self.n_cells_without_metadata,
+                "n_spike_ins_dropped": len(self.spike_ins_dropped)}
 
 
 class GeneUnion:
@@ -30,22 +51,32 @@ class GeneUnion:
     def __init__(self) -> None:
         self.positions: dict[str, int] = {}
         self.ensembl: list[str | None] = []
+        self._last: tuple | None = None  # (symbols, ensembl, column map) of the last sample
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def remap(self, counts: sp.csr_matrix, symbols: list[str], ensembl: list[str | None]) -> sp.csr_matrix:
         """``counts`` (columns = ``symbols``, unique) with columns moved to their union position."""
-        for symbol, ensembl_id in zip(symbols, ensembl):
-            if symbol not in self.positions:
-                self.positions[symbol] = len(self.positions)
-                self.ensembl.append(ensembl_id)
-            elif ensembl_id and self.ensembl[self.positions[symbol]] is None:
-                self.ensembl[self.positions[symbol]] = ensembl_id
-        column_map = np.fromiter((self.positions[s] for s in symbols), dtype=np.int32, count=len(symbols))
-        remapped = sp.csr_matrix((counts.data.astype(np.int32), column_map[counts.indices], counts.indptr),
+        if self._last is not None and symbols is self._last[0] and ensembl is self._last[1]:
+            column_map = self._last[2]  # the very lists of the last sample: its genes are all placed
+        else:
+            for symbol, ensembl_id in zip(symbols, ensembl):
+                if symbol not in self.positions:
+                    self.positions[symbol] = len(self.positions)
+                    self.ensembl.append(ensembl_id)
+                elif ensembl_id and self.ensembl[self.positions[symbol]] is None:
+                    self.ensembl[self.positions[symbol]] = ensembl_id
+            column_map = np.fromiter((self.positions[s] for s in symbols), dtype=np.int32, count=len(symbols))
+            self._last = (symbols, ensembl, column_map)
+        # Samples usually list the genes of the samples before them in the same order: then the
+        # map is the identity (or at least increasing) and the indices need no gather and no sort.
+        identity = np.array_equal(column_map, np.arange(len(column_map), dtype=np.int32))
+        remapped = sp.csr_matrix((counts.data.astype(np.int32, copy=False),
+                                  counts.indices if identity else column_map[counts.indices], counts.indptr),
                                  shape=(counts.shape[0], len(self.positions)))
-        remapped.sort_indices()
+        if not (bool(np.all(np.diff(column_map) > 0)) and counts.has_sorted_indices):
+            remapped.sort_indices()
         return remapped
 
     def var(self) -> pd.DataFrame:
@@ -58,21 +89,38 @@ class GeneUnion:
 def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
                       condition_levels: tuple[str, str] = ("control", "AD"),
                       progress: Callable[[str], None] | None = None,
-                      limits: ExtractionLimits = ExtractionLimits()) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
+                      limits: ExtractionLimits = ExtractionLimits(),
+                      report: StudyReadReport | None = None) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
     """Yield each sample as (counts remapped into ``genes``, its obs rows), one sample in memory at a time.
 
     ``limits`` bound the archive and every decompressed file (decompression bombs).
+    ``report`` collects what was left out: samples skipped by ``skip_bad_samples``, cells
+    kept without metadata (``cells_without_metadata: na``), ERCC spike-ins dropped.
     """
+    report = report if report is not None else StudyReadReport()
     metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
-    for sample in read_study_samples(study, raw_dir, progress, limits=limits):
+    last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
+    for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
         _check_barcodes(study, sample)
-        symbols, ensembl = harmonise_gene_ids(sample.gene_ids, gene_id_type=study.gene_id_type,
-                                              symbols=sample.gene_symbols, strip_r=study.strip_r_prefix,
-                                              ensembl_to_symbol=ensembl_to_symbol, study=study.accession,
-                                              file=sample.source_file)
-        counts, symbols, ensembl = sum_duplicate_genes(sample.counts, symbols, ensembl)
-        obs = _join_cell_metadata(study, sample, metadata, condition_levels)
+        if last_genes is not None and sample.gene_ids == last_genes[0] and sample.gene_symbols == last_genes[1]:
+            # Same genes as the last sample, which needed no spike-in removal and no duplicate sums:
+            # its harmonised lists hold for this one too (and the union's column map is reused).
+            counts, symbols, ensembl = sample.counts, last_genes[2], last_genes[3]
+        else:
+            symbols, ensembl = harmonise_gene_ids(sample.gene_ids, gene_id_type=study.gene_id_type,
+                                                  symbols=sample.gene_symbols, strip_r=study.strip_r_prefix,
+                                                  ensembl_to_symbol=ensembl_to_symbol, study=study.accession,
+                                                  file=sample.source_file)
+            n_harmonised = len(symbols)
+            counts, symbols, ensembl, spike_ins = drop_spike_ins(sample.counts, symbols, ensembl)
+            report.spike_ins_dropped.update(spike_ins)
+            counts, symbols, ensembl = sum_duplicate_genes(counts, symbols, ensembl, study=study.accession,
+                                                           file=sample.source_file)
+            plain = not spike_ins and len(symbols) == n_harmonised
+            last_genes = (sample.gene_ids, sample.gene_symbols, symbols, ensembl) if plain else None
+        obs, n_without_metadata = _join_cell_metadata(study, sample, metadata, condition_levels)
+        report.n_cells_without_metadata += n_without_metadata
         obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
         obs["n_genes"] = np.diff(counts.indptr).astype(np.int64)
         yield genes.remap(counts, symbols, ensembl), obs
@@ -86,9 +134,11 @@ def _finish_obs(study: Study, frames: list[pd.DataFrame], condition_levels: tupl
     return obs
 
 
-def _study_uns(study: Study) -> dict:
+def _study_uns(study: Study, report: StudyReadReport) -> dict:
     return {"study": {"accession": study.accession, "title": study.title, "species": study.species,
-                      "format": study.format, "gene_id_type": study.gene_id_type}}
+                      "format": study.format, "gene_id_type": study.gene_id_type,
+                      "condition_na_reason": study.condition_na_reason},
+            "ingest": report.uns()}
 
 
 def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[str, str] = ("control", "AD"),
@@ -105,15 +155,16 @@ def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[
     """
     genes = GeneUnion()
     blocks, frames = [], []
+    report = StudyReadReport()
     for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels, progress=progress,
-                                        limits=limits):
+                                        limits=limits, report=report):
         blocks.append(block)
         frames.append(obs)
     width = len(genes)
     counts = sp.vstack([sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.shape[0], width)) for b in blocks],
                        format="csr").astype(np.int32)
     adata = ad.AnnData(X=counts, obs=_finish_obs(study, frames, condition_levels), var=genes.var())
-    adata.uns.update(_study_uns(study))
+    adata.uns.update(_study_uns(study, report))
     return adata
 
 
@@ -124,18 +175,26 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
     """Stream one study into an ``.h5ad`` at ``output`` (atomically); memory holds one sample.
 
     X is appended sample by sample as CSR (anndata's on-disk ``csr_matrix`` encoding);
-    returns the written object's obs/var as an AnnData without X, for metadata.
+    returns the written object's obs/var (and ``uns``, with what was left out under
+    ``uns["ingest"]``) as an AnnData without X, for metadata.
     """
     genes = GeneUnion()
     frames: list[pd.DataFrame] = []
+    report = StudyReadReport()
+    # The next sample is read and parsed in a thread while this one is written; progress
+    # messages are handed back so the caller's callback runs in the caller's thread.
+    messages: deque[str] = deque()
     with atomic_path(output) as tmp, h5py.File(tmp, "w") as handle:
         group = handle.create_group("X")
-        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
-        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
         indptr = [np.zeros(1, dtype=np.int64)]
         n_values = 0
-        for block, obs in iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels,
-                                            progress=progress, limits=limits):
+        blocks = iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels,
+                                   progress=messages.append if progress else None, limits=limits, report=report)
+        for block, obs in read_ahead(blocks, name=f"read-{study.accession}"):
+            while messages:
+                progress(messages.popleft())
             data.resize((n_values + block.nnz,))
             indices.resize((n_values + block.nnz,))
             data[n_values:] = block.data
@@ -143,6 +202,8 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
             indptr.append(block.indptr[1:].astype(np.int64) + n_values)
             n_values += block.nnz
             frames.append(obs)
+        while messages:
+            progress(messages.popleft())
         obs = _finish_obs(study, frames, condition_levels)
         var = genes.var()
         group.create_dataset("indptr", data=np.concatenate(indptr))
@@ -150,11 +211,13 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
                             "shape": (len(obs), len(var))})
         write_elem(handle, "obs", obs)
         write_elem(handle, "var", var)
-        write_elem(handle, "uns", _study_uns(study))
+        uns = _study_uns(study, report)
+        write_elem(handle, "uns", uns)
         for name in ("obsm", "varm", "obsp", "varp", "layers"):
             write_elem(handle, name, {})
         handle.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    return ad.AnnData(obs=obs, var=var)
+    release_free_memory()  # the study's sample arrays, so that the next stage does not stack on them
+    return ad.AnnData(obs=obs, var=var, uns=uns)
 
 
 def _check_barcodes(study: Study, sample: SampleCounts) -> None:
@@ -177,9 +240,11 @@ def _read_gene_map(study: Study, raw_dir: Path) -> dict[str, str] | None:
 
 
 def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFrame,
-                        condition_levels: tuple[str, str]) -> pd.DataFrame:
+                        condition_levels: tuple[str, str]) -> tuple[pd.DataFrame, int]:
+    """The sample's obs rows and how many of its cells have no metadata row (only with ``cells_without_metadata: na``)."""
     n_cells = len(sample.cell_names)
     where = study.metadata.file
+    keep_unmatched = study.metadata.cells_without_metadata == "na"
     if sample.cell_plates is not None:
         rows = _rows_by_well_and_plate(study, sample, metadata)
     else:
@@ -188,11 +253,13 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
             raise ScgrnInputError(f"has no column {column!r} to join samples on (columns: {list(metadata.columns)[:12]})",
                                   study=study.accession, file=where, fix="set metadata.sample_column in the catalog")
         matches = metadata.index[metadata[column].str.strip() == sample.sample]
-        if len(matches) == 0:
+        if len(matches) == 0 and not keep_unmatched:
             raise ScgrnInputError(f"has no row for sample {sample.sample} (file {sample.source_file}) in column "
                                   f"{column!r}", study=study.accession, file=where,
-                                  fix="re-download the metadata table or exclude the sample")
-        rows = np.full(n_cells, matches[0])
+                                  fix="re-download the metadata table, or set metadata.cells_without_metadata: na "
+                                      "to keep the sample with NA metadata")
+        rows = np.full(n_cells, matches[0] if len(matches) else -1)
+    matched = rows >= 0
     condition_source = pd.Series(pd.Categorical([None] * n_cells))
     condition = pd.Series(pd.Categorical([None] * n_cells, categories=list(condition_levels)))
     if study.condition is not None:
@@ -208,7 +275,8 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
                 raise ScgrnInputError(f"sample {sample.sample} has conflicting {column!r} values "
                                       f"{sorted(values.unique())}", study=study.accession, file=where,
                                       fix="fix the metadata table or the catalog's condition rule")
-        raw_values = metadata.loc[rows, column].str.strip().to_numpy()
+        raw_values = np.full(n_cells, None, dtype=object)
+        raw_values[matched] = metadata.loc[rows[matched], column].str.strip().to_numpy()
         condition_source = pd.Series(pd.Categorical(raw_values))
         mapped = [study.condition.values.get(v) for v in raw_values]
         condition = pd.Series(pd.Categorical(mapped, categories=list(condition_levels)))
@@ -219,7 +287,7 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
         "barcode": sample.cell_names,
         "condition": condition.array,
         "condition_source": condition_source.array,
-    })
+    }), int((~matched).sum())
 
 
 def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.DataFrame) -> np.ndarray:
@@ -235,9 +303,12 @@ def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.Dat
     cell_keys = [f"{w}.{p}" for w, p in zip(sample.cell_names, sample.cell_plates)]
     rows = lookup.reindex(cell_keys)
     missing = rows.isna()
+    if missing.any() and join.cells_without_metadata == "na":
+        return rows.fillna(-1).to_numpy(dtype=np.int64)
     if missing.any():
         examples = [k for k, m in zip(cell_keys, missing) if m][:3]
         raise ScgrnInputError(f"{int(missing.sum())} of {len(cell_keys)} cells of {sample.sample} have no "
                               f"{join.well_column}+{join.plate_column} row (e.g. {examples})", study=study.accession,
-                              file=join.file, fix="check that the metadata table belongs to this study's counts")
+                              file=join.file, fix="check that the metadata table belongs to this study's counts, or "
+                                                  "set metadata.cells_without_metadata: na to keep them with NA metadata")
     return rows.to_numpy(dtype=np.int64)

@@ -97,3 +97,60 @@ def test_failed_combine_leaves_the_previous_corpus_untouched(tmp_path):
         combine_studies({"GSE1": tmp_path / "s.h5ad"}, output, qc=QCThresholds(10**9, 0, 0))
     np.testing.assert_array_equal(read_corpus(output).X.toarray(), before)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_small_blocks_and_chunks_and_a_dense_study_give_the_same_corpus(tmp_path, seed, monkeypatch):
+    # Blocks of a few values and zarr chunks of a few values: every block and chunk boundary case;
+    # one study stored with a dense X (anndata's other encoding) goes through the general reader.
+    import scgrn_assets.lib.corpus as corpus
+    rng = np.random.default_rng(seed)
+    universe = [f"g{i}" for i in range(30)]
+    studies = {f"GSE{k}": random_study(rng, f"GSE{k}", list(rng.choice(universe, size=20, replace=False)))
+               for k in range(3)}
+    studies["GSE2"].X = studies["GSE2"].X.toarray()
+    paths = {}
+    for accession, adata in studies.items():
+        paths[accession] = tmp_path / f"{accession}.h5ad"
+        adata.write_h5ad(paths[accession])
+    qc = QCThresholds(min_counts_per_cell=5, min_genes_per_cell=2, min_cells_per_gene=2)
+    reference = combine_studies(paths, tmp_path / "reference.zarr", qc=qc)
+    monkeypatch.setattr(corpus, "BLOCK_VALUES", int(rng.integers(1, 40)))
+    monkeypatch.setattr(corpus, "X_CHUNK_VALUES", int(rng.integers(1, 50)))
+    summary = combine_studies(paths, tmp_path / "small.zarr", qc=qc, chunk_cells=int(rng.integers(1, 7)))
+    small, expected = read_corpus(tmp_path / "small.zarr"), read_corpus(tmp_path / "reference.zarr")
+    assert summary == reference
+    assert small.X.dtype == np.float32 and small.X.has_sorted_indices
+    np.testing.assert_array_equal(small.X.toarray(), expected.X.toarray())
+    pd.testing.assert_frame_equal(small.obs, expected.obs)
+    pd.testing.assert_frame_equal(small.var, expected.var)
+    # And both equal the studies themselves, gene by gene.
+    for accession, adata in studies.items():
+        cells = small.obs_names.intersection(adata.obs_names)
+        genes = small.var_names.intersection(adata.var_names)
+        np.testing.assert_array_equal(small[cells, genes].X.toarray(),
+                                      np.asarray(adata[cells, genes].X if not sp.issparse(adata.X)
+                                                 else adata[cells, genes].X.toarray()))
+
+
+def test_align_csr_remaps_drops_and_sorts_like_scipy():
+    from scgrn_assets.lib.corpus import align_csr
+    rng = np.random.default_rng(7)
+    block = sp.random(40, 25, density=0.3, format="csr", random_state=8, dtype=np.float64)
+    block.data = np.ceil(block.data * 9).astype(np.int32)
+    column_map = rng.permutation(30)[:25].astype(np.int32)  # not monotone: rows need sorting
+    column_map[rng.random(25) < 0.3] = -1
+    indptr, indices, data = align_csr(block.indptr.astype(np.int64), block.indices, block.data, column_map)
+    got = sp.csr_matrix((data, indices, indptr), shape=(40, 30))
+    expected = np.zeros((40, 30), dtype=np.float32)
+    kept = column_map >= 0
+    expected[:, column_map[kept]] = block.toarray()[:, kept]
+    assert got.has_sorted_indices and data.dtype == np.float32
+    np.testing.assert_array_equal(got.toarray(), expected)
+
+
+def test_a_gene_index_outside_the_study_is_refused():
+    from scgrn_assets.lib.corpus import align_csr
+    with pytest.raises(ScgrnInputError, match="gene index outside its 2 genes"):
+        align_csr(np.array([0, 2]), np.array([0, 5], dtype=np.int32), np.array([1, 1], dtype=np.int32),
+                  np.array([0, 1], dtype=np.int32), study="GSE1", file="x.h5ad")
