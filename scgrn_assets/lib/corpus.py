@@ -67,23 +67,20 @@ def measured_column(study: str) -> str:
     return f"measured_in_{study}"
 
 
-def _read_study_frames(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_study_frames(path: Path, parts: tuple[str, ...] = ("obs", "var")) -> tuple[pd.DataFrame, ...]:
+    """The named frames (``obs``, ``var``) of a study's .h5ad, read without loading its counts."""
     with h5py.File(path, "r") as handle:
-        obs = ad.io.read_elem(handle["obs"])
-        var = ad.io.read_elem(handle["var"])
-    return obs, var
+        return tuple(ad.io.read_elem(handle[part]) for part in parts)
 
 
 def read_study_obs(path: Path) -> pd.DataFrame:
     """obs of an .h5ad, read without loading its counts."""
-    with h5py.File(path, "r") as handle:
-        return ad.io.read_elem(handle["obs"])
+    return read_study_frames(path, ("obs",))[0]
 
 
 def study_gene_names(path: Path) -> list[str]:
     """Gene symbols of a study's .h5ad, read without loading its counts."""
-    with h5py.File(path, "r") as handle:
-        return ad.io.read_elem(handle["var"]).index.tolist()
+    return read_study_frames(path, ("var",))[0].index.tolist()
 
 
 @dataclass
@@ -278,7 +275,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
     moves each value's column to its corpus gene (a lookup table, no per-cell work) and
     writes X's ``data``/``indices`` in large chunk-aligned blocks.
     """
-    frames = {study: _read_study_frames(path) for study, path in study_files.items()}
+    frames = {study: read_study_frames(path) for study, path in study_files.items()}
     union = pd.Index(pd.unique(np.concatenate([var.index.to_numpy(dtype=object) for _, var in frames.values()])))
 
     # Cell QC needs only obs: n_counts and n_genes were computed per study over all its genes.
