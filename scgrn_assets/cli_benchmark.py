@@ -48,6 +48,10 @@ def add_benchmark_parser(commands) -> None:
                         help="the truth lists associations, not regulator -> target (e.g. STRING-like lists)")
     parser.add_argument("--allow-missing-genes", action="store_true",
                         help="evaluate on the truth genes present instead of failing when some are absent")
+    parser.add_argument("--tf-list", metavar="FILE",
+                        help="candidate regulators of the tree baseline: a TF list (BEELINE's mouse-tfs.csv / "
+                             "human-tfs.csv, or one symbol per line; case ignored); default every gene. Never the "
+                             "truth's regulators: that would leak the answer into one method")
     parser.add_argument("--name", help="dataset name in the outputs (default: the expression file's folder)")
     parser.add_argument("--duckdb", help="also register the tables as views in this DuckDB file")
     parser.add_argument("--table", default="grn_benchmark",
@@ -93,6 +97,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             fix="check --orientation and that truth and expression use the same gene identifiers"
                 + ("" if len(missing) == len(truth_genes) else
                    ", or pass --allow-missing-genes to evaluate on the genes present"))
+    if args.tf_list:  # checked before the model trains: a missing file or no listed TF among the genes
+        from scgrn_assets.lib.references import load_tf_list
+
+        listed = {symbol.upper() for symbol in load_tf_list(args.tf_list)}  # case ignored, as the path does
+        if not listed & {str(gene).upper() for gene in data.gene_names}:
+            raise ScgrnInputError(f"none of the {len(listed)} TFs in the TF list is a gene of the expression matrix",
+                                  file=args.tf_list, fix="check the TF list's species and symbol case")
     dataset = args.name or expression_path.parent.name or expression_path.stem
     print(f"{dataset}: {data.n_cells} cells x {data.n_genes} genes, read as {data.orientation}; "
           f"values: {data.value_kind}; truth: {', '.join(f'{n} ({len(t)} edges)' for n, t in references.items())}")
@@ -104,7 +115,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                                         "min_cells_per_edge", "device")
                  if getattr(args, name) is not None}
     settings = GrnPathSettings(**overrides, model_seed=args.seed, validation_seed=args.seed,
-                               benchmark_seed=args.seed)
+                               benchmark_seed=args.seed, tf_list=args.tf_list)
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -120,9 +131,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    inputs = [expression_path, *map(Path, args.truth)]
+    inputs = [expression_path, *map(Path, args.truth), *([Path(args.tf_list)] if args.tf_list else [])]
     run_info = {
         "command": "scgrn benchmark", "expression": str(expression_path), "truth": args.truth,
+        "tf_list": args.tf_list,
         "sha256": {str(path): sha256_of(path) for path in inputs if path.is_file()},
         "values": data.value_kind, "orientation": data.orientation, "clip_negative": args.clip_negative,
         "n_cells": data.n_cells, "n_genes": data.n_genes, "missing_truth_genes": missing,

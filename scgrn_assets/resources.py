@@ -77,6 +77,8 @@ class BenchmarkSettings(dg.ConfigurableResource):
 
     tree_max_cells: int = 1000     # cells subsampled for the tree baseline
     tree_n_trees: int = 20
+    tree_max_features: str = "sqrt"  # regulators tried per split (GENIE3's K = sqrt(n))
+    tf_list: str | None = None     # TF list file for the tree's regulators (None: every gene; never the truth's)
     n_null: int = 200              # null draws for the enrichment p-values
     top_k: int | None = None       # top-K for enrichment (None: the number of true edges)
     seed: int = 0

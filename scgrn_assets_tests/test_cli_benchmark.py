@@ -126,7 +126,7 @@ def test_the_cli_path_has_the_assets_settings():
     for name in ("n_bins", "n_permutations", "alpha", "min_cmi_ratio", "miller_madow"):
         assert getattr(settings, name) == getattr(validation, name), name
     assert (settings.mi_top_k, settings.validation_seed) == (validation.top_k, validation.seed)
-    for name in ("tree_max_cells", "tree_n_trees", "n_null", "top_k"):
+    for name in ("tree_max_cells", "tree_n_trees", "tree_max_features", "tf_list", "n_null", "top_k"):
         assert getattr(settings, name) == getattr(benchmark, name), name
     assert settings.benchmark_seed == benchmark.seed
 
@@ -202,3 +202,90 @@ def test_benchmark_on_beeline_gsd(tmp_path, capsys):
         assert 0.0 <= metrics[method, "all_pairs", "auroc"] <= 1.0
     # The tree baseline regresses on the expression the truth was simulated from: better than random.
     assert metrics["tree", "all_pairs", "auroc"] > 0.55
+
+
+def _tree_predictions(out) -> pd.DataFrame:
+    run = json.loads((out / "run.json").read_text())
+    table = predictions_from_long(pd.read_parquet(out / "predictions.parquet"), run["methods"])["tree"]
+    return table.sort_values(["source", "target"]).reset_index(drop=True)
+
+
+def test_tree_baseline_never_sees_the_truth_and_takes_an_explicit_tf_list(small_benchmark_files, tmp_path):
+    expression, truth = small_benchmark_files
+    common = ["--expression", str(expression), "--values", "normalized", *QUICK]
+    assert main(["benchmark", *common, "--truth", str(truth), "--out", str(tmp_path / "a")]) == 0
+    # Another truth on the same genes, with other regulators.
+    other_truth = tmp_path / "other.csv"
+    pd.DataFrame([("G9", "G3", "+"), ("G8", "G0", "-"), ("G4", "G7", "+"), ("G4", "G1", "+")],
+                 columns=["Gene1", "Gene2", "Type"]).to_csv(other_truth, index=False)
+    assert main(["benchmark", *common, "--truth", str(other_truth), "--out", str(tmp_path / "b")]) == 0
+
+    first, second = _tree_predictions(tmp_path / "a"), _tree_predictions(tmp_path / "b")
+    # The baseline is a function of the expression alone: the truth file changes nothing it predicts.
+    pd.testing.assert_frame_equal(first, second)
+    # Every gene is a candidate regulator, so in all_pairs it ranks every ordered pair, as the others do,
+    # including pairs rooted at genes that regulate nothing in the truth.
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    genes = run["genes_benchmarked"]
+    assert run["tree_regulators"] == "all genes" and run["tf_list"] is None
+    assert len(first) == len(genes) * (len(genes) - 1)
+    assert set(first["source"]) == set(genes)
+    truth_regulators = {source for source, _, _ in TRUTH}
+    assert set(first["source"]) - truth_regulators  # e.g. G3, G4: not regulators of the truth
+    assert run["settings"]["tree_max_features"] == "sqrt"
+
+    # An explicit TF list (BEELINE's TF,Sources format) restricts the sources, and is recorded.
+    tf_file = tmp_path / "toy-tfs.csv"
+    tf_file.write_text("TF,Sources\nG3,x\nG7,x\nNOT_A_GENE,x\n")
+    assert main(["benchmark", *common, "--truth", str(truth), "--out", str(tmp_path / "c"),
+                 "--tf-list", str(tf_file)]) == 0
+    listed = _tree_predictions(tmp_path / "c")
+    listed_run = json.loads((tmp_path / "c" / "run.json").read_text())
+    present = [gene for gene in ("G3", "G7") if gene in genes]
+    assert present and set(listed["source"]) == set(present)
+    assert len(listed) == len(present) * (len(genes) - 1)
+    assert listed_run["tf_list"] == str(tf_file) and listed_run["settings"]["tf_list"] == str(tf_file)
+    assert listed_run["tree_regulators"]["genes"] == present
+    assert str(tf_file) in listed_run["sha256"]
+    # The other methods are untouched by the TF list.
+    for out in ("a", "c"):
+        assert (tmp_path / out / "predictions.parquet").exists()
+    pearson = [pd.read_parquet(tmp_path / out / "predictions.parquet").query("method == 'pearson'")
+               .reset_index(drop=True) for out in ("a", "c")]
+    pd.testing.assert_frame_equal(*pearson)
+
+
+def test_a_tf_list_without_any_gene_of_the_matrix_is_refused_before_training(small_benchmark_files, tmp_path,
+                                                                               capsys):
+    expression, truth = small_benchmark_files
+    tf_file = tmp_path / "human-tfs.csv"
+    tf_file.write_text("TF,Sources\nSOX2,x\nPOU5F1,x\n")
+    error = _error_of(capsys, "--expression", str(expression), "--truth", str(truth), "--values", "normalized",
+                      "--out", str(tmp_path / "out"), "--tf-list", str(tf_file))
+    assert "none of the 2 TFs in the TF list" in error and "human-tfs.csv" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_baseline_asset_does_not_read_the_references():
+    import dagster as dg
+
+    from scgrn_assets.assets.benchmarks import baseline_edges, benchmark_metrics
+
+    assert dg.AssetKey("reference_networks") not in baseline_edges.dependency_keys
+    assert dg.AssetKey("reference_networks") in benchmark_metrics.dependency_keys
+
+
+def test_tree_regulators_come_from_a_tf_list_file_never_from_a_reference():
+    import inspect
+
+    from scgrn_assets.lib.errors import ScgrnInputError
+    from scgrn_assets.lib.grn_pipeline import tree_regulators
+
+    assert "reference" not in inspect.signature(tree_regulators).parameters
+    genes = ["Sox2", "Pou5f1", "Actb", "Gapdh", "Nanog"]
+    assert tree_regulators(None, genes) is None
+    mouse = shared_data("reference", "beeline_networks", "mouse-tfs.csv")
+    chosen = tree_regulators(mouse, genes)
+    assert chosen == ["Sox2", "Pou5f1", "Nanog"]  # the list says SOX2: symbol case is ignored
+    with pytest.raises(ScgrnInputError, match="none of the"):
+        tree_regulators(mouse, ["NOT_A_GENE"])

@@ -118,8 +118,14 @@ def test_every_gpu_pool_asset_carries_the_gpu_tags():
 def test_blocking_checks_guard_every_asset_that_has_downstream_assets():
     graph = code_location().defs.resolve_asset_graph()
     guarded = set()
+    # Advisory checks warn and let the run go on: what they find needs a person's judgement (e.g.
+    # whether a SuperSeries really repeats its subseries' cells), not a stopped pipeline.
+    advisory = {"cells_are_not_repeated_across_studies"}
     for asset in code_location().all_assets:
         for spec in asset.check_specs:
+            if spec.name in advisory:
+                assert not spec.blocking
+                continue
             assert spec.blocking, f"{spec.asset_key.to_user_string()}:{spec.name} must stop downstream work"
             guarded.add(spec.asset_key)
     with_children = {key for key in graph.get_all_asset_keys() if graph.get(key).child_keys}

@@ -10,7 +10,7 @@ from scgrn_assets.lib.download import fetch_file
 from scgrn_assets.lib.expression import log_normalized
 from scgrn_assets.lib.grn_metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
 from scgrn_assets.lib.grn_pipeline import (baseline_predictions, baseline_table, network_genes, prediction_tables,
-                                           regulators)
+                                           tree_regulators)
 from scgrn_assets.lib.references import ReferenceSource, load_reference
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.assets.network import read_edges
@@ -53,26 +53,32 @@ def reference_networks(context: dg.AssetExecutionContext, storage: ScgrnStorage,
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
 def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
-                   combined_corpus, edge_stability, reference_networks):
+                   combined_corpus, edge_stability):
     """Pearson, Spearman, tree-based (GENIE3-style) and random predictions on the genes of the
-    attention network, from log1p-normalised expression."""
+    attention network, from log1p-normalised expression.
+
+    Independent of the reference networks (not an input): the tree baseline's candidate regulators
+    are every gene, or ``BenchmarkSettings.tf_list`` (a TF list file such as BEELINE's
+    ``mouse-tfs.csv``) when set, never the benchmark's truth."""
     corpus = read_corpus(combined_corpus)
     genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
     columns = corpus.var_names.get_indexer(genes)
     expression = log_normalized(corpus.X[:, columns], corpus.obs["n_counts"].to_numpy()).toarray()
-    tf_list = regulators(pd.read_parquet(reference_networks), genes)
+    tf_list = tree_regulators(benchmark.tf_list, genes)
 
     def tree_progress(done: int, total: int) -> None:
         if done % 100 == 0 or done == total:
             context.log.info(f"tree baseline: {done}/{total} targets")
 
     table = baseline_table(baseline_predictions(expression, genes, tf_list, tree_n_trees=benchmark.tree_n_trees,
-                                                tree_max_cells=benchmark.tree_max_cells, seed=benchmark.seed,
+                                                tree_max_cells=benchmark.tree_max_cells,
+                                                tree_max_features=benchmark.tree_max_features, seed=benchmark.seed,
                                                 progress=tree_progress))
     path = artefact_path(storage.layout, "baseline_edges", None)
     write_parquet(table, path)
     register_view(storage.layout.duckdb_path, "baseline_edges", path)
     return dg.Output(path, metadata={"n_genes": len(genes), "n_regulators": len(tf_list or genes),
+                                     "tree_regulators": benchmark.tf_list or "all genes",
                                      "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict())})
 
 

@@ -30,6 +30,7 @@ from scgrn_assets.lib.geneformer import SmallGeneformerConfig, train_small_genef
 from scgrn_assets.lib.grn_metrics import benchmark_table
 from scgrn_assets.lib.mutual_information import (candidate_edges, cmi_tables, discretize_expression,
                                                  mi_edge_table)
+from scgrn_assets.lib.references import load_tf_list
 from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.tokenize import (build_corpus_dictionaries, convention_named, corpus_gene_keys,
                                        tokenize_cells)
@@ -79,6 +80,8 @@ class GrnPathSettings:
     # baselines and metrics
     tree_max_cells: int = 1000
     tree_n_trees: int = 20
+    tree_max_features: str = "sqrt"
+    tf_list: str | None = None  # a TF list file for the tree baseline's regulators (None: every gene)
     n_null: int = 200
     top_k: int | None = None
     benchmark_seed: int = 0
@@ -100,30 +103,55 @@ def network_genes(edges: pd.DataFrame) -> list[str]:
     return sorted(set(edges["gene_i"]) | set(edges["gene_j"]))
 
 
-def regulators(references: pd.DataFrame, genes: Sequence[str]) -> list[str] | None:
-    """The directed references' regulators among ``genes`` (the tree baseline's candidate regulators);
-    None (every gene) when there are none."""
-    directed = references[references["directed"]]
-    return sorted(set(directed["source"]) & set(genes)) or None
+def tree_regulators(tf_list_file: str | Path | None, genes: Sequence[str]) -> list[str] | None:
+    """The tree baseline's candidate regulators: the genes whose symbol is in ``tf_list_file``, ignoring
+    case (e.g. BEELINE's ``mouse-tfs.csv`` / ``human-tfs.csv``), in ``genes`` order; or None, every gene,
+    when no file is given (GENIE3's default without a TF list).
+
+    Never the benchmark's reference: a baseline whose regulators were the truth's would rank only
+    truth-rooted pairs while every other method ranks all pairs, i.e. it would have read the answer
+    key. The ``tf_rooted`` universe gives every method the reference's regulators at evaluation time.
+
+    Raises
+    ------
+    ScgrnInputError
+        When none of the file's symbols is among ``genes``.
+    """
+    if tf_list_file is None or str(tf_list_file) == "":
+        return None
+    # Case-insensitive: BEELINE's mouse list is upper-case (SOX2), mouse data title-case (Sox2).
+    listed = {symbol.upper() for symbol in load_tf_list(tf_list_file)}
+    present = [gene for gene in genes if str(gene).upper() in listed]
+    if not present:
+        raise ScgrnInputError(f"none of the {len(listed)} TFs in the TF list is among the {len(genes)} genes",
+                              file=str(tf_list_file), fix="check the TF list's species and symbol case")
+    return present
 
 
-def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: Sequence[str] | None, *,
-                         tree_n_trees: int, tree_max_cells: int, seed: int,
+def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: Sequence[str] | None = None, *,
+                         tree_n_trees: int, tree_max_cells: int, seed: int, tree_max_features: str | float = "sqrt",
                          progress: ProgressCallback | None = None) -> dict[str, pd.DataFrame]:
     """Pearson, Spearman, tree (GENIE3-style) and random predictions on ``genes``.
+
+    Nothing here sees a reference network: every baseline is a function of the expression alone
+    (and of ``tf_list`` when the user gives one).
 
     Parameters
     ----------
     expression
         Cells x genes, log-normalised (:func:`scgrn_assets.lib.expression.log_normalized`), columns = ``genes``.
     tf_list
-        Candidate regulators of the tree baseline (:func:`regulators`).
+        Candidate regulators of the tree baseline (:func:`tree_regulators`); None: every gene, so in the
+        ``all_pairs`` universe the tree ranks the same pairs as every other method.
+    tree_n_trees, tree_max_cells, tree_max_features
+        The tree baseline's trees per target, cell subsample and features tried per split
+        (:func:`scgrn_assets.lib.baselines.tree_edges`).
     """
     return {
         "pearson": pearson_edges(expression, genes),
         "spearman": spearman_edges(expression, genes),
         "tree": tree_edges(expression, genes, tf_list=tf_list, n_trees=tree_n_trees, max_cells=tree_max_cells,
-                           seed=seed, progress=progress),
+                           max_features=tree_max_features, seed=seed, progress=progress),
         # A uniform null over all pairs: a TF prior would credit the baseline with the reference's regulators.
         "random": random_edges(genes, seed=seed),
     }
@@ -184,6 +212,8 @@ class GrnBenchmarkResult:
     predictions: dict[str, pd.DataFrame]
     metrics: pd.DataFrame
     settings: dict = field(default_factory=dict)
+    tree_regulators: list[str] | None = None
+    """The tree baseline's candidate regulators among ``genes`` (None: every gene)."""
 
 
 def attention_network(data: ExpressionData, settings: GrnPathSettings,
@@ -267,15 +297,17 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
     genes = network_genes(all_edges)
     columns = pd.Index(data.gene_names).get_indexer(genes)
     expression = log_normalized(data.values[:, columns], data.n_counts).toarray()
-    reference_table = pd.concat(list(references.values()), ignore_index=True)
+    # The baselines never see ``references``: the tree's regulators are every gene or the user's TF list.
+    tf_list = tree_regulators(settings.tf_list, genes)
     baselines = baseline_table(baseline_predictions(
-        expression, genes, regulators(reference_table, genes), tree_n_trees=settings.tree_n_trees,
-        tree_max_cells=settings.tree_max_cells, seed=settings.benchmark_seed, progress=report("tree")))
+        expression, genes, tf_list, tree_n_trees=settings.tree_n_trees, tree_max_cells=settings.tree_max_cells,
+        tree_max_features=settings.tree_max_features, seed=settings.benchmark_seed, progress=report("tree")))
     predictions = prediction_tables(edges, baselines, mi, cmi)
     metrics = benchmark_table(predictions, references, genes, top_k=settings.top_k, n_null=settings.n_null,
                               seed=settings.benchmark_seed, progress=report("metrics"))
     return GrnBenchmarkResult(genes=genes, attention_edges=edges, loss_curve=loss_curve, mi_edges=mi, cmi_edges=cmi,
-                              baselines=baselines, predictions=predictions, metrics=metrics, settings=asdict(settings))
+                              baselines=baselines, predictions=predictions, metrics=metrics, settings=asdict(settings),
+                              tree_regulators=tf_list)
 
 
 def predictions_long(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -311,9 +343,10 @@ def headline_table(metrics: pd.DataFrame, columns: Sequence[tuple[str, str]] = H
     return wide.reset_index(drop=True)
 
 
-SUMMARY_LEGEND = ("Columns without a suffix are the `all_pairs` universe; `_tf_rooted` columns rank only pairs "
-                  "rooted at a regulator of the truth (the tree baseline's candidate regulators), so every method "
-                  "gets the TF prior the tree has. EPR and AUPRC ratio: 1 = random.")
+SUMMARY_LEGEND = ("Columns without a suffix are the `all_pairs` universe, where every method ranks every pair "
+                  "(the tree baseline's regulators are every gene unless a TF list was given); `_tf_rooted` "
+                  "columns rank only pairs rooted at a regulator of the truth, the same TF prior for every "
+                  "method. EPR and AUPRC ratio: 1 = random.")
 
 
 def headline_markdown(headline: pd.DataFrame) -> str:
@@ -359,6 +392,9 @@ def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str
         "run.json": lambda tmp: Path(tmp).write_text(json.dumps(
             {"dataset": dataset, **run_info, "settings": result.settings, "genes_benchmarked": result.genes,
              "methods": {m: bool(p.attrs.get("directed", True)) for m, p in result.predictions.items()},
+             "tree_regulators": ("all genes" if result.tree_regulators is None
+                                 else {"tf_list": result.settings.get("tf_list"),
+                                       "n_in_genes": len(result.tree_regulators), "genes": result.tree_regulators}),
              "final_training_loss": float(np.nanmean(result.loss_curve[-20:])) if len(result.loss_curve) else None},
             indent=2, default=str) + "\n"),
     }
