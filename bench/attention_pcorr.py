@@ -7,7 +7,8 @@ dict of per-pair Welford states. Ours is the production step
 :class:`~scgrn_assets.lib.attention_network.EdgeMomentAccumulator`): the same maths, on
 the CPU per cell through LAPACK on one triangle (``syrk``/``potrf``/``potri``: the shrunk
 matrix is SPD, so its pseudo-inverse is its inverse) and a numba Welford/Chan loop into
-dense per-pair arrays; on a GPU batched on torch. Both run in this process on the same
+dense per-pair arrays (up to 4,096 genes) or a pair hash map (larger universes); on a GPU
+batched on torch. Both run in this process on the same
 inputs (256 genes per cell, heads-summed float32 attention blocks, float64 maths), batches
 alternating between the two so both see the same load, and the results are compared before
 the ratio is printed. The ratio is of wall-clock cells/s; the CPU-time ratio is printed too
@@ -18,23 +19,35 @@ Geneformer V1-size model with random weights (6 layers, 256 hidden, 4 heads, 204
 the goal there is ≥ 1,000 cells/s on an H100. That figure is still unmeasured: no GPU has
 been lent to this project's sessions so far.
 
+``--universe N`` sets the gene universe (default 2,000; 20,000 with ``--full``) and also
+times the other moment store on the same cells, alternating with the rest: with a large
+universe "ours" is the pair hash map (what ``EdgeMomentAccumulator`` picks above 4,096
+genes) and "ours-dense" the dense per-pair arrays forced to that size (``--skip-dense``
+leaves them out, they take ``n_genes²·12`` bytes); with a small universe "ours" is dense and
+"ours-hash" the hash map. Each line gives cells/s, CPU ms per cell and the bytes the moment
+state held at its largest; the process's peak RSS covers all of them and the baseline's dict.
+
 Usage::
 
     python bench/attention_pcorr.py                 # default scale, CPU, < 10 min on 2 cores
     python bench/attention_pcorr.py --full          # more cells
+    python bench/attention_pcorr.py --universe 20000          # dense vs hash map vs baseline, real-size universe
     python bench/attention_pcorr.py --device cuda --v1-size
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from scgrn_assets.lib.attention_network import (
+    DEFAULT_MAX_DENSE_PAIRS,
     EdgeMomentAccumulator,
     add_attention_blocks,
     attention_edge_moments,
@@ -111,6 +124,16 @@ def our_update(accumulator: EdgeMomentAccumulator, blocks: np.ndarray, gene_ids:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Timed:
+    """One of our moment stores and the time it took."""
+
+    name: str
+    accumulator: EdgeMomentAccumulator
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
 def compare(welford: dict, ours) -> tuple[int, float, float]:
     """Pairs seen by both, largest |Δ mean| and largest |Δ M2| between the two pipelines."""
     keys = np.array(sorted(welford), dtype=np.int64).reshape(-1, 2)
@@ -159,12 +182,16 @@ def main() -> None:
     parser.add_argument("--no-autocast", action="store_true", help="--v1-size forward in float32, not bf16")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for both pipelines (BLAS and torch); 1 is fastest on a busy shared machine")
+    parser.add_argument("--universe", type=int, default=None,
+                        help="genes in the universe; also times the other moment store (dense / hash map)")
+    parser.add_argument("--skip-dense", action="store_true",
+                        help="with --universe: leave out the forced-dense store of a large universe")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     threadpool_limits(arguments.threads)
     device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_cells = arguments.n_cells or (1024 if arguments.full else 192)
-    n_genes_universe = 20_000 if arguments.full else 2_000
+    n_genes_universe = arguments.universe or (20_000 if arguments.full else 2_000)
     n_genes_per_cell = 256
 
     blocks, gene_ids = synthetic_inputs(n_cells, n_genes_per_cell, n_genes_universe, seed=0)
@@ -172,31 +199,45 @@ def main() -> None:
           f"device {device}, torch threads {torch.get_num_threads()}", flush=True)
 
     gene_names = [f"g{index}" for index in range(n_genes_universe)]
+    # "ours" is what production picks for this universe; with --universe also the other store.
+    stores = {"ours": {}}
+    if arguments.universe is not None:
+        if n_genes_universe ** 2 <= DEFAULT_MAX_DENSE_PAIRS:
+            stores["ours-hash"] = {"max_dense_pairs": 0}
+        elif not arguments.skip_dense:
+            stores["ours-dense"] = {"max_dense_pairs": n_genes_universe ** 2}
     # Warm up ours (allocator, kernels, numba's compiled-code cache) so the timing is steady-state.
-    warmup = EdgeMomentAccumulator(gene_names, device)
-    our_update(warmup, blocks[:8], gene_ids[:8], device)
-    warmup.result()
-    del warmup
-    accumulator = EdgeMomentAccumulator(gene_names, device)
+    for options in stores.values():
+        warmup = EdgeMomentAccumulator(gene_names, device, **options)
+        our_update(warmup, blocks[:8], gene_ids[:8], device)
+        warmup.result()
+        del warmup
+    timed = [Timed(name, EdgeMomentAccumulator(gene_names, device, **options)) for name, options in stores.items()]
     welford: dict[tuple[int, int], list[float]] = {}
-    our_seconds = baseline_seconds = our_cpu_seconds = baseline_cpu_seconds = 0.0
-    # Alternate batches between the two so both see the same load on a shared machine.
+    baseline_seconds = baseline_cpu_seconds = 0.0
+    # Alternate batches between them so all see the same load on a shared machine.
     for start in range(0, n_cells, arguments.batch_size):
         batch = slice(start, start + arguments.batch_size)
+        for store in timed:
+            tick, cpu_tick = time.perf_counter(), time.process_time()
+            our_update(store.accumulator, blocks[batch], gene_ids[batch], device)
+            store.seconds += time.perf_counter() - tick
+            store.cpu_seconds += time.process_time() - cpu_tick
         tick, cpu_tick = time.perf_counter(), time.process_time()
-        our_update(accumulator, blocks[batch], gene_ids[batch], device)
-        tock, cpu_tock = time.perf_counter(), time.process_time()
         baseline_update(welford, blocks[batch], gene_ids[batch])
-        our_seconds += tock - tick
-        baseline_seconds += time.perf_counter() - tock
-        our_cpu_seconds += cpu_tock - cpu_tick
-        baseline_cpu_seconds += time.process_time() - cpu_tock
-        print(f"  {min(start + arguments.batch_size, n_cells)}/{n_cells} cells: ours {our_seconds:.1f} s, "
-              f"baseline {baseline_seconds:.1f} s", flush=True)
-    tick, cpu_tick = time.perf_counter(), time.process_time()
-    ours = accumulator.result()
-    our_seconds += time.perf_counter() - tick
-    our_cpu_seconds += time.process_time() - cpu_tick
+        baseline_seconds += time.perf_counter() - tick
+        baseline_cpu_seconds += time.process_time() - cpu_tick
+        print(f"  {min(start + arguments.batch_size, n_cells)}/{n_cells} cells: "
+              + ", ".join(f"{store.name} {store.seconds:.1f} s" for store in timed)
+              + f", baseline {baseline_seconds:.1f} s", flush=True)
+    results = {}
+    for store in timed:
+        tick, cpu_tick = time.perf_counter(), time.process_time()
+        results[store.name] = store.accumulator.result()
+        store.seconds += time.perf_counter() - tick
+        store.cpu_seconds += time.process_time() - cpu_tick
+    ours = results["ours"]
+    our_seconds, our_cpu_seconds = timed[0].seconds, timed[0].cpu_seconds
     our_cells_per_second = n_cells / our_seconds
     baseline_cells_per_second = n_cells / baseline_seconds
     print(f"ours: {our_cells_per_second:.1f} cells/s")
@@ -208,6 +249,20 @@ def main() -> None:
 
     n_pairs, mean_difference, m2_difference = compare(welford, ours)
     print(f"agreement: {n_pairs} pairs, max |d mean| {mean_difference:.2e}, max |d M2| {m2_difference:.2e}")
+    if arguments.universe is not None:
+        for store in timed:
+            if store.name != "ours":
+                n_pairs, mean_difference, m2_difference = compare(welford, results[store.name])
+                print(f"agreement {store.name}: {n_pairs} pairs, max |d mean| {mean_difference:.2e}, "
+                      f"max |d M2| {m2_difference:.2e}")
+        for store in timed:
+            print(f"store {store.name} ({store.accumulator.mode}): {n_cells / store.seconds:.1f} cells/s, "
+                  f"cpu {1000 * store.cpu_seconds / n_cells:.2f} ms/cell, "
+                  f"state {store.accumulator.state_nbytes / 2**30:.2f} GiB at most")
+        print(f"store baseline (dict): {baseline_cells_per_second:.2f} cells/s, "
+              f"cpu {1000 * baseline_cpu_seconds / n_cells:.1f} ms/cell")
+        print(f"peak RSS (all stores and the baseline together): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
     if arguments.v1_size:
         v1_cells = arguments.v1_cells or (4096 if device.type == "cuda" else 8)

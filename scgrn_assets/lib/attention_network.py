@@ -10,6 +10,9 @@ On a GPU everything runs batched on torch. On the CPU the partial correlation ru
 at a time through LAPACK on one triangle (``syrk``/``potrf``/``potri``, no full matrices,
 no symmetrising) and the moments through a numba loop, one pass over the values: about
 2.5× less CPU time per cell there than the batched torch path (measured side by side).
+Moments live in dense per-pair arrays for small gene universes and, for real corpora
+(20-30k genes), in a numba open-addressing hash map holding only the pairs seen
+(:mod:`scgrn_assets.lib.pair_moments_hash`).
 """
 
 from __future__ import annotations
@@ -18,21 +21,24 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numba
 import numpy as np
 import pandas as pd
 import torch
 from scipy import linalg as scipy_linalg
+from threadpoolctl import threadpool_limits
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.geneformer import pick_device
+from scgrn_assets.lib.pair_moments_hash import DEFAULT_INITIAL_CAPACITY, DEFAULT_MAX_LOAD, PairMomentHashMap
 from scgrn_assets.lib.tokenize import GeneformerDictionaries, TokenizedCells
 
 DEFAULT_MAX_GENES = 256
 DEFAULT_SHRINKAGE = 1e-3
+DEFAULT_MAX_DENSE_PAIRS = 2**24  # dense per-pair moment arrays up to 4,096 genes, the pair hash map above
 
 # ---------------------------------------------------------------------------------------
 # Partial correlation methods
@@ -302,25 +308,6 @@ def partial_correlation_triangle(blocks: torch.Tensor, valid: torch.Tensor | Non
 # ---------------------------------------------------------------------------------------
 
 
-def _grouped_moments(group: torch.Tensor, n_groups: int, n: torch.Tensor, mean: torch.Tensor,
-                     m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chan et al.'s parallel merge applied to many parts at once: parts sharing ``group`` combine.
-
-    ``n = Σ n_k``, ``mean = Σ n_k·mean_k / n``, ``m2 = Σ m2_k + Σ n_k·(mean_k − mean)²``, which is
-    Chan's pairwise update (``m2 = m2_a + m2_b + δ²·n_a·n_b/n``) folded over a group. With single
-    values (``n = 1``, ``m2 = 0``) it is the exact two-pass mean and M2.
-    """
-    dtype = mean.dtype
-    total_n = torch.zeros(n_groups, dtype=torch.int64, device=n.device).index_add_(0, group, n)
-    weights = n.to(dtype)
-    total_mean = torch.zeros(n_groups, dtype=dtype, device=n.device).index_add_(0, group, weights * mean)
-    total_mean /= total_n.clamp_min(1).to(dtype)
-    deviation = mean - total_mean.index_select(0, group)
-    total_m2 = torch.zeros(n_groups, dtype=dtype, device=n.device).index_add_(
-        0, group, m2 + weights * deviation * deviation)
-    return total_n, total_mean, total_m2
-
-
 @dataclass
 class EdgeMoments:
     """Per gene pair streaming moments of partial correlation over cells.
@@ -374,33 +361,25 @@ class EdgeMoments:
             return cls(**{name: stored[name] for name in ("gene_names", "gene_i", "gene_j", "n", "mean", "m2")})
 
 
-def merge_edge_moments(parts: Sequence[EdgeMoments]) -> EdgeMoments:
+def merge_edge_moments(parts: Iterable[EdgeMoments | None], threads: int = 1) -> EdgeMoments:
     """Merge moments from batches, studies or machines into one (Chan et al., exact).
 
     Genes are matched by name, so parts may index different gene universes; the result's
-    universe is the sorted union of names.
+    universe is the sorted union of names, pairs sorted by (``gene_i``, ``gene_j``). The parts
+    are merged one after the other into an :class:`EdgeMomentAccumulator` over that universe
+    (dense arrays for small universes, the pair hash map for large ones), so memory is the
+    merged pairs plus the parts, never the parts concatenated and sorted.
     """
     parts = [part for part in parts if part is not None]
     if not parts:
         return EdgeMoments.empty()
     gene_names = np.unique(np.concatenate([part.gene_names.astype(str) for part in parts]))
-    n_genes = len(gene_names)
-    keys, counts, means, m2s = [], [], [], []
+    largest = max(part.n_edges for part in parts)
+    accumulator = EdgeMomentAccumulator(gene_names, "cpu", backend="numba", threads=threads,
+                                        initial_capacity=max(2 * largest // max(threads, 1), 2))
     for part in parts:
-        remap = np.searchsorted(gene_names, part.gene_names.astype(str)).astype(np.int64)
-        first, second = remap[part.gene_i], remap[part.gene_j]
-        keys.append(np.minimum(first, second) * n_genes + np.maximum(first, second))
-        counts.append(part.n)
-        means.append(part.mean)
-        m2s.append(part.m2)
-    unique_keys, group = np.unique(np.concatenate(keys), return_inverse=True)
-    n, mean, m2 = _grouped_moments(
-        torch.from_numpy(group.astype(np.int64)), len(unique_keys),
-        torch.from_numpy(np.concatenate(counts).astype(np.int64)),
-        torch.from_numpy(np.concatenate(means).astype(np.float64)),
-        torch.from_numpy(np.concatenate(m2s).astype(np.float64)))
-    return EdgeMoments(gene_names, (unique_keys // n_genes).astype(np.int32),
-                       (unique_keys % n_genes).astype(np.int32), n.numpy(), mean.numpy(), m2.numpy())
+        accumulator.add_moments(part)
+    return accumulator.result()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -422,6 +401,30 @@ def _chan_update_one(count: np.ndarray, mean: np.ndarray, m2: np.ndarray, key: i
 def _chan_update_pairs(count, mean, m2, keys, values) -> None:
     for index in range(keys.shape[0]):
         _chan_update_one(count, mean, m2, keys[index], values[index])
+
+
+@numba.njit(cache=True, nogil=True)
+def _chan_merge_pairs(count, mean, m2, keys, n_b, mean_b, m2_b) -> None:
+    """Chan et al.'s merge of part ``t`` (``n_b[t]``, ``mean_b[t]``, ``M2_b[t]``) into pair ``keys[t]``.
+
+    ``n = n_a + n_b``, ``δ = mean_b − mean_a``, ``mean = mean_a + δ·n_b/n``,
+    ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``; parts with ``n_b = 0`` change nothing.
+    """
+    for index in range(keys.shape[0]):
+        if n_b[index] == 0:
+            continue
+        key = keys[index]
+        if n_b[index] == 1:  # a single value: Welford's form, like _chan_update_one and the hash map
+            _chan_update_one(count, mean, m2, key, mean_b[index])
+            m2[key] += m2_b[index]
+            continue
+        n_a = count[key]
+        n = n_a + n_b[index]
+        delta = mean_b[index] - mean[key]
+        share = n_b[index] / n
+        count[key] = n
+        mean[key] += delta * share
+        m2[key] += m2_b[index] + delta * delta * n_a * share
 
 
 @numba.njit(cache=True, nogil=True)
@@ -469,23 +472,33 @@ def _touched_pairs(count, mean, m2, high_offset, low_out, high_out, count_out, m
                     m2_out[position] = m2[key]
 
 
+def _host_array(values, dtype) -> np.ndarray:
+    """A numpy array in host memory of a tensor (any device) or array-like."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
+
+
 class EdgeMomentAccumulator:
     """Streams partial-correlation values per gene pair into (n, mean, M2).
 
     Every update is Chan et al.'s parallel merge, so the state merges exactly with other
-    accumulators (:func:`merge_edge_moments`). Storage modes:
+    accumulators (:meth:`add_moments`, :func:`merge_edge_moments`). Storage modes, picked by
+    the size of the gene universe:
 
-    - dense (``n_genes² ≤ max_dense_pairs``): one slot per gene pair in flat arrays, pair
-      ``(low, high)`` at ``high·(high − 1)/2 + low``; fine up to a few thousand genes.
+    - dense (``n_genes² ≤ max_dense_pairs``, up to 4,096 genes by default): one slot per gene
+      pair in flat arrays, pair ``(low, high)`` at ``high·(high − 1)/2 + low``.
       On the CPU (backend ``"numba"``) each observation is merged as it comes (Chan with
       ``n_b = 1``, i.e. Welford), one pass over the values, three float64 arrays;
       elsewhere (backend ``"torch"``, e.g. a GPU) values wait until they outnumber the pairs,
       are reduced per pair (exact two-pass) with scatter-adds and merged elementwise
       (2**24 pairs take 8 arrays × 64 MiB on the device);
-    - sparse (larger universes, e.g. 20-30k genes): each batch's touched pairs are reduced
-      with ``torch.unique`` and kept on the host, compacted by :func:`merge_edge_moments`
-      whenever more than ``compact_every`` rows are pending; memory grows with the pairs
-      actually seen, not with ``n_genes²``.
+    - hash (larger universes, e.g. 20-30k genes, where the dense arrays would take 5-11 GB):
+      only the pairs seen, in an open-addressing hash map on the host keyed by the same pair
+      index (:class:`~scgrn_assets.lib.pair_moments_hash.PairMomentHashMap`), updated by a
+      numba kernel with the dense kernel's Welford update (results agree bit for bit) and
+      rebuilt twice as large when its load passes ``max_load``. On a GPU the values are
+      copied to the host for it.
 
     Parameters
     ----------
@@ -493,18 +506,24 @@ class EdgeMomentAccumulator:
         Shape (n_genes,): the gene universe the indices refer to.
     device
         Where the torch state and the batch reductions live.
+    max_dense_pairs
+        Universes with ``n_genes² ≤ max_dense_pairs`` are dense; larger ones use the hash map.
     backend
         Dense mode only: ``"numba"`` (CPU), ``"torch"`` (any device) or ``"auto"``
         (numba on the CPU, torch elsewhere).
+    threads
+        Hash mode only: shards of the hash map, each updated by its own numba thread.
+    initial_capacity, max_load
+        Hash mode only: slots per shard to start with, and the load that triggers growth.
     """
 
     def __init__(self, gene_names: Sequence[str], device: str | torch.device = "cpu",
-                 max_dense_pairs: int = 2**24, compact_every: int = 2**24, backend: str = "auto"):
+                 max_dense_pairs: int = DEFAULT_MAX_DENSE_PAIRS, backend: str = "auto", threads: int = 1,
+                 initial_capacity: int = DEFAULT_INITIAL_CAPACITY, max_load: float = DEFAULT_MAX_LOAD):
         self.gene_names = np.asarray(gene_names, dtype=str)
         self.n_genes = len(self.gene_names)
         self.device = torch.device(device)
         self.dense = self.n_genes * self.n_genes <= max_dense_pairs
-        self.compact_every = compact_every
         if backend == "auto":
             backend = "numba" if self.device.type == "cpu" else "torch"
         if backend not in ("numba", "torch"):
@@ -513,29 +532,43 @@ class EdgeMomentAccumulator:
             raise ScgrnInputError("the numba accumulator runs on the CPU", fix="use backend='torch' on a GPU")
         self.backend = backend
         self._numba = self.dense and backend == "numba"
-        if self._numba:
+        self._hash: PairMomentHashMap | None = None
+        high = np.arange(self.n_genes + 1, dtype=np.int64)
+        self._high_offset_np = high * (high - 1) // 2
+        if not self.dense:
+            self._hash = PairMomentHashMap(self.n_genes, n_shards=threads, initial_capacity=initial_capacity,
+                                           max_load=max_load)
+        elif self._numba:
             n_pairs = self.n_genes * (self.n_genes - 1) // 2
             # Counts are float64 (exact below 2**53), so the update needs no casts.
             self._count, self._mean_np, self._m2_np = (np.zeros(n_pairs) for _ in range(3))
-            high = np.arange(self.n_genes + 1, dtype=np.int64)
-            self._high_offset_np = high * (high - 1) // 2
-        elif self.dense:
+        else:
             n_pairs = self.n_genes * (self.n_genes - 1) // 2
             # State and per-batch scratch, reused in place: re-allocating big tensors each batch page-faults.
             # Counts are float64 (exact below 2**53) so the merge needs no casts.
             (self._n, self._mean, self._m2, self._batch_n, self._batch_mean, self._batch_m2, self._previous_n,
              self._scratch) = (torch.zeros(n_pairs, dtype=torch.float64, device=self.device) for _ in range(8))
             # Position of (low, high) is high_offset[high] + low; one extra row for the sentinel gene.
-            high = torch.arange(self.n_genes + 1, dtype=torch.int64, device=self.device)
-            self._high_offset = high * (high - 1) // 2
+            self._high_offset = torch.as_tensor(self._high_offset_np, device=self.device)
             # Values wait until they outnumber the triangle, so the elementwise merge costs < 1 pass per value.
             self._flush_every = max(n_pairs, 2**20)
             self._waiting_keys: list[torch.Tensor] = []
             self._waiting_values: list[torch.Tensor] = []
             self._n_waiting = 0
-        else:
-            self._pending: list[EdgeMoments] = []
-            self._pending_rows = 0
+
+    @property
+    def mode(self) -> str:
+        """``"hash"``, ``"dense-numba"`` or ``"dense-torch"``."""
+        return "hash" if self._hash is not None else "dense-numba" if self._numba else "dense-torch"
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the moment state (dense arrays and scratch, or the hash table at its largest)."""
+        if self._hash is not None:
+            return self._hash.peak_nbytes
+        if self._numba:
+            return self._count.nbytes + self._mean_np.nbytes + self._m2_np.nbytes
+        return 8 * self._n.numel() * self._n.element_size()
 
     def add(self, gene_i: torch.Tensor, gene_j: torch.Tensor, values: torch.Tensor) -> None:
         """Add one value per (gene_i, gene_j) observation; pairs may repeat; order is ignored.
@@ -547,19 +580,53 @@ class EdgeMomentAccumulator:
         values
             Shape (n_values,), the partial correlations (cast to float64).
         """
-        if self._numba:
-            gene_i, gene_j = np.asarray(gene_i, dtype=np.int64), np.asarray(gene_j, dtype=np.int64)
+        if self._numba or self._hash is not None:
+            gene_i, gene_j = _host_array(gene_i, np.int64), _host_array(gene_j, np.int64)
             low, high = np.minimum(gene_i, gene_j), np.maximum(gene_i, gene_j)
-            _chan_update_pairs(self._count, self._mean_np, self._m2_np, self._high_offset_np[high] + low,
-                               np.asarray(values, dtype=np.float64))
+            values = _host_array(values, np.float64)
+            if self._hash is not None:
+                self._hash.add_values(low, high, values)
+            else:
+                _chan_update_pairs(self._count, self._mean_np, self._m2_np, self._high_offset_np[high] + low, values)
             return
         gene_i, gene_j = gene_i.to(self.device), gene_j.to(self.device)
         low, high = torch.minimum(gene_i, gene_j), torch.maximum(gene_i, gene_j)
-        values = values.to(device=self.device, dtype=torch.float64)
-        if self.dense:
-            self._add_dense(self._high_offset[high] + low, values)
+        self._add_dense(self._high_offset[high] + low, values.to(device=self.device, dtype=torch.float64))
+
+    def add_moments(self, moments: EdgeMoments) -> None:
+        """Merge moments computed elsewhere (another accumulator, batch, study or machine; Chan et al., exact).
+
+        Genes are matched by name: every gene in a pair of ``moments`` must be in this
+        accumulator's universe; the numbering may differ.
+        """
+        keep = moments.n > 0
+        if not keep.any():
+            return
+        index = pd.Index(self.gene_names).get_indexer(moments.gene_names.astype(str)).astype(np.int64)
+        first, second = index[moments.gene_i[keep]], index[moments.gene_j[keep]]
+        if (first < 0).any() or (second < 0).any():
+            raise ScgrnInputError("moments name genes outside this accumulator's universe",
+                                  fix="accumulate over the union of gene names (merge_edge_moments does)")
+        low, high = np.minimum(first, second), np.maximum(first, second)
+        n = np.ascontiguousarray(moments.n[keep], dtype=np.int64)
+        mean = np.ascontiguousarray(moments.mean[keep], dtype=np.float64)
+        m2 = np.ascontiguousarray(moments.m2[keep], dtype=np.float64)
+        if self._hash is not None:
+            self._hash.add_moments(low, high, n, mean, m2)
+        elif self._numba:
+            _chan_merge_pairs(self._count, self._mean_np, self._m2_np, self._high_offset_np[high] + low, n, mean, m2)
         else:
-            self._add_sparse(low * self.n_genes + high, values)
+            # One EdgeMoments holds each pair once, so the merge is elementwise over its keys.
+            self._flush_dense()
+            keys = torch.as_tensor(self._high_offset_np[high] + low, device=self.device)
+            n_b, mean_b, m2_b = (torch.as_tensor(array, dtype=torch.float64, device=self.device)
+                                 for array in (n, mean, m2))
+            n_a, mean_a = self._n[keys], self._mean[keys]
+            total = n_a + n_b
+            delta, share = mean_b - mean_a, n_b / total
+            self._n[keys] = total
+            self._mean[keys] = mean_a + delta * share
+            self._m2[keys] += m2_b + delta * delta * n_a * share
 
     def add_pcorr_blocks(self, pcorr: torch.Tensor, gene_index: torch.Tensor, valid: torch.Tensor) -> None:
         """Add every valid upper-triangle pair of each cell's partial-correlation block.
@@ -603,28 +670,25 @@ class EdgeMomentAccumulator:
         genes = torch.where(in_prefix, sorted_genes, self.n_genes)
         if not bool((genes[:, 1:] > genes[:, :-1])[in_prefix[:, 1:]].all()):
             raise ValueError("add_triangles needs distinct genes in ascending order in each cell's valid slots")
-        if self._numba:
-            _chan_update_triangles(self._count, self._mean_np, self._m2_np, self._high_offset_np,
-                                   genes.cpu().numpy(), n_valid.to(torch.int64).cpu().numpy(),
-                                   values.detach().to(torch.float64).cpu().numpy())
+        if self._numba or self._hash is not None:
+            genes_np, n_valid_np = genes.cpu().numpy(), n_valid.to(torch.int64).cpu().numpy()
+            values_np = values.detach().to(torch.float64).cpu().numpy()
+            if self._hash is not None:
+                self._hash.add_triangles(genes_np, n_valid_np, values_np)
+            else:
+                _chan_update_triangles(self._count, self._mean_np, self._m2_np, self._high_offset_np, genes_np,
+                                       n_valid_np, values_np)
             return
         # Slots ascend by gene, so rows < columns means low = rows, high = columns, and the keys of
         # one cell ascend in this order: the scatters sweep memory forwards.
-        if self.dense:
-            keys = self._high_offset[genes].index_select(1, columns) + genes.index_select(1, rows)
-        else:
-            keys = genes.index_select(1, rows) * self.n_genes + genes.index_select(1, columns)
+        keys = self._high_offset[genes].index_select(1, columns) + genes.index_select(1, rows)
         values = values.to(torch.float64)
         if bool((n_valid == n_slots).all()):
             keys, values = keys.reshape(-1), values.reshape(-1)
         else:
             pair_valid = columns[None, :] < n_valid[:, None]
             keys, values = keys[pair_valid], values[pair_valid]
-        keys, values = keys.to(self.device), values.to(self.device)
-        if self.dense:
-            self._add_dense(keys, values)
-        else:
-            self._add_sparse(keys, values)
+        self._add_dense(keys.to(self.device), values.to(self.device))
 
     def _add_dense(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Queue values (triangle keys); merge once enough have arrived."""
@@ -660,32 +724,10 @@ class EdgeMomentAccumulator:
         batch_mean.square_().mul_(batch_n).mul_(n_a)  # now δ²·n_a·n_b/n
         self._m2.add_(batch_m2).add_(batch_mean)
 
-    def _add_sparse(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Reduce the batch to its touched pairs (key = low·n_genes + high) and keep it on the host."""
-        unique_keys, group = torch.unique(keys, return_inverse=True)
-        batch_n, batch_mean, batch_m2 = _grouped_moments(
-            group, len(unique_keys), torch.ones_like(keys), values, torch.zeros_like(values))
-        unique_keys = unique_keys.cpu().numpy()
-        self._pending.append(EdgeMoments(
-            self.gene_names, (unique_keys // self.n_genes).astype(np.int32),
-            (unique_keys % self.n_genes).astype(np.int32),
-            batch_n.cpu().numpy(), batch_mean.cpu().numpy(), batch_m2.cpu().numpy()))
-        self._pending_rows += len(unique_keys)
-        if self._pending_rows > self.compact_every:
-            self._pending = [merge_edge_moments(self._pending)]
-            self._pending_rows = self._pending[0].n_edges
-
     def result(self) -> EdgeMoments:
-        """The moments so far, one row per pair seen at least once."""
-        if not self.dense:
-            merged = merge_edge_moments(self._pending)
-            if merged.n_edges == 0:
-                return EdgeMoments.empty(self.gene_names)
-            # merge_edge_moments sorts the names; index back into this accumulator's universe.
-            index_of_name = {name: index for index, name in enumerate(self.gene_names)}
-            back = np.array([index_of_name[name] for name in merged.gene_names], dtype=np.int64)
-            first, second = back[merged.gene_i], back[merged.gene_j]
-            return _sorted_edges(self.gene_names, first, second, merged.n, merged.mean, merged.m2)
+        """The moments so far, one row per pair seen at least once, sorted by (``gene_i``, ``gene_j``)."""
+        if self._hash is not None:
+            return EdgeMoments(self.gene_names, *self._hash.sorted_entries())
         if self._numba:
             n_touched = int(np.count_nonzero(self._count))
             # Outputs allocated by numpy (huge pages for big arrays), not inside numba (a page fault per 4 KiB).
@@ -706,13 +748,6 @@ class EdgeMomentAccumulator:
         return EdgeMoments(self.gene_names, low.cpu().numpy().astype(np.int32), high.cpu().numpy().astype(np.int32),
                            self._n[touched].cpu().numpy().astype(np.int64),
                            self._mean[touched].cpu().numpy(), self._m2[touched].cpu().numpy())
-
-
-def _sorted_edges(gene_names, first, second, n, mean, m2) -> EdgeMoments:
-    gene_i, gene_j = np.minimum(first, second), np.maximum(first, second)
-    order = np.lexsort((gene_j, gene_i))
-    return EdgeMoments(gene_names, gene_i[order].astype(np.int32), gene_j[order].astype(np.int32),
-                       n[order], mean[order], m2[order])
 
 
 # ---------------------------------------------------------------------------------------
@@ -852,7 +887,8 @@ def attention_edge_moments(
     pcorr_dtype: torch.dtype = torch.float64,
     attn_implementation: str | None = None,
     autocast_dtype: torch.dtype | None = None,
-    max_dense_pairs: int = 2**24,
+    max_dense_pairs: int = DEFAULT_MAX_DENSE_PAIRS,
+    threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EdgeMoments:
     """Attention → partial correlation → per-edge moments for a set of cells (e.g. one study).
@@ -885,7 +921,14 @@ def attention_edge_moments(
         If given (e.g. ``torch.bfloat16`` on a GPU), the model forward runs under autocast;
         the softmax and the partial correlation stay in float32/``pcorr_dtype``.
     max_dense_pairs
-        Gene universes with ``n_genes² ≤ max_dense_pairs`` use the dense accumulator.
+        Gene universes with ``n_genes² ≤ max_dense_pairs`` use the dense accumulator, larger
+        ones the pair hash map.
+    threads
+        CPU threads (default ``torch.get_num_threads()``): the BLAS/LAPACK libraries are held
+        to this many for the duration (threadpoolctl; ``torch.set_num_threads`` does not reach
+        the OpenBLAS that numpy and scipy bring, which otherwise starts one busy-waiting thread
+        per core for every per-cell ``syrk``/``potrf``/``potri``), and the hash map gets this
+        many shards, each updated by its own numba thread.
     progress
         Called as ``progress(n_cells_done, n_cells_total)`` after each batch.
 
@@ -909,12 +952,13 @@ def attention_edge_moments(
     token_to_gene[torch.as_tensor(present_tokens, dtype=torch.int64, device=device)] = torch.arange(
         len(present_tokens), device=device)
     gene_names = dictionaries.token_names()[present_tokens].astype(str)
-    accumulator = EdgeMomentAccumulator(gene_names, device, max_dense_pairs=max_dense_pairs)
+    threads = max(1, int(threads or torch.get_num_threads()))
+    accumulator = EdgeMomentAccumulator(gene_names, device, max_dense_pairs=max_dense_pairs, threads=threads)
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_input_length is not None:
         max_length = min(max_length, max_input_length) if max_length else max_input_length
     by_length = np.argsort(-cells.lengths, kind="stable")
-    with torch.inference_mode():
+    with torch.inference_mode(), threadpool_limits(limits=threads, user_api="blas"):
         for start in range(0, cells.n_cells, batch_size):
             batch = by_length[start: start + batch_size]
             input_ids, attention_mask = (torch.as_tensor(array, device=device)
