@@ -259,6 +259,90 @@ class LoadedGeneformer:
     dictionaries: GeneformerDictionaries
 
 
+_WEIGHTS_FIX = ("use a checkpoint with model.safetensors (convert a trusted pytorch_model.bin with "
+                "safetensors.torch.save_file), or a pytorch_model.bin that torch.load(weights_only=True) accepts; "
+                "never load an untrusted .bin with weights_only=False")
+
+SAFETENSORS_WEIGHTS = "model.safetensors"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+
+
+def _read_model_config(model_directory: Path) -> BertConfig:
+    try:
+        return BertConfig.from_pretrained(model_directory)
+    except (OSError, ValueError, TypeError, KeyError) as error:  # json.JSONDecodeError is a ValueError
+        raise ScgrnInputError(f"config.json cannot be read ({type(error).__name__}: {error})",
+                              file=str(model_directory / "config.json"),
+                              fix="re-download the checkpoint's config.json") from error
+
+
+def _weight_files(model_directory: Path) -> list[Path]:
+    """The checkpoint's weight files, safetensors first; a sharded checkpoint's index names its shards."""
+    for single in (SAFETENSORS_WEIGHTS, PICKLE_WEIGHTS):
+        if (model_directory / single).is_file():
+            return [model_directory / single]
+        index = model_directory / f"{single}.index.json"
+        if index.is_file():
+            try:
+                shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ScgrnInputError(f"is not a valid shard index ({type(error).__name__}: {error})",
+                                      file=str(index), fix="re-download the checkpoint") from error
+            for name in shard_names:
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                    raise ScgrnInputError(f"names a shard outside the checkpoint folder: {name!r}", file=str(index),
+                                          fix="re-download the checkpoint from a source you trust (a single "
+                                              "model.safetensors needs no index)")
+            return [model_directory / name for name in shard_names]
+    raise ScgrnInputError(f"no weights ({SAFETENSORS_WEIGHTS} or {PICKLE_WEIGHTS})", file=str(model_directory),
+                          fix="point the Geneformer resource at a checkpoint folder (config.json + safetensors)")
+
+
+def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """One weight file, through safe loaders only: safetensors, or torch.load(weights_only=True) for a .bin.
+
+    A .bin is a pickle; weights_only refuses any global outside tensors and plain containers,
+    so a hostile file runs no code. Every failure is the file's fault and says so.
+    """
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            weights = load_file(str(path), device="cpu")
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise ScgrnInputError("is missing", file=str(path), fix="re-download the checkpoint") from error
+    except Exception as error:  # noqa: BLE001 - UnpicklingError, SafetensorError, KeyError, EOFError... all bad input
+        kind = "safetensors" if path.name.endswith(".safetensors") else "torch.load(weights_only=True)"
+        raise ScgrnInputError(f"is refused by {kind} ({type(error).__name__}: {_error_summary(error)})",
+                              file=str(path), fix=_WEIGHTS_FIX) from error
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise ScgrnInputError(f"holds a {type(weights).__name__}, not a dictionary of named tensors", file=str(path),
+                              fix=_WEIGHTS_FIX)
+    return weights
+
+
+# torch.load's message wraps the reason in advice that is wrong for an untrusted file (rerun with weights_only=False).
+_GENERIC_LINES = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+def _error_summary(error: Exception) -> str:
+    """The line of a loader's message that says what was wrong, without the loader's generic advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_GENERIC_LINES)]
+    return (specific or lines or ["no message"])[0][:300]
+
+
+def load_checkpoint_weights(model_directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint folder, read only through safe loaders (see :func:`_load_weight_file`)."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in _weight_files(Path(model_directory)):
+        state_dict.update(_load_weight_file(path))
+    return state_dict
+
+
 def load_geneformer(
     model_directory: str | os.PathLike,
     dictionary_directory: str | os.PathLike | None = None,
@@ -285,7 +369,21 @@ def load_geneformer(
     convention_file = model_directory / "geneformer_convention.json"
     if convention_file.is_file():
         dictionaries.convention = convention_named(json.loads(convention_file.read_text())["convention"])
-    model = BertForMaskedLM.from_pretrained(model_directory, attn_implementation="eager")
+    config = _read_model_config(model_directory)
+    state_dict = load_checkpoint_weights(model_directory)
+    try:
+        model, loading = BertForMaskedLM.from_pretrained(None, config=config, state_dict=state_dict,
+                                                         attn_implementation="eager", output_loading_info=True)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:  # shapes that do not fit config.json
+        raise ScgrnInputError(f"weights do not fit its config.json ({type(error).__name__}: {error})",
+                              file=str(model_directory), fix=_WEIGHTS_FIX) from error
+    # Encoder weights the file lacks would be random: attention from them is noise, not a network.
+    missing_encoder = sorted(key for key in loading["missing_keys"] if key.startswith("bert."))
+    if missing_encoder:
+        raise ScgrnInputError(f"weights lack {len(missing_encoder)} encoder tensors of its config.json (e.g. "
+                              f"{missing_encoder[0]}); they would be random", file=str(model_directory),
+                              fix="point the Geneformer resource at the checkpoint (its model.safetensors) that this "
+                                  "config.json belongs to")
     if model.config.vocab_size < dictionaries.vocab_size:
         raise ScgrnInputError(
             f"model vocabulary has {model.config.vocab_size} tokens, dictionary needs {dictionaries.vocab_size}",

@@ -12,6 +12,8 @@ from scgrn_assets.lib.errors import ScgrnInputError
 # R's make.names() prefixes names that start with a digit with "X" (0610007P14Rik -> X0610007P14Rik).
 _R_DIGIT_PREFIX = re.compile(r"^X(?=\d)")
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")
+# ERCC spike-in controls (MARS-seq and Smart-seq2 tables list them as genes): synthetic RNA, no gene.
+_SPIKE_IN = re.compile(r"^ERCC-\d{5}$")
 
 
 def strip_r_prefix(symbols: list[str]) -> list[str]:
@@ -30,25 +32,28 @@ def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[
     """Return (gene_symbol, ensembl_id) per input gene.
 
     Symbols come from the file when it carries them (10x features), else from the
-    identifiers themselves (``gene_id_type: symbol``) or a catalog gene map (Ensembl IDs).
+    identifiers themselves (``gene_id_type: symbol``) or a catalog gene map (Ensembl IDs,
+    or NCBI GeneIDs with ``gene_id_type: entrez``, whose ``ensembl_id`` stays unknown).
     """
     if gene_id_type == "symbol":
         out_symbols = strip_r_prefix(gene_ids) if strip_r else list(gene_ids)
         ensembl: list[str | None] = [None] * len(gene_ids)
     else:
-        ensembl = strip_ensembl_version(gene_ids)
+        identifiers = strip_ensembl_version(gene_ids) if gene_id_type == "ensembl" else [g.strip() for g in gene_ids]
+        ensembl = identifiers if gene_id_type == "ensembl" else [None] * len(gene_ids)
+        id_name = "Ensembl IDs" if gene_id_type == "ensembl" else "NCBI GeneIDs"
         if symbols is not None:
             out_symbols = list(symbols)
         elif ensembl_to_symbol is not None:
-            missing = [g for g in ensembl if g not in ensembl_to_symbol]
-            if len(missing) == len(ensembl):
-                raise ScgrnInputError(f"none of {len(ensembl)} Ensembl IDs (e.g. {ensembl[0]}) is in the gene map",
-                                      study=study, file=file, fix="check the catalog's gene_map file and species")
-            # Unmapped IDs keep their Ensembl ID as the symbol, so no counts are dropped silently.
-            out_symbols = [ensembl_to_symbol.get(g, g) for g in ensembl]
+            missing = [g for g in identifiers if g not in ensembl_to_symbol]
+            if len(missing) == len(identifiers):
+                raise ScgrnInputError(f"none of {len(identifiers)} {id_name} (e.g. {identifiers[0]}) is in the gene "
+                                      "map", study=study, file=file, fix="check the catalog's gene_map file and species")
+            # Unmapped IDs keep their ID as the symbol, so no counts are dropped silently.
+            out_symbols = [ensembl_to_symbol.get(g, g) for g in identifiers]
         else:
-            raise ScgrnInputError("has Ensembl IDs but no symbols and the study has no gene_map file", study=study,
-                                  file=file, fix="add a file with role: gene_map (ensembl_id, gene_symbol)")
+            raise ScgrnInputError(f"has {id_name} but no symbols and the study has no gene_map file", study=study,
+                                  file=file, fix="add a file with role: gene_map (identifier, gene_symbol)")
         if strip_r:
             out_symbols = strip_r_prefix(out_symbols)
     empty = [i for i, s in enumerate(out_symbols) if not s or s.lower() in ("nan", "na")]
@@ -58,9 +63,29 @@ def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[
     return out_symbols, ensembl
 
 
-def sum_duplicate_genes(counts: sp.csr_matrix, symbols: list[str],
-                        ensembl: list[str | None]) -> tuple[sp.csr_matrix, list[str], list[str | None]]:
-    """Sum columns that share a symbol (e.g. two Ensembl IDs of one gene); first Ensembl ID kept."""
+def drop_spike_ins(counts: sp.csr_matrix, symbols: list[str],
+                   ensembl: list[str | None]) -> tuple[sp.csr_matrix, list[str], list[str | None], list[str]]:
+    """Remove ERCC spike-in columns (``ERCC-00002``...): they are synthetic controls, not mouse genes.
+
+    Returns (counts, symbols, ensembl, the spike-in names removed).
+    """
+    spike = np.fromiter((bool(_SPIKE_IN.match(s)) for s in symbols), dtype=bool, count=len(symbols))
+    if not spike.any():
+        return counts, list(symbols), list(ensembl), []
+    keep = np.flatnonzero(~spike)
+    return (counts[:, keep].tocsr(), [symbols[i] for i in keep], [ensembl[i] for i in keep],
+            [symbols[i] for i in np.flatnonzero(spike)])
+
+
+def sum_duplicate_genes(counts: sp.csr_matrix, symbols: list[str], ensembl: list[str | None], *,
+                        study: str | None = None,
+                        file: str | None = None) -> tuple[sp.csr_matrix, list[str], list[str | None]]:
+    """Sum columns that share a symbol (e.g. two Ensembl IDs of one gene); first Ensembl ID kept.
+
+    Sums are accumulated in int64 (float64 for float counts) and returned in the input's
+    dtype; an integer sum that does not fit it is refused with ``ScgrnInputError`` rather than
+    wrapped (int32 counts of two duplicates past 2^31 used to come out negative).
+    """
     unique, first_index, inverse = np.unique(np.asarray(symbols, dtype=object), return_index=True,
                                              return_inverse=True)
     if len(unique) == len(symbols):
@@ -70,7 +95,19 @@ def sum_duplicate_genes(counts: sp.csr_matrix, symbols: list[str],
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     n_genes = len(symbols)
-    aggregate = sp.csr_matrix((np.ones(n_genes, dtype=np.int32), (np.arange(n_genes), rank[inverse])),
+    out_dtype = counts.dtype
+    wide = np.int64 if np.issubdtype(out_dtype, np.integer) else np.float64
+    aggregate = sp.csr_matrix((np.ones(n_genes, dtype=wide), (np.arange(n_genes), rank[inverse])),
                               shape=(n_genes, len(unique)))
-    summed = (counts @ aggregate).tocsr()
-    return summed, [symbols[i] for i in first_index[order]], [ensembl[i] for i in first_index[order]]
+    summed = (sp.csr_matrix(counts).astype(wide) @ aggregate).tocsr()
+    if np.issubdtype(out_dtype, np.integer) and summed.nnz:
+        limits = np.iinfo(out_dtype)
+        outside = (summed.data > limits.max) | (summed.data < limits.min)
+        if outside.any():
+            gene = symbols[first_index[order][summed.indices[np.argmax(outside)]]]
+            raise ScgrnInputError(f"duplicate entries of gene {gene} add up to a count outside {out_dtype} "
+                                  f"({limits.min}..{limits.max})", study=study, file=file,
+                                  fix="check that the file holds raw counts (not scaled values) and that its gene "
+                                      "identifiers are not repeated by mistake")
+    return (summed.astype(out_dtype), [symbols[i] for i in first_index[order]],
+            [ensembl[i] for i in first_index[order]])

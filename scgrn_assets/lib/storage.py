@@ -141,11 +141,24 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def _writer_is_gone(temporary: Path) -> bool:
+    """Whether ``temporary`` (``.tmp-<name>-<host>-<pid>-<id>``) was left by a dead process of this host."""
+    stem, _, rest = temporary.name.rpartition("-")  # rest: the random id
+    stem, _, pid_text = stem.rpartition("-")
+    if not rest or not pid_text.isdigit() or not stem.endswith(f"-{socket.gethostname()}"):
+        return False  # another host's writer (or not ours): it may still be writing
+    return not process_exists(int(pid_text))
+
+
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete ``.tmp-*`` leftovers of killed processes in ``folder``; returns how many."""
-    if not folder.exists():
+    """Delete the ``.tmp-*`` leftovers of killed processes in ``folder``; returns how many.
+
+    Like :func:`remove_orphaned_temporaries` but for every artefact in the folder: only
+    temporaries whose writer, a process of this host, is gone; a live writer's stays.
+    """
+    if not Path(folder).exists():
         return 0
-    stale = list(folder.glob(".tmp-*"))
+    stale = [path for path in Path(folder).glob(".tmp-*") if _writer_is_gone(path)]
     for path in stale:
         remove_path(path)
     return len(stale)

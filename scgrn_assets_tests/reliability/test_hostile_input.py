@@ -183,24 +183,81 @@ def test_restricted_unpickler_refuses_code_and_loads_plain_dictionaries(tmp_path
     assert tokenize.load_pickle_restricted(plain_path) == plain
 
 
-@pytest.mark.slow  # importing transformers takes ~30 s on a loaded machine
-def test_geneformer_checkpoint_with_a_hostile_pickle_runs_no_code(tmp_path):
+def _checkpoint_folder(folder: Path) -> Path:
+    """config.json and dictionaries of a 3-token model, no weights yet."""
     geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
     tokenize = pytest.importorskip("scgrn_assets.lib.tokenize")
+    folder.mkdir()
+    tokenize.save_pickle_atomic({"<pad>": 0, "<mask>": 1, "Apoe": 2}, folder / "token_dictionary.pkl")
+    tokenize.save_pickle_atomic({"Apoe": 1.0}, folder / "gene_median_dictionary.pkl")
+    small = geneformer.SmallGeneformerConfig(n_layers=1, hidden_size=8, n_heads=2, intermediate_size=16)
+    geneformer.bert_config(vocab_size=3, max_position_embeddings=8, config=small).save_pretrained(folder)
+    return folder
+
+
+def _hostile_bin(folder: Path, marker: Path) -> None:
+    """A legacy .bin checkpoint whose pickle would run ``touch marker``: it must only go through weights_only."""
     torch = pytest.importorskip("torch")
-    ledger.record("bad_input")
-    marker = tmp_path / "pwned"
-    tokenize.save_pickle_atomic({"<pad>": 0, "<mask>": 1, "Apoe": 2}, tmp_path / "token_dictionary.pkl")
-    tokenize.save_pickle_atomic({"Apoe": 1.0}, tmp_path / "gene_median_dictionary.pkl")
-    config = geneformer.bert_config(vocab_size=3, max_position_embeddings=8)
-    config.save_pretrained(tmp_path)
-    # A legacy .bin checkpoint is a pickle: it must go through torch.load(weights_only=True).
-    with open(tmp_path / "pytorch_model.bin", "wb") as handle:
+    with open(folder / "pytorch_model.bin", "wb") as handle:
         torch.save({"bert.embeddings.word_embeddings.weight": _RunsCode(marker)}, handle)
-    with pytest.raises(Exception) as error:
-        geneformer.load_geneformer(tmp_path, device="cpu")
+
+
+def _safetensors(folder: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+WEIGHT_CASES = {
+    "code-running pickle": lambda folder, marker: _hostile_bin(folder, marker),
+    "garbage .bin": lambda folder, marker: (folder / "pytorch_model.bin").write_bytes(
+        np.random.default_rng(0).bytes(4096)),
+    "truncated .bin": lambda folder, marker: (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + b"\0" * 20),
+    "pickle of a list": lambda folder, marker: (folder / "pytorch_model.bin").write_bytes(pickle.dumps([1, 2, 3])),
+    "garbage safetensors": lambda folder, marker: (folder / "model.safetensors").write_bytes(
+        np.random.default_rng(1).bytes(4096)),
+    "shard index escaping the folder": lambda folder, marker: (folder / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "../../elsewhere.safetensors"}}'),
+    # Valid files whose tensors do not fit: the model would silently keep random encoder weights.
+    "tensors of other names": lambda folder, marker: _safetensors(folder, {"foo": np.zeros(3, np.float32)}),
+    "tensors of the wrong shape": lambda folder, marker: _safetensors(
+        folder, {"bert.embeddings.word_embeddings.weight": np.zeros((7, 3), np.float32)}),
+}
+
+
+@pytest.mark.slow  # importing transformers takes ~30 s on a loaded machine
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_hostile_geneformer_weights_are_refused_naming_the_file_and_the_fix(tmp_path, case):
+    geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
+    ledger.record("bad_input")
+    folder = _checkpoint_folder(tmp_path / "checkpoint")
+    marker = tmp_path / "pwned"
+    WEIGHT_CASES[case](folder, marker)
+    with pytest.raises(ScgrnInputError) as error:
+        geneformer.load_geneformer(folder, device="cpu")
     assert not marker.exists(), "loading a checkpoint ran code from its pickle"
-    assert "weights_only" in str(error.value) or "Unpickl" in repr(error.value) or "safetensors" in str(error.value)
+    assert error.value.file is not None and error.value.file.startswith(str(folder))
+    assert "safetensors" in error.value.fix
+    if case == "code-running pickle":
+        assert error.value.file == str(folder / "pytorch_model.bin")
+        assert "posix.system" in error.value.problem  # the reason, not torch's advice to drop weights_only
+        assert "weights_only=False" not in error.value.problem
+
+
+@pytest.mark.slow
+def test_a_plain_tensor_bin_checkpoint_still_loads_through_weights_only(tmp_path):
+    """The safe path is not a refusal of every .bin: plain tensors load, equal to what was saved."""
+    geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
+    torch = pytest.importorskip("torch")
+    from transformers import BertForMaskedLM
+
+    folder = _checkpoint_folder(tmp_path / "checkpoint")
+    torch.manual_seed(0)
+    reference = BertForMaskedLM(geneformer.BertConfig.from_pretrained(folder))
+    torch.save(reference.state_dict(), folder / "pytorch_model.bin")
+    loaded = geneformer.load_geneformer(folder, device="cpu")
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def _calls(tree: ast.AST):
