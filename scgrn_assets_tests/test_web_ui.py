@@ -183,7 +183,7 @@ def browser(tmp_path):
 def open_page(driver, url: str, expected_texts: list[str], screenshot: str, timeout: float = 120) -> str:
     """Open ``url``, wait until every expected text is visible, dismiss Dagster's first-visit
     newsletter dialog, save a screenshot and return the page's visible text."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import TimeoutException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -199,9 +199,17 @@ def open_page(driver, url: str, expected_texts: list[str], screenshot: str, time
         driver.save_screenshot(str(ARTEFACTS / f"FAILED-{screenshot}"))
         text = driver.find_element(By.TAG_NAME, "body").text
         pytest.fail(f"{url} did not show {expected_texts} within {timeout} s; it shows:\n{text[:2000]}")
-    for skip in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
-        skip.click()
-    time.sleep(2)  # the graph lays itself out and zooms to fit after the data arrives
+    # The newsletter dialog can appear a moment after the page's data (a loaded machine makes that
+    # moment longer), and the graph lays itself out and zooms to fit after the data arrives: keep
+    # dismissing for a few seconds rather than once.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for skip in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
+            try:
+                skip.click()
+            except WebDriverException:  # gone or covered between finding and clicking: the next pass retries
+                pass
+        time.sleep(0.5)
     driver.save_screenshot(str(ARTEFACTS / screenshot))
     return driver.find_element(By.TAG_NAME, "body").text
 
