@@ -62,3 +62,15 @@ def shared_data(*parts: str) -> Path:
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models and kernels run fastest on one torch thread; two spin-waiting threads crawl on a
+    busy shared machine. Test modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

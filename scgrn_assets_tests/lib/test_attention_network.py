@@ -35,13 +35,7 @@ PCORR_RTOL, PCORR_ATOL = 1e-9, 1e-10
 BACKENDS = ["lapack", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two spin-waiting threads crawl on a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numpy_pcorr(block: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:

@@ -21,13 +21,7 @@ from scgrn_assets.lib.tokenize import V1, V2, GeneformerDictionaries, TokenizedC
 TINY = SmallGeneformerConfig(n_layers=2, hidden_size=32, n_heads=2, intermediate_size=64, n_steps=12,
                              batch_size=8, max_train_length=24, seed=3)
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two spin-waiting threads crawl on a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -31,12 +31,7 @@ UNIVERSE = 30_000  # a real corpus: 30,000² pairs would take 10.8 GB of dense s
 SHRINKAGE = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def skewed_cells(n_cells: int, seed: int, n_genes: int = UNIVERSE, min_genes: int = 10, max_genes: int = 256):
