@@ -23,6 +23,8 @@ ARTEFACT_SUFFIXES: dict[str, str] = {
     "combined_corpus": ".zarr",
     "nb_posterior": ".nc",
     "condition_effects": ".parquet",
+    "condition_effects_by_study": ".parquet",
+    "condition_effects_pydeseq2": ".parquet",
     "tokenized_cells": "",
     "geneformer_model": "",
     "attention_moments": ".npz",

@@ -97,10 +97,12 @@ class ValidationSettings(dg.ConfigurableResource):
 
 
 class NBModelSettings(dg.ConfigurableResource):
-    """The hierarchical Negative-Binomial fit."""
+    """The condition-effect model."""
 
-    n_top_genes: int = 3000        # highly variable genes (seurat_v3, study as batch)
-    max_steps: int = 15_000        # ADVI steps at most (the windowed-ELBO rule usually stops earlier)
-    batch_size: int = 512          # cells per minibatch
-    device: str = "cpu"            # "gpu": PyMC's JAX backend on the first GPU JAX sees
+    method: str = "pseudobulk"     # "pseudobulk" (animals as replicates, the default) or "cell_advi" (cells as replicates)
+    fdr_target: float = 0.05       # calls are made at s-value <= this (expected share of false signs among calls)
+    n_top_genes: int = 3000        # at most this many expressed genes (highest base mean) are tested
+    max_steps: int = 15_000        # cell_advi: ADVI steps at most (the windowed-ELBO rule usually stops earlier)
+    batch_size: int = 512          # cell_advi: cells per minibatch
+    device: str = "cpu"            # "gpu": JAX on the first GPU it sees
     seed: int = 0

@@ -74,6 +74,9 @@ class MetadataJoin:
     plate_column: str = "plate_id"
     # "error": a cell or sample without a metadata row stops the study; "na": it keeps NA metadata.
     cells_without_metadata: str = "error"
+    # The column naming the animal (mouse, donor) of each cell, where one GSM is not one animal
+    # (plate layouts with one GSM per cell). Empty: the GSM sample is the animal.
+    animal_column: str = ""
 
 
 @dataclass(frozen=True)
@@ -302,7 +305,8 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     if metadata_file not in names:
         raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
                               study=accession, fix="list it under 'files' with role: metadata")
-    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata"}
+    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata",
+                     "animal_column"}
     metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
         if set(metadata_raw) <= metadata_keys else None
     if metadata is None:

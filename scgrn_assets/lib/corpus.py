@@ -479,10 +479,11 @@ def _index_error(n_genes: int, study: str | None, file) -> ScgrnInputError:
 
 
 def _corpus_obs(obs: pd.DataFrame) -> pd.DataFrame:
-    columns = ["study", "sample", "sample_name", "barcode", "condition", "condition_source", "n_counts", "n_genes"]
+    columns = ["study", "sample", "sample_name", "animal", "barcode", "condition", "condition_source", "n_counts",
+               "n_genes"]
     obs = obs[[c for c in columns if c in obs.columns]].copy()
     # Columns of few distinct values as categoricals: smaller, and faster to write and read than strings.
-    for column in ("study", "sample", "sample_name"):
+    for column in ("study", "sample", "sample_name", "animal"):
         if column in obs:
             obs[column] = obs[column].astype(str).astype("category")
     if "condition_source" in obs:  # unknown stays NA

@@ -290,7 +290,8 @@ def prepare_nb_data(
     study_index : array of int, shape (n_cells,)
         Index into ``study_names``.
     gene_length_bp : array, shape (n_genes,)
-        Gene lengths in bp; missing (NaN) lengths are filled with the median of the known ones.
+        Gene lengths in bp; missing (NaN) lengths are filled with the median of the known ones
+        (1 kb for all when none is known).
     study_names, gene_names : sequence of str
     study_label : str, optional
         Names the data in error messages (e.g. ``"combined_corpus"``).
@@ -328,9 +329,10 @@ def prepare_nb_data(
     if np.any(study_index[known] < 0) or np.any(study_index[known] >= len(study_names)):
         raise ScgrnInputError("study_index out of range of study_names", study=where, fix="encode studies as 0..n_studies-1")
     known_length = np.isfinite(gene_length_bp) & (gene_length_bp > 0)
-    if not known_length.any():
-        raise ScgrnInputError("no gene has a known length", study=where, fix="annotate var['gene_length_bp'] from the gene model")
-    gene_length_bp = np.where(known_length, gene_length_bp, np.median(gene_length_bp[known_length]))
+    # Gene length is optional (real catalogs often have no annotation): with none known every gene
+    # gets 1 kb, the length term is constant and gamma is left to its prior.
+    fill = np.median(gene_length_bp[known_length]) if known_length.any() else 1000.0
+    gene_length_bp = np.where(known_length, gene_length_bp, fill)
     return NBData(
         counts=counts[known],
         log_library_size=np.log(library_size[known]).astype(np.float32),
@@ -774,7 +776,9 @@ def plot_ppc(ppc_table: pd.DataFrame) -> bytes:
     zero_axis.errorbar(
         ppc_table["observed_zero_fraction"],
         replicated,
-        yerr=[replicated - ppc_table["replicated_zero_fraction_low_94"], ppc_table["replicated_zero_fraction_high_94"] - replicated],
+        # A replicated mean outside its own band would give a negative bar, which matplotlib refuses.
+        yerr=[np.clip(replicated - ppc_table["replicated_zero_fraction_low_94"], 0, None),
+              np.clip(ppc_table["replicated_zero_fraction_high_94"] - replicated, 0, None)],
         fmt="o",
         ms=2,
         lw=0.5,

@@ -9,7 +9,7 @@ so a corpus of any size is generated one sample at a time (writing files is
 The counts follow the model the Negative-Binomial stage fits, plus a cell-state term::
 
     Y_ig ~ NegBinomial(mean mu_ig, inverse dispersion phi_g)
-    log mu_ig = log s_i + beta0_g + beta1_g * c_i + b_{study(i), g}
+    log mu_ig = log s_i + beta0_g + beta1_g * c_i + b_{study(i), g} + u_{animal(i), g}
                 + gamma * log(L_g / 1000) + grn_ig
 
 - ``s_i``: the cell's library size (``library_size_target``); ``exp(beta0_g + gamma *
@@ -18,6 +18,8 @@ The counts follow the model the Negative-Binomial stage fits, plus a cell-state 
   dominant ones, so it loses only a few percent of it);
 - ``c_i``: 1 for cells of AD samples, 0 for control samples and for every cell of a study
   without an AD/control contrast (a wild-type atlas);
+- ``u_ag``: the animal's own deviation (``DemoConfig.animal_effect_sd``, default 0.25): one
+  sample is one animal, and its cells share this draw, so cells are not independent replicates;
 - ``gamma``: one global gene-length effect (:data:`GENE_LENGTH_EFFECT`), the same for UMI and
   plate-read studies;
 - ``grn_ig``: the gene regulatory network's footprint, zero for genes outside the network.
@@ -132,6 +134,9 @@ class DemoConfig:
     n_cell_states: int = 4
     condition_gene_fraction: float = 0.10
     studies: tuple[StudyDesign, ...] = DEFAULT_STUDIES
+    #: sd of each animal's own gene-level deviation (natural log): animals of one strain differ,
+    #: so the animal, not the cell, is the replicate of a condition.
+    animal_effect_sd: float = 0.25
 
     def __post_init__(self) -> None:
         fix = "change the DemoConfig"
@@ -406,10 +411,14 @@ def simulate_sample_counts(
     genes = truth.genes
     study_index = [s.accession for s in truth.config.studies].index(study)
     is_ad = sample_row["condition"] == "AD"
+    # Its own stream, so the animal effect leaves every other draw of the sample unchanged.
+    animal_effect = _stream(truth.config.seed, study, sample, "animal").normal(
+        0.0, truth.config.animal_effect_sd, len(genes))
     gene_log_mean = (
         genes["beta0"].to_numpy()
         + (genes["beta1"].to_numpy() if is_ad else 0.0)
         + truth.study_effects[study_index]
+        + animal_effect
         + truth.gamma * np.log(genes["gene_length_bp"].to_numpy() / 1000.0)
     )
     phi = genes["phi"].to_numpy()

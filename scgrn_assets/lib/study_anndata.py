@@ -280,10 +280,20 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
         condition_source = pd.Series(pd.Categorical(raw_values))
         mapped = [study.condition.values.get(v) for v in raw_values]
         condition = pd.Series(pd.Categorical(mapped, categories=list(condition_levels)))
+    animal = np.full(n_cells, sample.sample, dtype=object)
+    if study.metadata.animal_column:
+        column = study.metadata.animal_column
+        if column not in metadata.columns:
+            raise ScgrnInputError(f"has no column {column!r} naming the animal (columns: {list(metadata.columns)[:12]})",
+                                  study=study.accession, file=where, fix="fix metadata.animal_column in the catalog")
+        named = metadata.loc[rows[matched], column].astype(str).str.strip().to_numpy()
+        # A cell without a metadata row keeps its sample as the animal (never a shared "nan" animal).
+        animal[matched] = np.where(np.isin(named, ("", "nan", "None")), sample.sample, named)
     return pd.DataFrame({
         "study": study.accession,
         "sample": sample.sample,
         "sample_name": sample.sample_name,
+        "animal": animal,
         "barcode": sample.cell_names,
         "condition": condition.array,
         "condition_source": condition_source.array,
