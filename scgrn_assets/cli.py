@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -221,12 +222,55 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def dagster_dev_command(port: int) -> list[str]:
+    """``dagster dev`` through this interpreter, so it runs without the venv on PATH (``.venv/bin/scgrn ui``)."""
+    return [sys.executable, "-m", "dagster", "dev", "-m", "scgrn_assets.definitions", "-h", "127.0.0.1",
+            "-p", str(port)]
+
+
+def run_until_signalled(command: list[str], env: dict[str, str], *, grace_seconds: float = 30.0) -> int:
+    """Run ``command`` in its own process group; on SIGINT/SIGTERM stop it and everything it started.
+
+    ``dagster dev`` starts a webserver, a daemon and code servers that would outlive a killed
+    parent and keep serving. The child gets its own session, so a terminal's Ctrl-C reaches it
+    once, through us; it is asked to stop (it shuts its children down itself), and whatever is
+    left in its process group after ``grace_seconds`` is killed.
+    """
+    import signal
+
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM)  # dagster dev treats SIGTERM as Ctrl-C: a clean shutdown
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    import time
+
+    try:
+        deadline = None
+        while child.poll() is None:
+            if received and deadline is None:
+                deadline = time.monotonic() + grace_seconds
+            if deadline is not None and time.monotonic() > deadline:
+                break  # asked to stop and did not in time: the group is killed below
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # leftovers (a code server that missed the shutdown)
+        child.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else child.returncode
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     layout = StorageLayout(scgrn_home())
     _prepare_instance(layout)
-    command = ["dagster", "dev", "-m", "scgrn_assets.definitions", "-h", "127.0.0.1", "-p", str(args.port)]
-    print(f"Dagster UI on http://127.0.0.1:{args.port} over {layout.dagster_home} (Ctrl-C to stop)")
-    return subprocess.call(command, env={**os.environ, "DAGSTER_HOME": str(layout.dagster_home)})
+    print(f"Dagster UI on http://127.0.0.1:{args.port} over {layout.dagster_home} (Ctrl-C to stop)", flush=True)
+    return run_until_signalled(dagster_dev_command(args.port), {**os.environ, "DAGSTER_HOME": str(layout.dagster_home)})
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -69,3 +69,80 @@ def test_status_on_a_fresh_home_shows_nothing_materialised(demo_files, tmp_path)
     shutil.copytree(demo_files.home / "demo_geo", home / "demo_geo")
     result = run_scgrn("status", home=home)
     assert "geo_raw_archive        0/4 partitions" in result.stdout
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT"])
+def test_ui_as_printed_without_an_activated_venv_serves_and_stops_everything(tmp_path, stop_signal):
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    scgrn = Path(sys.executable).parent / "scgrn"
+    if not scgrn.exists():
+        pytest.skip(f"{scgrn} is not installed (the README's `.venv/bin/scgrn`)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "SCGRN_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
+    env.pop("DAGSTER_HOME", None)
+    env.pop("VIRTUAL_ENV", None)
+    ui = subprocess.Popen([str(scgrn), "ui", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    started = set()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert ui.poll() is None, f"scgrn ui exited with {ui.returncode}:\n{ui.stdout.read()}"
+            started |= descendants(ui.pid)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the UI never answered"
+            time.sleep(1)
+        started |= descendants(ui.pid)
+        assert len(started) >= 3  # dagster dev, its webserver and daemon (and code servers)
+        ui.send_signal(getattr(signal, stop_signal))
+        ui.wait(timeout=90)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [pid for pid in started if alive(pid)] == []
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
+    finally:
+        for pid in started | {ui.pid}:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        ui.wait()
+    assert "FileNotFoundError" not in ui.stdout.read()
