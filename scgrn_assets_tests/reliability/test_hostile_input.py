@@ -335,8 +335,48 @@ def test_sql_cannot_touch_files_outside_scgrn_home(sql_home, tmp_path, capsys):
                       f"ATTACH '{tmp_path / 'other.duckdb'}'"]:
         ledger.record("bad_input")
         assert cli.main(["sql", statement]) == 2
-        assert "Permission" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "Permission" in err or "read-only" in err
     assert not written.exists() and not (tmp_path / "other.duckdb").exists()
+
+
+def _home_files(home: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(home)): path.read_bytes() for path in sorted(home.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("statement", [
+    "COPY (SELECT 'x' AS study) TO '{home}/assets/combined_corpus/corpus_studies.parquet' (FORMAT parquet)",
+    "COPY (SELECT 'x' AS study) TO '{home}/assets/combined_corpus/corpus_studies.parquet' "
+    "(FORMAT parquet, USE_TMP_FILE false)",
+    "COPY (SELECT 'telemetry: 1' AS a) TO '{home}/dagster/dagster.yaml' (FORMAT csv, HEADER false)",
+    "EXPLAIN ANALYZE COPY (SELECT 'x' AS study) TO '{home}/assets/combined_corpus/corpus_studies.parquet' "
+    "(FORMAT parquet, USE_TMP_FILE false)",
+    "ATTACH '{home}/n.duckdb' AS y (READ_WRITE); CREATE TABLE y.t AS SELECT 1 AS a",
+    "EXPORT DATABASE '{home}/d'",
+    "SET lock_configuration = false; SET enable_external_access = true",
+    "PRAGMA enable_profiling = 'json'; PRAGMA profiling_output = '{home}/profile.json'; SELECT 1",
+    "SELECT * FROM read_csv('{home}/dagster/dagster.yaml')",
+    "SELECT * FROM read_text('{home}/assets/geo_raw_archive/GSE1/passwd')",
+    "SELECT * FROM glob('{home}/**')",
+], ids=["copy-over-a-table", "copy-no-tmp-file", "copy-over-instance-config", "explain-analyze-copy",
+        "attach-read-write", "export-database", "unlock-configuration", "profiling-output",
+        "read-instance-config", "read-downloaded-file", "glob-home"])
+def test_sql_cannot_write_anything_or_read_beyond_the_registered_tables(sql_home, capsys, statement):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    downloaded = sql_home / "assets" / "geo_raw_archive" / "GSE1" / "passwd"
+    downloaded.parent.mkdir(parents=True, exist_ok=True)
+    downloaded.write_text("root:x:0:0\n")
+    (sql_home / "dagster").mkdir(exist_ok=True)
+    (sql_home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    before = _home_files(sql_home)
+    assert cli.main(["sql", statement.format(home=sql_home)]) == 2
+    err = capsys.readouterr().err
+    assert "root:x" not in err and "telemetry" not in err
+    assert _home_files(sql_home) == before
+    assert cli.main(["sql", "SELECT study, n_cells FROM corpus_studies ORDER BY study"]) == 0
+    assert capsys.readouterr().out.split() == ["study", "n_cells", "GSE1", "10", "GSE2", "20"]
 
 
 # --- catalog fields that slipped past validation ---------------------------------------------------
