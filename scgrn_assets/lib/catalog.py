@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import yaml
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.strict_yaml import load_strict_yaml
 
 #: Study layouts with a reader in :mod:`scgrn_assets.lib.readers`.
 KNOWN_FORMATS = {
@@ -180,7 +181,7 @@ def load_catalog(name_or_path: str | os.PathLike, *, variables: dict[str, str] |
     if not path.exists():
         raise ScgrnInputError(f"catalog file {path} does not exist", fix="check the path or SCGRN_CATALOG")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_strict_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ScgrnInputError(f"catalog {path} is not valid YAML: {exc}", fix="fix the YAML syntax") from exc
     return parse_catalog(raw, path=path, variables=variables or {})

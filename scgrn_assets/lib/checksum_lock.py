@@ -27,6 +27,7 @@ import yaml
 from scgrn_assets.lib.download import (DownloadPolicy, FetchResult, ProgressCallback, apply_url_mirrors, fetch_file)
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.strict_yaml import load_strict_yaml
 
 LOCK_VERSION = 1
 _HEADER = ("# sha256 pins written on first download (trust on first use); keys are the catalog's URLs.\n"
@@ -65,7 +66,7 @@ class ChecksumLock:
         if not self.path.exists():
             return {}
         try:
-            raw = yaml.safe_load(self.path.read_text())
+            raw = load_strict_yaml(self.path.read_text())
         except yaml.YAMLError as error:
             raise self._malformed(f"is not valid YAML ({error})") from None
         if raw is None:
