@@ -9,6 +9,7 @@ from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.lib.checksum_lock import ChecksumLock, fetch_pinned
 from scgrn_assets.lib.qc_checks import scan_counts
 from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs
+from scgrn_assets.lib.download import url_for_messages
 from scgrn_assets.lib.storage import remove_stale_temporaries
 from scgrn_assets.lib.study_anndata import write_study_h5ad
 from scgrn_assets.partitions import study_partitions
@@ -29,7 +30,7 @@ def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
     remove_stale_temporaries(folder)
     rows = []
     for study_file in study.files:
-        context.log.info(f"{study.accession}: fetching {study_file.url}")
+        context.log.info(f"{study.accession}: fetching {url_for_messages(study_file.url)}")  # no query: tokens
         pinned_before = study_file.sha256 or lock.pinned_sha256(study_file.url)
         result = fetch_pinned(study_file.url, folder / study_file.name, sha256=study_file.sha256, lock=lock,
                               study=study.accession, policy=downloader.policy, mirrors=downloader.mirrors)

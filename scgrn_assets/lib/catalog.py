@@ -174,8 +174,10 @@ def resolve_catalog_path(name_or_path: str | os.PathLike) -> Path:
 def load_catalog(name_or_path: str | os.PathLike, *, variables: dict[str, str] | None = None) -> Catalog:
     """Load and validate a catalog.
 
-    ``${NAME}`` in URLs expands from ``variables`` first (e.g. ``SCGRN_HOME``), then the
-    environment, so the demo catalog can address files under the user's storage root.
+    ``${NAME}`` in URLs expands from ``variables`` (e.g. ``SCGRN_HOME``, so the demo catalog can
+    address files under the user's storage root) and from the environment only for the names the
+    user lists in ``SCGRN_CATALOG_ENV``; ``file://`` URLs must lie under SCGRN_HOME or a folder in
+    ``SCGRN_FILE_ROOTS`` (see :func:`expand_variables`, :func:`refuse_file_url_outside_roots`).
     """
     path = resolve_catalog_path(name_or_path)
     if not path.exists():
@@ -363,6 +365,7 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
     if scheme not in ALLOWED_URL_SCHEMES:
         raise ScgrnInputError(f"{here}: file {name} has URL {url!r} with scheme {scheme!r}", study=accession,
                               fix=f"use one of {list(ALLOWED_URL_SCHEMES)}://")
+    refuse_file_url_outside_roots(url, variables, here=here, name=name, accession=accession)
     sha256 = raw.get("sha256")
     # Absent: trust on first use (pinned in the lock file by the first download). Present: must be valid.
     if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.match(sha256.lower())):
@@ -376,15 +379,59 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
     return StudyFile(name=name, url=url, sha256=sha256.lower() if sha256 is not None else None, role=role)
 
 
+#: Environment variable naming (comma-separated) the other variables a catalog's URLs may use.
+CATALOG_ENV_VARIABLE = "SCGRN_CATALOG_ENV"
+#: Environment variable naming (os.pathsep-separated) folders that ``file://`` URLs may read, besides SCGRN_HOME.
+FILE_ROOTS_VARIABLE = "SCGRN_FILE_ROOTS"
+
+
 def expand_variables(text: str, variables: dict[str, str]) -> str:
-    """Expand ``${NAME}`` from ``variables`` then the environment; an unknown name is an error."""
+    """Expand ``${NAME}`` from ``variables`` (e.g. ``SCGRN_HOME``), or from the environment when the user
+    allows NAME in ``SCGRN_CATALOG_ENV``; any other name is an error.
+
+    A catalog is often someone else's file: expanding any variable would let it send a secret
+    (``?k=${AWS_SECRET_ACCESS_KEY}``) to its server and into the run logs.
+    """
+    allowed = {name.strip() for name in os.environ.get(CATALOG_ENV_VARIABLE, "").split(",") if name.strip()}
 
     def replace(match: re.Match) -> str:
         key = match.group(1)
         if key in variables:
             return variables[key]
+        if key not in allowed:
+            raise ScgrnInputError(
+                f"a catalog URL uses ${{{key}}}; catalogs may use only {sorted(variables) or 'no variables'} and "
+                f"the variables named in {CATALOG_ENV_VARIABLE}",
+                fix=f"if the catalog is yours and {key} holds no secret: export {CATALOG_ENV_VARIABLE}={key}")
         if key in os.environ:
             return os.environ[key]
-        raise ScgrnInputError(f"URL {text!r} uses ${{{key}}}, which is not set", fix=f"export {key}=...")
+        raise ScgrnInputError(f"a catalog URL uses ${{{key}}}, which is not set", fix=f"export {key}=...")
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", replace, text)
+
+
+def allowed_file_roots(variables: dict[str, str]) -> list[Path]:
+    """Folders ``file://`` URLs may read: SCGRN_HOME (when given) and those named in ``SCGRN_FILE_ROOTS``."""
+    roots = [variables["SCGRN_HOME"]] if variables.get("SCGRN_HOME") else []
+    roots += [part for part in os.environ.get(FILE_ROOTS_VARIABLE, "").split(os.pathsep) if part.strip()]
+    return [Path(root).expanduser().resolve() for root in roots]
+
+
+def refuse_file_url_outside_roots(url: str, variables: dict[str, str], *, here: str, name: str,
+                                  accession: str) -> None:
+    """A ``file://`` URL must point inside an allowed root (symlinks and ``..`` resolved).
+
+    Otherwise a catalog could copy ``/etc/passwd`` or ``~/.ssh/id_rsa`` into SCGRN_HOME, where the
+    UI and the run logs show it.
+    """
+    from urllib.request import url2pathname
+
+    if urlparse(url).scheme != "file":
+        return
+    source = Path(url2pathname(urlparse(url).path)).resolve()
+    roots = allowed_file_roots(variables)
+    if not any(source.is_relative_to(root) for root in roots):
+        raise ScgrnInputError(
+            f"{here}: file {name} reads {source} through a file:// URL, outside the folders catalogs may read "
+            f"({', '.join(map(str, roots)) or 'none'})", study=accession,
+            fix=f"if you mean it, name the folder: export {FILE_ROOTS_VARIABLE}={source.parent}")

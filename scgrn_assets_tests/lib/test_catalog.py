@@ -19,7 +19,7 @@ def minimal_catalog() -> dict:
         "gene_id_type": "symbol",
         "files": [{"name": "GSE98969_RAW.tar", "url": "https://example.org/GSE98969_RAW.tar", "sha256": SHA,
                    "role": "counts"},
-                  {"name": "runs.csv", "url": "file:///data/runs.csv", "sha256": SHA, "role": "metadata"}],
+                  {"name": "runs.csv", "url": "https://example.org/runs.csv", "sha256": SHA, "role": "metadata"}],
         "metadata": {"file": "runs.csv"},
         "condition": {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
     }]}

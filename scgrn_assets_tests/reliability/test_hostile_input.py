@@ -32,6 +32,7 @@ from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.study_anndata import build_study_anndata, write_study_h5ad
 from scgrn_assets_tests.reliability import ledger
 from scgrn_assets_tests.archives import tar_bytes
+from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "scgrn_assets"
 SHA = "0" * 64
@@ -411,6 +412,71 @@ def test_catalog_fields_that_slipped_past_validation_get_clear_messages(tmp_path
     with pytest.raises(ScgrnInputError, match=message) as error:
         load_catalog(path)
     assert str(path) in str(error.value)
+
+
+# --- catalogs that leak: environment variables, local files, URL tokens in the logs ---------------
+
+
+def _catalog_with_url(url: str) -> dict:
+    raw = _catalog()
+    raw["studies"][0]["files"][0]["url"] = url
+    return raw
+
+
+def test_catalog_cannot_send_an_environment_secret_unless_the_user_allows_the_name(tmp_path, monkeypatch):
+    ledger.record("bad_input")
+    monkeypatch.setenv("SOME_SECRET", "hunter2")
+    monkeypatch.delenv("SCGRN_CATALOG_ENV", raising=False)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(_catalog_with_url("http://127.0.0.1:9/collect?k=${SOME_SECRET}")))
+    with pytest.raises(ScgrnInputError, match=r"\$\{SOME_SECRET\}.*export SCGRN_CATALOG_ENV=SOME_SECRET") as error:
+        load_catalog(path, variables={"SCGRN_HOME": str(tmp_path)})
+    assert "hunter2" not in str(error.value)
+    monkeypatch.setenv("SCGRN_CATALOG_ENV", "OTHER, SOME_SECRET")
+    catalog = load_catalog(path, variables={"SCGRN_HOME": str(tmp_path)})
+    assert catalog.studies[0].files[0].url == "http://127.0.0.1:9/collect?k=hunter2"
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "file://${SCGRN_HOME}/../outside.txt",
+                                 "file://${SCGRN_HOME}/link_out/outside.txt"],
+                         ids=["etc-passwd", "dot-dot-out-of-home", "symlink-out-of-home"])
+def test_catalog_file_urls_read_only_under_scgrn_home_or_named_roots(tmp_path, monkeypatch, url):
+    ledger.record("bad_input")
+    monkeypatch.delenv("SCGRN_FILE_ROOTS", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "outside.txt").write_text("secret")
+    (home / "link_out").symlink_to(tmp_path)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(_catalog_with_url(url)))
+    with pytest.raises(ScgrnInputError, match="outside the folders catalogs may read.*export SCGRN_FILE_ROOTS="):
+        load_catalog(path, variables={"SCGRN_HOME": str(home)})
+    monkeypatch.setenv("SCGRN_FILE_ROOTS", f"/nowhere:{'/etc' if 'passwd' in url else tmp_path}")
+    assert load_catalog(path, variables={"SCGRN_HOME": str(home)}).studies[0].files[0].url.startswith("file://")
+
+
+def test_file_urls_inside_scgrn_home_still_load(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCGRN_FILE_ROOTS", raising=False)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(_catalog_with_url("file://${SCGRN_HOME}/demo_geo/GSE1/GSE1_RAW.tar")))
+    catalog = load_catalog(path, variables={"SCGRN_HOME": str(tmp_path / "home")})
+    assert catalog.studies[0].files[0].url == f"file://{tmp_path}/home/demo_geo/GSE1/GSE1_RAW.tar"
+
+
+def test_url_query_strings_never_reach_logs_or_errors(http_server, tmp_path, caplog):
+    import logging
+
+    from scgrn_assets.lib.download import DownloadPolicy, fetch_file
+    from scgrn_assets_tests.http_server import Reply
+
+    ledger.record("bad_input")
+    url = http_server.serve("/collect?k=hunter2", b"x", replies=[Reply(status=500), Reply(status=404)])
+    policy = DownloadPolicy(max_attempts=3, backoff_seconds=0.01)
+    with caplog.at_level(logging.INFO), pytest.raises(ScgrnInputError) as error:
+        fetch_file(url + "#frag", tmp_path / "f.txt", sha256=None, study="GSE1", policy=policy)
+    assert len(http_server.requests_for("/collect?k=hunter2")) == 2  # the token still reaches the server
+    assert "hunter2" not in str(error.value) and "/collect?…" in str(error.value)
+    assert caplog.records and not any("hunter2" in record.getMessage() for record in caplog.records)
 
 
 # --- counts that would wrap around in int32 ---------------------------------------------------------
