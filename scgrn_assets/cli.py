@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scgrn_assets.instance import single_host_dagster_yaml
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import StorageLayout, atomic_path, scgrn_home
+from scgrn_assets.lib.storage import StorageLayout, atomic_path, held_file_lock, scgrn_home
 
 # The progress bar speaks in the terminal; the full logs stay in the instance (see `scgrn ui`).
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -26,11 +26,17 @@ def _prepare_instance(layout: StorageLayout):
 
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
     config = layout.dagster_home / "dagster.yaml"
-    if not config.exists():  # atomically: a run killed while writing it must not leave a truncated instance config
-        with atomic_path(config) as tmp:
-            tmp.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
-    instance = dg.DagsterInstance.get()
+    # Dagster creates its SQLite schemas on first use without a lock: two first runs at once
+    # would both create them ("table runs already exists"). One process initialises; the rest wait.
+    with held_file_lock(layout.dagster_home / ".scgrn-init.lock"):
+        if not config.exists():  # atomically: a run killed while writing it must not leave a truncated config
+            with atomic_path(config) as tmp:
+                tmp.write_text(DAGSTER_YAML)
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # the storages are created lazily: create them here, under the lock
+        instance.event_log_storage.get_latest_materialization_events([])
+        instance.schedule_storage
     release_runs_of_killed_cli_processes(instance)
     return instance
 

@@ -9,33 +9,23 @@ read-only. A lock held by a program outside this package is waited out briefly.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pandas as pd
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.storage import atomic_path, held_file_lock
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-@contextlib.contextmanager
-def _database_lock(db_path: Path, *, exclusive: bool) -> Iterator[None]:
+def _database_lock(db_path: Path, *, exclusive: bool):
     """Hold ``<db>.lock``: exclusively to write, shared to read (released when the process dies)."""
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return held_file_lock(db_path.with_name(db_path.name + ".lock"), exclusive=exclusive)
 
 
 def _connect(db_path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:

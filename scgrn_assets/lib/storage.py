@@ -18,6 +18,7 @@ a killed process on this host left behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -99,6 +100,21 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: alive
     return True
+
+
+@contextlib.contextmanager
+def held_file_lock(lock_path: Path, *, exclusive: bool = True) -> Iterator[None]:
+    """Hold an ``flock`` on ``lock_path`` (created if absent): exclusive, or shared among readers.
+
+    The kernel releases it when the process dies, so a kill -9 never leaves it held.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
