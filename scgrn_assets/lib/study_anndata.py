@@ -101,8 +101,10 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
     metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
     last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
+    file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
     for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
         _check_barcodes(study, sample)
+        _refuse_cells_read_before(study, sample, file_of_cell)
         if last_genes is not None and sample.gene_ids == last_genes[0] and sample.gene_symbols == last_genes[1]:
             # Same genes as the last sample, which needed no spike-in removal and no duplicate sums:
             # its harmonised lists hold for this one too (and the union's column map is reused).
@@ -226,6 +228,30 @@ def _check_barcodes(study: Study, sample: SampleCounts) -> None:
         duplicated = names[names.duplicated()].unique()[:3].tolist()
         raise ScgrnInputError(f"sample {sample.sample} has duplicate cell barcodes {duplicated}", study=study.accession,
                               file=sample.source_file, fix="re-download the file or exclude the sample")
+
+
+def cell_identities(sample: SampleCounts) -> list[str]:
+    """The study-level names of the sample's cells (``<sample>:<barcode>``, or ``<sample>:<well>.<plate>``)."""
+    if sample.cell_plates is not None:
+        return [f"{sample.sample}:{well}.{plate}" for well, plate in zip(sample.cell_names, sample.cell_plates)]
+    return [f"{sample.sample}:{barcode}" for barcode in sample.cell_names]
+
+
+def _refuse_cells_read_before(study: Study, sample: SampleCounts, file_of_cell: dict[str, str]) -> None:
+    """Raise when cells of ``sample`` were already read from another (or the same) file of the study.
+
+    A member appended again to a RAW tar (``tar -rf``) or two files of one GSM sharing barcodes
+    would otherwise double cells silently, and every later count check would still pass.
+    """
+    names = cell_identities(sample)
+    seen = [name for name in names if name in file_of_cell]
+    if seen:
+        raise ScgrnInputError(
+            f"{len(seen)} cells of sample {sample.sample} in {sample.source_file} were already read from "
+            f"{file_of_cell[seen[0]]} (e.g. {seen[:3]}): the archive holds these cells twice",
+            study=study.accession,
+            fix="remove the repeated member from the archive (re-download it from GEO), or keep one of the two files")
+    file_of_cell.update(dict.fromkeys(names, sample.source_file))
 
 
 def _read_gene_map(study: Study, raw_dir: Path) -> dict[str, str] | None:

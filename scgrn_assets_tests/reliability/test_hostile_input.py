@@ -414,6 +414,39 @@ def test_catalog_fields_that_slipped_past_validation_get_clear_messages(tmp_path
     assert str(path) in str(error.value)
 
 
+# --- the same cells twice in one study ---------------------------------------------------------------
+
+
+DENSE_SAMPLE = gzip.compress(b"AAAC\tAAAG\tAATT\nApoe\t1\t2\t3\nCd74\t0\t4\t1\n")
+
+
+def _tar_appended(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar whose members may repeat a name, as ``tar -rf`` leaves it."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("members, first, second", [
+    ([("GSM1_a.txt.gz", DENSE_SAMPLE), ("GSM1_a.txt.gz", DENSE_SAMPLE)], "GSM1_a.txt.gz", "GSM1_a.txt.gz"),
+    ([("GSM1_a.txt.gz", DENSE_SAMPLE), ("GSM1_b.txt.gz", DENSE_SAMPLE)], "GSM1_a.txt.gz", "GSM1_b.txt.gz"),
+], ids=["member-appended-again", "two-files-of-one-gsm-sharing-barcodes"])
+def test_the_same_cells_twice_in_a_study_are_refused_naming_both_members(tmp_path, members, first, second):
+    ledger.record("bad_input")
+    (tmp_path / "GSE1_RAW.tar").write_bytes(_tar_appended(members))
+    (tmp_path / "meta.csv.gz").write_bytes(gzip.compress(METADATA))
+    with pytest.raises(ScgrnInputError, match=f"3 cells of sample GSM1 in {second} were already read from {first} "
+                                              r"\(e.g. \['GSM1:AAAC', 'GSM1:AAAG', 'GSM1:AATT'\]\)") as error:
+        build_study_anndata(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), tmp_path)
+    assert "GSE1" in str(error.value) and "remove" in str(error.value)
+
+
 # --- catalogs that leak: environment variables, local files, URL tokens in the logs ---------------
 
 
