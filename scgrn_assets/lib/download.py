@@ -35,6 +35,7 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import disk_full_error, is_disk_full, require_free_space
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,10 @@ def fetch_file(
                 actual_sha256, n_bytes, resumed = _download_http(download)
         except _TransientFailure as failure:
             last_failure = str(failure)
+        except OSError as error:
+            if is_disk_full(error):  # the .part is kept: it resumes once there is space
+                raise disk_full_error(destination.parent, f"downloading {destination.name}") from None
+            raise
         else:
             if expected_sha256 is None or actual_sha256 == expected_sha256:
                 os.replace(download.part_path, destination)
@@ -442,6 +447,9 @@ def _refuse_if_too_large(download: _Download, total_bytes: int | None) -> None:
     max_bytes = download.policy.max_bytes
     if max_bytes is not None and total_bytes is not None and total_bytes > max_bytes:
         raise _too_large(download, f"{download.shown_url} is {total_bytes} bytes")
+    if total_bytes is not None:
+        kept = download.part_path.stat().st_size if download.part_path.exists() else 0
+        require_free_space(download.part_path.parent, total_bytes - kept, what=f"downloading {download.file_name}")
 
 
 def _too_large(download: _Download, what: str) -> ScgrnInputError:
