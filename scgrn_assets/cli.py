@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -305,11 +306,26 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def sql_parameter(text: str) -> int | float | str:
+    """A ``--param`` value as SQL should compare it: ``10`` an integer, ``2.5`` a number, anything else text.
+
+    Bound as text, ``SELECT ? > ?`` with 9 and 10 compared strings ('9' > '10' is true).
+    Quote a number to keep it text: ``--param "'0012'"`` binds the string 0012.
+    """
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1]
+    return text
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     from scgrn_assets.lib.sql_store import query
 
     layout = StorageLayout(scgrn_home())
-    table = query(layout.duckdb_path, args.sql, list(args.param or []))
+    table = query(layout.duckdb_path, args.sql, [sql_parameter(value) for value in args.param or []])
     print(table.to_string(index=False, max_rows=args.max_rows))
     return 0
 

@@ -314,6 +314,18 @@ def test_sql_values_are_bound_never_pasted(sql_home, capsys, value):
     assert capsys.readouterr().out.split()[-1] == "30"
 
 
+@pytest.mark.parametrize("params, expected", [
+    (["9", "10"], "False"), (["10", "9"], "True"), (["2.5", "10"], "False"), (["'9'", "'10'"], "True"),
+    (["b", "a"], "True"),
+], ids=["ints", "ints-reversed", "float-int", "quoted-text", "text"])
+def test_sql_params_that_look_like_numbers_are_bound_as_numbers(sql_home, capsys, params, expected):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    assert cli.main(["sql", "SELECT ? > ? AS bigger", "--param", params[0], "--param", params[1]]) == 0
+    assert capsys.readouterr().out.split()[-1] == expected
+
+
 @pytest.mark.parametrize("statement", ["DROP VIEW corpus_studies", "CREATE TABLE evil AS SELECT 1",
                                        "DELETE FROM corpus_studies", "SELECT 1; DROP VIEW corpus_studies"])
 def test_sql_cannot_change_the_database(sql_home, capsys, statement):
