@@ -221,7 +221,7 @@ def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog
     qc = raw.get("qc")
     qc_fields = {"min_counts_per_cell", "min_genes_per_cell", "min_cells_per_gene"}
     if qc is not None and (not isinstance(qc, dict) or set(qc) - qc_fields
-                           or not all(isinstance(v, int) and v >= 0 for v in qc.values())):
+                           or not all(type(v) is int and v >= 0 for v in qc.values())):  # bool is an int
         raise ScgrnInputError(f"catalog {where}: qc must map {sorted(qc_fields)} to non-negative integers, got {qc!r}",
                               fix="e.g. qc: {min_genes_per_cell: 200}")
     references = tuple(_parse_reference(entry, index, where, variables)
@@ -317,10 +317,8 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     if fmt == "ncbi_rnaseq_counts" and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
         raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
                               fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
-    skip_bad_samples = entry.get("skip_bad_samples", False)
-    if not isinstance(skip_bad_samples, bool):
-        raise ScgrnInputError(f"{here}: skip_bad_samples must be true or false, got {skip_bad_samples!r}",
-                              study=accession)
+    skip_bad_samples = _boolean_field(entry, "skip_bad_samples", False, here, accession)
+    strip_r_prefix = _boolean_field(entry, "strip_r_prefix", fmt == "raw_tar_dropseq_dge", here, accession)
 
     condition = None
     condition_na_reason = ""
@@ -346,8 +344,17 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
 
     return Study(accession=accession, title=str(entry.get("title", accession)), species=species, format=fmt,
                  gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
-                 strip_r_prefix=bool(entry.get("strip_r_prefix", fmt == "raw_tar_dropseq_dge")),
+                 strip_r_prefix=strip_r_prefix,
                  condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples)
+
+
+def _boolean_field(entry: dict, key: str, default: bool, here: str, accession: str) -> bool:
+    """A true/false field; anything else (``maybe``, ``1``, ``"false"``) is an error, not a truthy guess."""
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise ScgrnInputError(f"{here}: {key} must be true or false, got {value!r}", study=accession,
+                              fix=f"write {key}: true or {key}: false")
+    return value
 
 
 def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) -> StudyFile:
