@@ -160,19 +160,18 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         # Values stored plate by plate: each plate's counts below are built from its own values only.
         matrix = read_dense_text_matrix(text, sep=",", study=study.accession, file=path.name,
-                                        cell_groups=lambda cells: [normalise_plate_id(c.rpartition(".")[2])
-                                                                   for c in cells])
+                                        cell_groups=lambda cells: [split_well_plate(c)[1] for c in cells])
     if not matrix.cell_names:
         raise ScgrnInputError("has no cell columns", study=study.accession, file=path.name,
                               fix="re-download the file; check the catalog's format for this study")
     wells, plates = [], []
     for cell in matrix.cell_names:
-        well, dot, plate = cell.rpartition(".")
-        if not dot or not well or not plate:
+        well, plate = split_well_plate(cell)
+        if not well or not plate:
             raise ScgrnInputError(f"cell column {cell!r} is not named <well>.<plate>", study=study.accession,
                                   file=path.name, fix="check the catalog's format for this study")
-        wells.append(well.upper())
-        plates.append(normalise_plate_id(plate))
+        wells.append(well)
+        plates.append(plate)
     plates_array = np.asarray(plates)
     for plate in sorted(set(plates), key=_natural_key):
         rows = np.flatnonzero(plates_array == plate)
@@ -182,13 +181,39 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
 
 
 def normalise_plate_id(value: object) -> str:
-    """``12``, ``"12"``, ``12.0`` and ``"12.0"`` are one plate: pandas reads plate ids as floats."""
+    """``12``, ``"12"``, ``12.0``, ``"12.0"`` and ``"012"`` are one plate: pandas reads plate ids as floats.
+
+    Digits are read as Python integers, never through a float, so ids above 2**53 stay distinct.
+    """
     text = str(value).strip()
+    integral = re.fullmatch(r"([-+]?\d+)(?:\.0*)?", text)
+    if integral:
+        return str(int(integral.group(1)))
     try:
         number = float(text)
     except ValueError:
         return text
-    return str(int(number)) if number.is_integer() else text
+    # Exponent forms (1.0012e9) only where a float holds the integer exactly.
+    return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else text
+
+
+def normalise_well_id(value: object) -> str:
+    """``a1``, ``A1`` and ``A01`` are one well (row letters, column number); other names are upper-cased."""
+    text = str(value).strip().upper()
+    well = re.fullmatch(r"([A-Z]+)0*(\d+)", text)
+    return f"{well.group(1)}{int(well.group(2))}" if well else text
+
+
+def split_well_plate(cell: str) -> tuple[str, str]:
+    """``<well>.<plate>`` -> (normalised well, normalised plate); ``("", "")`` when it is not so named.
+
+    A well never holds a dot, so the plate is everything after the first one: ``A1.7.0`` is well
+    A1 of plate 7 (a plate id written as a float), not well ``A1.7`` of plate 0.
+    """
+    well, dot, plate = cell.partition(".")
+    if not dot or not well.strip() or not plate.strip():
+        return "", ""
+    return normalise_well_id(well), normalise_plate_id(plate)
 
 
 def _natural_key(text: str):

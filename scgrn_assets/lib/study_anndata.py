@@ -18,8 +18,8 @@ from scgrn_assets.lib.archive import ExtractionLimits
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.genes import drop_spike_ins, harmonise_gene_ids, sum_duplicate_genes
-from scgrn_assets.lib.readers import (SampleCounts, SkippedSample, normalise_plate_id, read_metadata_table,
-                                      read_study_samples)
+from scgrn_assets.lib.readers import (SampleCounts, SkippedSample, normalise_plate_id, normalise_well_id,
+                                      read_metadata_table, read_study_samples)
 from scgrn_assets.lib.memory import release_free_memory
 from scgrn_assets.lib.read_ahead import read_ahead
 from scgrn_assets.lib.storage import atomic_path
@@ -322,8 +322,8 @@ def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.Dat
         if column not in metadata.columns:
             raise ScgrnInputError(f"has no column {column!r} to join cells on", study=study.accession, file=join.file,
                                   fix="set metadata.well_column / plate_column in the catalog")
-    keys = (metadata[join.well_column].str.strip().str.upper() + "." +
-            metadata[join.plate_column].map(normalise_plate_id))
+    keys = metadata[join.well_column].map(normalise_well_id) + "." + metadata[join.plate_column].map(normalise_plate_id)
+    _refuse_conflicting_well_plate_rows(study, metadata, keys)
     lookup = pd.Series(metadata.index, index=keys)
     lookup = lookup[~lookup.index.duplicated()]
     cell_keys = [f"{w}.{p}" for w, p in zip(sample.cell_names, sample.cell_plates)]
@@ -338,3 +338,27 @@ def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.Dat
                               file=join.file, fix="check that the metadata table belongs to this study's counts, or "
                                                   "set metadata.cells_without_metadata: na to keep them with NA metadata")
     return rows.to_numpy(dtype=np.int64)
+
+
+def _refuse_conflicting_well_plate_rows(study: Study, metadata: pd.DataFrame, keys: pd.Series) -> None:
+    """Two metadata rows for one well and plate that disagree on the condition column are an error.
+
+    Rows that agree (one cell sequenced in two runs) are fine; disagreeing ones would otherwise
+    label the cell by whichever row came first.
+    """
+    if study.condition is None or study.condition.column not in metadata.columns:
+        return
+    values = metadata[study.condition.column].str.strip()
+    located = pd.Series(True, index=metadata.index)
+    for column in (study.metadata.well_column, study.metadata.plate_column):  # bulk rows have neither
+        text = metadata[column].fillna("").astype(str).str.strip()
+        located &= text.ne("") & text.str.lower().ne("nan")
+    repeated = keys.duplicated(keep=False) & located
+    conflicts = values[repeated].groupby(keys[repeated]).nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):
+        examples = {key: sorted(values[keys == key].unique()) for key in conflicts.index[:3]}
+        raise ScgrnInputError(
+            f"{len(conflicts)} {study.metadata.well_column}+{study.metadata.plate_column} pairs have rows with "
+            f"different {study.condition.column!r} values (e.g. {examples})", study=study.accession,
+            file=study.metadata.file, fix="fix the metadata table: one row per well and plate, or rows that agree")

@@ -92,6 +92,51 @@ def test_processed_csv_joins_well_and_float_plate_ids(tmp_path):
     np.testing.assert_array_equal(adata.X.toarray(), [[1, 0], [0, 2], [5, 1]])
 
 
+def _well_plate_study(tmp_path: Path, header: str, metadata: pd.DataFrame, **join) -> Study:
+    n_cells = header.count(",") + 1
+    body = f'"",{header}\n"Apoe",' + ",".join(str(i + 1) for i in range(n_cells)) + "\n"
+    (tmp_path / "proc.csv.gz").write_bytes(gzip.compress(body.encode()))
+    metadata.to_csv(tmp_path / "meta.csv", index=False)
+    study = make_study("processed_csv_well_plate", "proc.csv.gz",
+                       condition=ConditionRule("genotype", {"5XFAD": "AD", "wild type": "control"}))
+    return dataclasses.replace(study, metadata=dataclasses.replace(study.metadata, **join))
+
+
+def test_well_plate_cell_with_a_float_plate_is_well_a1_of_plate_7_not_plate_0(tmp_path):
+    study = _well_plate_study(tmp_path, '"A1.7.0","B2.7"', pd.DataFrame(
+        {"well_id": ["A1", "B2"], "plate_id": ["7", "7"], "genotype": ["5XFAD", "wild type"]}))
+    adata = build_study_anndata(study, tmp_path)
+    assert list(adata.obs_names) == ["GSE1:plate7:A1", "GSE1:plate7:B2"]
+    assert list(adata.obs["condition"].astype(str)) == ["AD", "control"]
+
+
+def test_zero_padded_wells_join_their_metadata(tmp_path):
+    study = _well_plate_study(tmp_path, '"A01.1","b02.1","C3.1"', pd.DataFrame(
+        {"well_id": ["A1", "B2", "c03"], "plate_id": ["1", "1", "1"], "genotype": ["5XFAD", "wild type", "5XFAD"]}),
+        cells_without_metadata="na")
+    adata = build_study_anndata(study, tmp_path)
+    assert list(adata.obs["barcode"]) == ["A1", "B2", "C3"]
+    assert list(adata.obs["condition"].astype(str)) == ["AD", "control", "AD"]  # none NA
+
+
+def test_plate_ids_above_2_to_the_53_stay_distinct(tmp_path):
+    big = 2 ** 53
+    study = _well_plate_study(tmp_path, f'"A1.{big}","A1.{big + 1}"', pd.DataFrame(
+        {"well_id": ["A1", "A1"], "plate_id": [str(big), f"{big + 1}.0"], "genotype": ["5XFAD", "wild type"]}))
+    adata = build_study_anndata(study, tmp_path)
+    assert list(adata.obs["sample"]) == [f"plate{big}", f"plate{big + 1}"]
+    assert list(adata.obs["condition"].astype(str)) == ["AD", "control"]
+
+
+def test_duplicate_well_plate_rows_that_disagree_are_refused(tmp_path):
+    study = _well_plate_study(tmp_path, '"A1.1","B2.1"', pd.DataFrame(
+        {"Run": ["r1", "r2", "r3", "r4", "r5"], "well_id": ["A1", "A01", "B2", "B2", ""],
+         "plate_id": ["1", "1.0", "1", "1", ""], "genotype": ["5XFAD", "wild type", "5XFAD", "5XFAD", "wild type"]}))
+    with pytest.raises(ScgrnInputError, match=r"1 well_id\+plate_id pairs have rows with different 'genotype' "
+                                              r"values \(e.g. \{'A1.1': \['5XFAD', 'wild type'\]\}\)"):
+        build_study_anndata(study, tmp_path)
+
+
 def test_10x_members_in_any_order_v2_genes_and_antibody_features(tmp_path):
     matrix = b"%%MatrixMarket matrix coordinate integer general\n%c\n3 2 3\n1 1 4\n3 2 7\n2 2 1\n"
     features = b"ENSMUSG01.2\tApoe\tGene Expression\nENSMUSG02\tCd74\tGene Expression\nCD45\tCD45\tAntibody Capture\n"
