@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from anndata.io import write_elem
 from scgrn_assets.lib.archive import ExtractionLimits
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.genes import drop_spike_ins, harmonise_gene_ids, sum_duplicate_genes
+from scgrn_assets.lib.genes import drop_spike_ins, harmonise_gene_ids, normalise_names, sum_duplicate_genes
 from scgrn_assets.lib.readers import (SampleCounts, SkippedSample, normalise_plate_id, normalise_well_id,
                                       read_metadata_table, read_study_samples)
 from scgrn_assets.lib.memory import release_free_memory
@@ -103,6 +104,8 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
     last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
     file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
     for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
+        sample = dataclasses.replace(sample, cell_names=normalise_names(
+            sample.cell_names, kind="cell", study=study.accession, file=sample.source_file))
         _check_barcodes(study, sample)
         _refuse_cells_read_before(study, sample, file_of_cell)
         if last_genes is not None and sample.gene_ids == last_genes[0] and sample.gene_symbols == last_genes[1]:

@@ -158,6 +158,39 @@ def test_10x_members_in_any_order_v2_genes_and_antibody_features(tmp_path):
     assert list(adata.obs["condition"].astype(str)) == ["control", "control", "AD"]
 
 
+def test_quoted_or_space_padded_gene_names_are_one_gene_in_every_reader(tmp_path):
+    matrix = b"%%MatrixMarket matrix coordinate integer general\n2 1 2\n1 1 4\n2 1 1\n"
+    write_tar(tmp_path / "GSE1_RAW.tar", {
+        "GSM21_wt_matrix.mtx.gz": gzip.compress(matrix),
+        "GSM21_wt_barcodes.tsv.gz": gzip.compress(b"AAA-1\n"),
+        "GSM21_wt_features.tsv.gz": gzip.compress(b'"Apoe"\t"Apoe"\nCd74\tCd74\n'),
+        "GSM22_ad_matrix.mtx.gz": gzip.compress(matrix),
+        "GSM22_ad_barcodes.tsv.gz": gzip.compress(b" CCC-1 \n"),
+        "GSM22_ad_features.tsv.gz": gzip.compress(b" Apoe \t Apoe \nCd74 \tCd74 \n"),
+    })
+    (tmp_path / "meta.csv").write_text("Sample Name,genotype\nGSM21,WT\nGSM22,5XFAD\n")
+    adata = build_study_anndata(make_study("raw_tar_10x_mtx", "GSE1_RAW.tar"), tmp_path)
+    assert list(adata.var_names) == ["Apoe", "Cd74"]
+    assert list(adata.obs["barcode"]) == ["AAA-1", "CCC-1"]
+    np.testing.assert_array_equal(adata.X.toarray(), [[4, 1], [4, 1]])
+
+
+def test_a_byte_order_mark_does_not_stay_in_the_first_barcode_of_a_short_header(tmp_path):
+    body = "\ufeffAAAC\tAAAG\nApoe\t1\t2\n".encode()
+    write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(body)})
+    (tmp_path / "meta.csv").write_text("Sample Name,strain\nGSM1,5XFAD\n")
+    adata = build_study_anndata(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), tmp_path)
+    assert list(adata.obs["barcode"]) == ["AAAC", "AAAG"]
+
+
+def test_a_nul_in_a_gene_name_is_an_error_naming_the_file(tmp_path):
+    write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(b"AAAC\tAAAG\nAp\x00oe\t1\t2\n")})
+    (tmp_path / "meta.csv").write_text("Sample Name,strain\nGSM1,5XFAD\n")
+    with pytest.raises(ScgrnInputError, match=r"GSE1: GSM1_a.txt.gz: gene name 'Ap\\x00oe' \(entry 1\) holds a "
+                                              "control character"):
+        build_study_anndata(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), tmp_path)
+
+
 # --- bad inputs: a clear error naming study, file and fix --------------------------------------------
 
 def _dense_study(tmp_path: Path, body: bytes, *, gz: bool = True, meta: str = "Sample Name,strain\nGSM1,5XFAD\n",
