@@ -66,6 +66,7 @@ def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[
     gene_ids = normalise_names(gene_ids, kind="gene", study=study, file=file)
     if symbols is not None:
         symbols = normalise_names(symbols, kind="gene", study=study, file=file)
+    refuse_identifiers_of_another_type(gene_ids, gene_id_type, study=study, file=file)
     if gene_id_type == "symbol":
         out_symbols = strip_r_prefix(gene_ids) if strip_r else list(gene_ids)
         ensembl: list[str | None] = [None] * len(gene_ids)
@@ -92,6 +93,32 @@ def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[
         raise ScgrnInputError(f"has {len(empty)} genes without a name (first at row {empty[0] + 1})", study=study,
                               file=file, fix="re-download the file or exclude the sample")
     return out_symbols, ensembl
+
+
+_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")
+
+
+def refuse_identifiers_of_another_type(gene_ids: list[str], gene_id_type: str, *, study: str, file: str) -> None:
+    """Raise when most identifiers are not of the catalog's ``gene_id_type``.
+
+    A 10x study declared ``symbol`` would otherwise take the Ensembl IDs in the features file's
+    first column as gene names: a union of two namespaces, and no warning. A minority is fine
+    (symbol tables name a few unannotated genes by their Ensembl ID).
+    """
+    if not gene_ids:
+        return
+    n_ensembl = sum(1 for g in gene_ids if _ENSEMBL_ID.match(g))
+    n_numeric = sum(1 for g in gene_ids if g.isdigit())
+    majority = len(gene_ids) / 2
+    found = ("Ensembl IDs" if n_ensembl > majority else "NCBI GeneIDs (numbers)" if n_numeric > majority
+             else "symbols")
+    expected = {"symbol": "symbols", "ensembl": "Ensembl IDs", "entrez": "NCBI GeneIDs (numbers)"}[gene_id_type]
+    if found != expected:
+        right = {"symbols": "symbol", "Ensembl IDs": "ensembl", "NCBI GeneIDs (numbers)": "entrez"}[found]
+        raise ScgrnInputError(
+            f"the catalog declares gene_id_type: {gene_id_type}, but its gene identifiers are {found} "
+            f"(e.g. {gene_ids[:3]})", study=study, file=file,
+            fix=f"set gene_id_type: {right} for this study in the catalog")
 
 
 def drop_spike_ins(counts: sp.csr_matrix, symbols: list[str],

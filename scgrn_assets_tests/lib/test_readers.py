@@ -191,6 +191,23 @@ def test_a_nul_in_a_gene_name_is_an_error_naming_the_file(tmp_path):
         build_study_anndata(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), tmp_path)
 
 
+@pytest.mark.parametrize("declared, features, found", [
+    ("symbol", b"ENSMUSG00000002985\tApoe\nENSMUSG00000024610\tCd74\n", "Ensembl IDs"),
+    ("ensembl", b"Apoe\tApoe\nCd74\tCd74\n", "symbols"),
+], ids=["symbol-declared-ensembl-found", "ensembl-declared-symbols-found"])
+def test_gene_identifiers_are_checked_against_the_declared_type(tmp_path, declared, features, found):
+    write_tar(tmp_path / "GSE1_RAW.tar", {
+        "GSM21_wt_matrix.mtx.gz": gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n2 1 1\n1 1 4\n"),
+        "GSM21_wt_barcodes.tsv.gz": gzip.compress(b"AAA-1\n"),
+        "GSM21_wt_features.tsv.gz": gzip.compress(features)})
+    (tmp_path / "meta.csv").write_text("Sample Name,genotype\nGSM21,WT\n")
+    study = make_study("raw_tar_10x_mtx", "GSE1_RAW.tar", gene_id_type=declared)
+    right = "ensembl" if declared == "symbol" else "symbol"
+    with pytest.raises(ScgrnInputError, match=f"declares gene_id_type: {declared}, but its gene identifiers are "
+                                              f"{found}.*set gene_id_type: {right}"):
+        build_study_anndata(study, tmp_path)
+
+
 # --- bad inputs: a clear error naming study, file and fix --------------------------------------------
 
 def _dense_study(tmp_path: Path, body: bytes, *, gz: bool = True, meta: str = "Sample Name,strain\nGSM1,5XFAD\n",
