@@ -83,7 +83,11 @@ def _skip_or_raise(study: Study, skipped: list[SkippedSample], sample: str, memb
                    error: ScgrnInputError) -> None:
     """Record a sample that failed to parse when the catalog allows it; re-raise otherwise."""
     if not study.skip_bad_samples:
-        raise error
+        # "Exclude the sample" alone leaves the user looking for how: name the catalog switch.
+        raise ScgrnInputError(error.problem, study=error.study, file=error.file, fix=(
+            f"{error.fix or 're-download the file'}; to go on without it, set skip_bad_samples: true in "
+            f"{study.accession}'s catalog entry (samples that fail to parse are then skipped and listed in "
+            "the asset metadata)")) from None
     skipped.append(SkippedSample(sample=sample, file=member, reason=error.problem))
     logger.warning("%s: skipping sample %s (%s): %s", study.accession, sample, member, error.problem)
 

@@ -325,3 +325,13 @@ def test_metadata_rows_wider_than_the_header_are_refused(tmp_path):
     (tmp_path / "runs.csv").write_bytes(b"well_id,plate_id\n,,,\n")  # found by the reader fuzz
     with pytest.raises(ScgrnInputError, match="more fields than its header"):
         read_metadata_table(tmp_path / "runs.csv", study="GSE1")
+
+
+def test_a_bad_sample_error_names_the_catalog_switch_that_skips_it(tmp_path):
+    study = _dense_study(tmp_path, b"\tc1\tc2\nApoe\t1\t0\nCd74\t0\n")
+    with pytest.raises(ScgrnInputError, match=r"GSE1: GSE1_RAW.tar:GSM1_a.txt.gz: line 3 has 2 fields.*re-download "
+                                              r".*set skip_bad_samples: true in GSE1's catalog entry"):
+        build_study_anndata(study, tmp_path)
+    skipping = dataclasses.replace(study, skip_bad_samples=True)
+    with pytest.raises(ScgrnInputError, match="every sample file failed to parse"):
+        build_study_anndata(skipping, tmp_path)
