@@ -146,3 +146,71 @@ def test_ui_as_printed_without_an_activated_venv_serves_and_stops_everything(tmp
                 os.kill(pid, signal.SIGKILL)
         ui.wait()
     assert "FileNotFoundError" not in ui.stdout.read()
+
+
+def write_tiny_catalog(tmp_path: Path, bodies: dict[str, bytes]) -> tuple[Path, Path]:
+    """A catalog of one-sample dense studies (accession -> the sample's text) under a fresh home."""
+    import gzip
+
+    from scgrn_assets_tests.archives import write_tar
+
+    home = tmp_path / "home"
+    studies = []
+    for accession, body in bodies.items():
+        folder = home / "demo_geo" / accession
+        folder.mkdir(parents=True)
+        write_tar(folder / f"{accession}_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(body)})
+        (folder / "meta.csv").write_text("Sample Name,strain\nGSM1,5XFAD\n")
+        studies.append({"accession": accession, "title": "t", "species": "mouse", "format": "raw_tar_dense_tsv",
+                        "gene_id_type": "symbol", "metadata": {"file": "meta.csv"},
+                        "condition": {"column": "strain", "values": {"5XFAD": "AD"}},
+                        "files": [{"name": f"{accession}_RAW.tar",
+                                   "url": f"file://${{SCGRN_HOME}}/demo_geo/{accession}/{accession}_RAW.tar"},
+                                  {"name": "meta.csv", "url": f"file://${{SCGRN_HOME}}/demo_geo/{accession}/meta.csv",
+                                   "role": "metadata"}]})
+    catalog = tmp_path / "tiny.yaml"
+    catalog.write_text(yaml.safe_dump({"name": "tiny", "studies": studies}))
+    return home, catalog
+
+
+GOOD_SAMPLE = b"c1\tc2\tc3\nApoe\t1\t0\t3\nCd74\t0\t2\t1\n"
+BAD_SAMPLE = b"c1\tc2\nApoe\t1\t0\nCd74\t0\n"
+
+
+@pytest.mark.slow
+def test_every_study_is_tried_and_each_error_shown_once_without_stack_traces(tmp_path):
+    home, catalog = write_tiny_catalog(tmp_path, {"GSE1": BAD_SAMPLE, "GSE2": GOOD_SAMPLE, "GSE3": BAD_SAMPLE})
+    result = run_scgrn("materialize", "--quick", home=home, catalog=str(catalog), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "error: 2 run(s) failed:" in result.stderr
+    for accession in ("GSE1", "GSE3"):
+        assert output.count(f"{accession}: {accession}_RAW.tar:GSM1_a.txt.gz: line 3 has 2 fields") == 1, output
+    assert "set skip_bad_samples: true in GSE1's catalog entry" in result.stderr
+    assert "Traceback" not in output and "Stack Trace" not in output and "dagster - ERROR" not in output
+    assert output.count("warning: gene_annotation: the catalog names no gene_annotation file") == 1
+    assert (home / "assets" / "study_anndata" / "GSE2" / "GSE2.h5ad").exists()  # tried although GSE1 failed
+    assert not (home / "assets" / "combined_corpus").exists()
+
+
+@pytest.mark.slow
+def test_materialize_select_runs_part_of_the_graph(tmp_path):
+    home, catalog = write_tiny_catalog(tmp_path, {"GSE1": GOOD_SAMPLE})
+    result = run_scgrn("materialize", "--select", "group:ingest", home=home, catalog=str(catalog))
+    assert (home / "assets" / "study_anndata" / "GSE1" / "GSE1.h5ad").exists()
+    assert not (home / "assets" / "combined_corpus").exists()
+    status = run_scgrn("status", home=home, catalog=str(catalog)).stdout
+    assert "study_anndata          1/1 partitions  GSE1" in status and "combined_corpus        not materialised" in status
+    bad = run_scgrn("materialize", "--select", "group:no_such_group or (", home=home, catalog=str(catalog), check=False)
+    assert bad.returncode == 2 and "is not a Dagster asset selection" in bad.stderr and "ingest" in bad.stderr
+    assert "Done." in result.stdout
+
+
+def test_every_cli_option_has_help_text():
+    from scgrn_assets.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    missing = [f"{name} {action.dest}" for name, sub in commands.choices.items() if name != "benchmark"
+               for action in sub._actions if not action.help]
+    assert missing == []
