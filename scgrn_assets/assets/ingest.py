@@ -83,6 +83,7 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
         "n_cells_without_metadata": ingest["n_cells_without_metadata"],
         "n_spike_ins_dropped": ingest["n_spike_ins_dropped"],
         "condition_na_reason": study.condition_na_reason or "-",
+        "metadata_table": ingest["metadata_table"],
         "preview": table_preview(adata.obs),
         "path": dg.MetadataValue.path(str(path)),
     })

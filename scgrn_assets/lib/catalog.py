@@ -87,7 +87,7 @@ class Study:
     format: str
     gene_id_type: str
     files: tuple[StudyFile, ...]
-    metadata: MetadataJoin
+    metadata: MetadataJoin | None  # None: the study has no metadata table, every cell's metadata is NA
     condition: ConditionRule | None
     strip_r_prefix: bool = False
     # Why a study without a condition rule is all NA (no Alzheimer's/control contrast, bulk, ...).
@@ -99,7 +99,9 @@ class Study:
         return [f for f in self.files if f.role == role]
 
     @property
-    def metadata_file(self) -> StudyFile:
+    def metadata_file(self) -> StudyFile | None:
+        if self.metadata is None:
+            return None
         return next(f for f in self.files if f.name == self.metadata.file)
 
 
@@ -300,20 +302,13 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
         raise ScgrnInputError(f"{here}: no file with role 'counts'", study=accession,
                               fix="mark the count archive with 'role: counts'")
 
-    metadata_raw = _require(entry, "metadata", here, accession, dict)
-    metadata_file = _require(metadata_raw, "file", f"{here} metadata", accession)
-    if metadata_file not in names:
-        raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
-                              study=accession, fix="list it under 'files' with role: metadata")
-    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata"}
-    metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
-        if set(metadata_raw) <= metadata_keys else None
-    if metadata is None:
-        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - metadata_keys)}",
-                              study=accession, fix=f"allowed: {', '.join(sorted(metadata_keys))}")
-    if metadata.cells_without_metadata not in ("error", "na"):
-        raise ScgrnInputError(f"{here}: metadata.cells_without_metadata is {metadata.cells_without_metadata!r}",
-                              study=accession, fix="use error (the default) or na")
+    metadata = None
+    if entry.get("metadata") is not None:
+        metadata = _parse_metadata_join(entry, names, here, accession)
+    elif isinstance(entry.get("condition"), dict) and set(entry["condition"]) != {"na"}:
+        raise ScgrnInputError(f"{here}: a condition rule needs the metadata table it reads", study=accession,
+                              fix="add metadata: {file: <the study's metadata file>}, or drop the condition "
+                                  "(condition: {na: <why>})")
     if fmt == "ncbi_rnaseq_counts" and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
         raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
                               fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
@@ -346,6 +341,24 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
                  gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
                  strip_r_prefix=strip_r_prefix,
                  condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples)
+
+
+def _parse_metadata_join(entry: dict, names: list[str], here: str, accession: str) -> MetadataJoin:
+    metadata_raw = _require(entry, "metadata", here, accession, dict)
+    metadata_file = _require(metadata_raw, "file", f"{here} metadata", accession)
+    if metadata_file not in names:
+        raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
+                              study=accession, fix="list it under 'files' with role: metadata")
+    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata"}
+    metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
+        if set(metadata_raw) <= metadata_keys else None
+    if metadata is None:
+        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - metadata_keys)}",
+                              study=accession, fix=f"allowed: {', '.join(sorted(metadata_keys))}")
+    if metadata.cells_without_metadata not in ("error", "na"):
+        raise ScgrnInputError(f"{here}: metadata.cells_without_metadata is {metadata.cells_without_metadata!r}",
+                              study=accession, fix="use error (the default) or na")
+    return metadata
 
 
 def _boolean_field(entry: dict, key: str, default: bool, here: str, accession: str) -> bool:

@@ -33,13 +33,16 @@ class StudyReadReport:
     skipped_samples: list[SkippedSample] = field(default_factory=list)
     n_cells_without_metadata: int = 0
     spike_ins_dropped: set[str] = field(default_factory=set)
+    metadata_table: str = ""  # the catalog's metadata file; empty: the study has none
 
     def uns(self) -> dict:
         skipped = self.skipped_samples
         return {"skipped_samples": "; ".join(f"{s.sample} ({s.file}): {s.reason}" for s in skipped),
                 "n_skipped_samples": len(skipped),
                 "n_cells_without_metadata": self.n_cells_without_metadata,
-                "n_spike_ins_dropped": len(self.spike_ins_dropped)}
+                "n_spike_ins_dropped": len(self.spike_ins_dropped),
+                "metadata_table": self.metadata_table or "none (the catalog names no metadata table: every cell's "
+                                                        "metadata is NA)"}
 
 
 class GeneUnion:
@@ -99,7 +102,10 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
     kept without metadata (``cells_without_metadata: na``), ERCC spike-ins dropped.
     """
     report = report if report is not None else StudyReadReport()
-    metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
+    metadata = None
+    if study.metadata is not None:
+        metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
+        report.metadata_table = study.metadata.file
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
     last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
     file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
@@ -268,10 +274,13 @@ def _read_gene_map(study: Study, raw_dir: Path) -> dict[str, str] | None:
     return dict(zip(table.iloc[:, 0].str.split(".").str[0], table.iloc[:, 1]))
 
 
-def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFrame,
+def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFrame | None,
                         condition_levels: tuple[str, str]) -> tuple[pd.DataFrame, int]:
     """The sample's obs rows and how many of its cells have no metadata row (only with ``cells_without_metadata: na``)."""
     n_cells = len(sample.cell_names)
+    if metadata is None:  # a study without a metadata table: NA metadata, said in uns["ingest"]
+        return _obs_rows(study, sample, pd.Categorical([None] * n_cells, categories=list(condition_levels)),
+                         pd.Categorical([None] * n_cells)), 0
     where = study.metadata.file
     keep_unmatched = study.metadata.cells_without_metadata == "na"
     if sample.cell_plates is not None:
@@ -309,14 +318,18 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
         condition_source = pd.Series(pd.Categorical(raw_values))
         mapped = [study.condition.values.get(v) for v in raw_values]
         condition = pd.Series(pd.Categorical(mapped, categories=list(condition_levels)))
+    return _obs_rows(study, sample, condition.array, condition_source.array), int((~matched).sum())
+
+
+def _obs_rows(study: Study, sample: SampleCounts, condition, condition_source) -> pd.DataFrame:
     return pd.DataFrame({
         "study": study.accession,
         "sample": sample.sample,
         "sample_name": sample.sample_name,
         "barcode": sample.cell_names,
-        "condition": condition.array,
-        "condition_source": condition_source.array,
-    }), int((~matched).sum())
+        "condition": condition,
+        "condition_source": condition_source,
+    })
 
 
 def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.DataFrame) -> np.ndarray:

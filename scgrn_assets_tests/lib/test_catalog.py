@@ -202,3 +202,14 @@ def test_yaml_1_1_yes_is_not_a_boolean_field_value(tmp_path):
     path.write_text(text.replace("skip_bad_samples: true", "skip_bad_samples: yes"))
     with pytest.raises(ScgrnInputError, match="skip_bad_samples must be true or false, got 'yes'"):
         load_catalog(str(path))
+
+
+def test_metadata_is_optional_for_a_study_without_a_condition(tmp_path):
+    raw = _broken(lambda s, r: (s.pop("metadata"), s.pop("condition"), s["files"].pop(1)))
+    study = parse(raw, tmp_path).study("GSE98969")
+    assert study.metadata is None and study.metadata_file is None and study.condition is None
+
+
+def test_a_condition_rule_without_a_metadata_table_is_refused(tmp_path):
+    with pytest.raises(ScgrnInputError, match="a condition rule needs the metadata table it reads"):
+        parse(_broken(lambda s, r: s.pop("metadata")), tmp_path)

@@ -335,3 +335,13 @@ def test_a_bad_sample_error_names_the_catalog_switch_that_skips_it(tmp_path):
     skipping = dataclasses.replace(study, skip_bad_samples=True)
     with pytest.raises(ScgrnInputError, match="every sample file failed to parse"):
         build_study_anndata(skipping, tmp_path)
+
+
+def test_a_study_without_a_metadata_table_gets_na_metadata_and_says_so(tmp_path):
+    write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(b"c1\tc2\nApoe\t1\t0\nCd74\t0\t2\n")})
+    study = dataclasses.replace(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), metadata=None,
+                                files=(StudyFile("GSE1_RAW.tar", "file:///x", SHA, "counts"),))
+    adata = build_study_anndata(study, tmp_path)
+    assert adata.n_obs == 2 and adata.obs["condition"].isna().all() and adata.obs["condition_source"].isna().all()
+    assert adata.uns["ingest"]["metadata_table"].startswith("none")
+    assert adata.uns["ingest"]["n_cells_without_metadata"] == 0
