@@ -345,3 +345,9 @@ def test_a_study_without_a_metadata_table_gets_na_metadata_and_says_so(tmp_path)
     assert adata.n_obs == 2 and adata.obs["condition"].isna().all() and adata.obs["condition_source"].isna().all()
     assert adata.uns["ingest"]["metadata_table"].startswith("none")
     assert adata.uns["ingest"]["n_cells_without_metadata"] == 0
+
+
+def test_cr_only_line_endings_are_named_not_taken_for_duplicate_barcodes(tmp_path):
+    study = _dense_study(tmp_path, b"c1\tc2\rApoe\t1\t0\rCd74\t0\t2\r")
+    with pytest.raises(ScgrnInputError, match=r"GSM1_a.txt.gz: uses CR-only line endings .*tr '\\r' '\\n'"):
+        build_study_anndata(study, tmp_path)
