@@ -49,6 +49,10 @@ class SampleCounts:
     counts: sp.csr_matrix
     gene_symbols: list[str] | None = None   # when the file carries symbols next to IDs (10x features)
     cell_plates: list[str] | None = None    # well/plate layouts: plate of each cell (cell_names hold wells)
+    # 10x: the members holding the gene and the cell names, when not source_file (the matrix), so that an
+    # error about a gene names the features file and one about a barcode the barcodes file.
+    gene_file: str | None = None
+    cell_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
                     parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
                 else:
                     pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where)
+                pending[key][f"{kind}_member"] = where
                 parts = pending[key]
             assembled = _assemble_10x(study, key, pending.pop(key), where) \
                 if {"matrix", "features", "barcodes"} <= set(parts) else None
@@ -310,11 +315,13 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
     features: pd.DataFrame = parts["features"]
     barcodes: pd.DataFrame = parts["barcodes"]
     matrix: sp.coo_matrix = parts["matrix"]  # features x barcodes
+    matrix_file, features_file, barcodes_file = (parts.get(f"{kind}_member", where)
+                                                 for kind in ("matrix", "features", "barcodes"))
     if matrix.shape != (len(features), len(barcodes)):
         raise ScgrnInputError(
             f"sample {sample}: matrix is {matrix.shape[0]} x {matrix.shape[1]} but there are {len(features)} "
-            f"features and {len(barcodes)} barcodes", study=study.accession, file=where,
-            fix="re-download the archive or exclude the sample")
+            f"features in {features_file} and {len(barcodes)} barcodes in {barcodes_file}", study=study.accession,
+            file=matrix_file, fix="re-download the archive or exclude the sample")
     keep = np.ones(len(features), dtype=bool)
     if features.shape[1] >= 3:
         # 10x v3 features also list antibody/CRISPR captures: keep gene expression only.
@@ -325,9 +332,10 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
         counts = counts[:, np.flatnonzero(keep)].tocsr()
     if counts.nnz and counts.data.max() > np.iinfo(np.int32).max:
         raise ScgrnInputError(f"sample {sample}: repeated entries add up to a count above {np.iinfo(np.int32).max}",
-                              study=study.accession, file=where, fix="check that the file holds counts")
+                              study=study.accession, file=matrix_file, fix="check that the file holds counts")
     symbols = features[1].tolist() if features.shape[1] >= 2 else None
-    return SampleCounts(sample=sample, sample_name=name, source_file=where,
+    return SampleCounts(sample=sample, sample_name=name, source_file=matrix_file, gene_file=features_file,
+                        cell_file=barcodes_file,
                         cell_names=barcodes[0].tolist(),
                         gene_ids=[g for g, k in zip(features[0].tolist(), keep) if k],
                         gene_symbols=[s for s, k in zip(symbols, keep) if k] if symbols else None,

@@ -111,7 +111,7 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
     file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
     for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
         sample = dataclasses.replace(sample, cell_names=normalise_names(
-            sample.cell_names, kind="cell", study=study.accession, file=sample.source_file))
+            sample.cell_names, kind="cell", study=study.accession, file=sample.cell_file or sample.source_file))
         _check_barcodes(study, sample)
         _refuse_cells_read_before(study, sample, file_of_cell)
         if last_genes is not None and sample.gene_ids == last_genes[0] and sample.gene_symbols == last_genes[1]:
@@ -122,12 +122,12 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
             symbols, ensembl = harmonise_gene_ids(sample.gene_ids, gene_id_type=study.gene_id_type,
                                                   symbols=sample.gene_symbols, strip_r=study.strip_r_prefix,
                                                   ensembl_to_symbol=ensembl_to_symbol, study=study.accession,
-                                                  file=sample.source_file)
+                                                  file=sample.gene_file or sample.source_file)
             n_harmonised = len(symbols)
             counts, symbols, ensembl, spike_ins = drop_spike_ins(sample.counts, symbols, ensembl)
             report.spike_ins_dropped.update(spike_ins)
             counts, symbols, ensembl = sum_duplicate_genes(counts, symbols, ensembl, study=study.accession,
-                                                           file=sample.source_file)
+                                                           file=sample.gene_file or sample.source_file)
             plain = not spike_ins and len(symbols) == n_harmonised
             last_genes = (sample.gene_ids, sample.gene_symbols, symbols, ensembl) if plain else None
         obs, n_without_metadata = _join_cell_metadata(study, sample, metadata, condition_levels)
@@ -236,7 +236,8 @@ def _check_barcodes(study: Study, sample: SampleCounts) -> None:
     if names.has_duplicates:
         duplicated = names[names.duplicated()].unique()[:3].tolist()
         raise ScgrnInputError(f"sample {sample.sample} has duplicate cell barcodes {duplicated}", study=study.accession,
-                              file=sample.source_file, fix="re-download the file or exclude the sample")
+                              file=sample.cell_file or sample.source_file,
+                              fix="re-download the file or exclude the sample")
 
 
 def cell_identities(sample: SampleCounts) -> list[str]:

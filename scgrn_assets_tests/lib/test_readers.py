@@ -351,3 +351,15 @@ def test_cr_only_line_endings_are_named_not_taken_for_duplicate_barcodes(tmp_pat
     study = _dense_study(tmp_path, b"c1\tc2\rApoe\t1\t0\rCd74\t0\t2\r")
     with pytest.raises(ScgrnInputError, match=r"GSM1_a.txt.gz: uses CR-only line endings .*tr '\\r' '\\n'"):
         build_study_anndata(study, tmp_path)
+
+
+def test_a_10x_features_problem_names_the_features_member_not_the_last_one_read(tmp_path):
+    write_tar(tmp_path / "GSE1_RAW.tar", {
+        "GSM21_wt_matrix.mtx.gz": gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n2 1 1\n1 1 4\n"),
+        "GSM21_wt_features.tsv.gz": gzip.compress(b"ENSMUSG01\tApoe\nENSMUSG02\t\n"),
+        "GSM21_wt_barcodes.tsv.gz": gzip.compress(b"AAA-1\n")})
+    (tmp_path / "meta.csv").write_text("Sample Name,genotype\nGSM21,WT\n")
+    study = make_study("raw_tar_10x_mtx", "GSE1_RAW.tar", gene_id_type="ensembl")
+    with pytest.raises(ScgrnInputError, match=r"GSE1: GSE1_RAW.tar:GSM21_wt_features.tsv.gz: has 1 genes without a "
+                                              r"name \(first at row 2\)"):
+        build_study_anndata(study, tmp_path)
