@@ -138,7 +138,10 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
 
 
 def _finish_obs(study: Study, frames: list[pd.DataFrame], condition_levels: tuple[str, str]) -> pd.DataFrame:
-    obs = pd.concat(frames, ignore_index=True)
+    # Column by column: a DataFrame concat of samples whose metadata is all NA warns (a FutureWarning on
+    # every custom catalog's run) about a dtype rule the categoricals below make moot.
+    obs = pd.DataFrame({column: pd.concat([frame[column] for frame in frames], ignore_index=True)
+                        for column in frames[0].columns}) if frames else pd.concat(frames)
     obs["condition"] = pd.Categorical(obs["condition"], categories=list(condition_levels))
     obs["condition_source"] = pd.Categorical(obs["condition_source"])
     obs.index = pd.Index(study.accession + ":" + obs["sample"].astype(str) + ":" + obs["barcode"].astype(str))

@@ -363,3 +363,18 @@ def test_a_10x_features_problem_names_the_features_member_not_the_last_one_read(
     with pytest.raises(ScgrnInputError, match=r"GSE1: GSE1_RAW.tar:GSM21_wt_features.tsv.gz: has 1 genes without a "
                                               r"name \(first at row 2\)"):
         build_study_anndata(study, tmp_path)
+
+
+def test_a_study_with_samples_without_metadata_reads_without_pandas_warnings(tmp_path):
+    import warnings
+
+    write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(b"c1\tc2\nApoe\t1\t0\nCd74\t0\t2\n"),
+                                          "GSM2_b.txt.gz": gzip.compress(b"c1\tc2\nApoe\t3\t0\nCd74\t0\t2\n")})
+    (tmp_path / "meta.csv").write_text("Sample Name,strain\nGSM2,5XFAD\n")
+    study = make_study("raw_tar_dense_tsv", "GSE1_RAW.tar", condition=ConditionRule("strain", {"5XFAD": "AD"}))
+    study = dataclasses.replace(study, metadata=dataclasses.replace(study.metadata, cells_without_metadata="na"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        adata = build_study_anndata(study, tmp_path)
+    assert list(adata.obs["condition"].astype(object).fillna("NA")) == ["NA", "NA", "AD", "AD"]
+    assert list(adata.obs["n_counts"]) == [1, 2, 3, 2]
