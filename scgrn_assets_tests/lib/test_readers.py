@@ -17,6 +17,7 @@ from scgrn_assets.lib.simulate import simulate_sample_counts
 from scgrn_assets.lib.study_anndata import build_study_anndata
 from scgrn_assets_tests.archives import write_tar
 from scgrn_assets_tests.conftest import shared_data
+from scgrn_assets_tests.reliability import ledger
 
 SHA = "0" * 64
 
@@ -103,6 +104,7 @@ def _well_plate_study(tmp_path: Path, header: str, metadata: pd.DataFrame, **joi
 
 
 def test_well_plate_cell_with_a_float_plate_is_well_a1_of_plate_7_not_plate_0(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     study = _well_plate_study(tmp_path, '"A1.7.0","B2.7"', pd.DataFrame(
         {"well_id": ["A1", "B2"], "plate_id": ["7", "7"], "genotype": ["5XFAD", "wild type"]}))
     adata = build_study_anndata(study, tmp_path)
@@ -111,6 +113,7 @@ def test_well_plate_cell_with_a_float_plate_is_well_a1_of_plate_7_not_plate_0(tm
 
 
 def test_zero_padded_wells_join_their_metadata(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     study = _well_plate_study(tmp_path, '"A01.1","b02.1","C3.1"', pd.DataFrame(
         {"well_id": ["A1", "B2", "c03"], "plate_id": ["1", "1", "1"], "genotype": ["5XFAD", "wild type", "5XFAD"]}),
         cells_without_metadata="na")
@@ -120,6 +123,7 @@ def test_zero_padded_wells_join_their_metadata(tmp_path):
 
 
 def test_plate_ids_above_2_to_the_53_stay_distinct(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     big = 2 ** 53
     study = _well_plate_study(tmp_path, f'"A1.{big}","A1.{big + 1}"', pd.DataFrame(
         {"well_id": ["A1", "A1"], "plate_id": [str(big), f"{big + 1}.0"], "genotype": ["5XFAD", "wild type"]}))
@@ -129,6 +133,7 @@ def test_plate_ids_above_2_to_the_53_stay_distinct(tmp_path):
 
 
 def test_duplicate_well_plate_rows_that_disagree_are_refused(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     study = _well_plate_study(tmp_path, '"A1.1","B2.1"', pd.DataFrame(
         {"Run": ["r1", "r2", "r3", "r4", "r5"], "well_id": ["A1", "A01", "B2", "B2", ""],
          "plate_id": ["1", "1.0", "1", "1", ""], "genotype": ["5XFAD", "wild type", "5XFAD", "5XFAD", "wild type"]}))
@@ -159,6 +164,7 @@ def test_10x_members_in_any_order_v2_genes_and_antibody_features(tmp_path):
 
 
 def test_quoted_or_space_padded_gene_names_are_one_gene_in_every_reader(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     matrix = b"%%MatrixMarket matrix coordinate integer general\n2 1 2\n1 1 4\n2 1 1\n"
     write_tar(tmp_path / "GSE1_RAW.tar", {
         "GSM21_wt_matrix.mtx.gz": gzip.compress(matrix),
@@ -176,6 +182,7 @@ def test_quoted_or_space_padded_gene_names_are_one_gene_in_every_reader(tmp_path
 
 
 def test_a_byte_order_mark_does_not_stay_in_the_first_barcode_of_a_short_header(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     body = "\ufeffAAAC\tAAAG\nApoe\t1\t2\n".encode()
     write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(body)})
     (tmp_path / "meta.csv").write_text("Sample Name,strain\nGSM1,5XFAD\n")
@@ -184,6 +191,7 @@ def test_a_byte_order_mark_does_not_stay_in_the_first_barcode_of_a_short_header(
 
 
 def test_a_nul_in_a_gene_name_is_an_error_naming_the_file(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": gzip.compress(b"AAAC\tAAAG\nAp\x00oe\t1\t2\n")})
     (tmp_path / "meta.csv").write_text("Sample Name,strain\nGSM1,5XFAD\n")
     with pytest.raises(ScgrnInputError, match=r"GSE1: GSM1_a.txt.gz: gene name 'Ap\\x00oe' \(entry 1\) holds a "
@@ -196,6 +204,7 @@ def test_a_nul_in_a_gene_name_is_an_error_naming_the_file(tmp_path):
     ("ensembl", b"Apoe\tApoe\nCd74\tCd74\n", "symbols"),
 ], ids=["symbol-declared-ensembl-found", "ensembl-declared-symbols-found"])
 def test_gene_identifiers_are_checked_against_the_declared_type(tmp_path, declared, features, found):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     write_tar(tmp_path / "GSE1_RAW.tar", {
         "GSM21_wt_matrix.mtx.gz": gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n2 1 1\n1 1 4\n"),
         "GSM21_wt_barcodes.tsv.gz": gzip.compress(b"AAA-1\n"),
@@ -328,6 +337,7 @@ def test_metadata_rows_wider_than_the_header_are_refused(tmp_path):
 
 
 def test_a_bad_sample_error_names_the_catalog_switch_that_skips_it(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     study = _dense_study(tmp_path, b"\tc1\tc2\nApoe\t1\t0\nCd74\t0\n")
     with pytest.raises(ScgrnInputError, match=r"GSE1: GSE1_RAW.tar:GSM1_a.txt.gz: line 3 has 2 fields.*re-download "
                                               r".*set skip_bad_samples: true in GSE1's catalog entry"):
@@ -348,12 +358,14 @@ def test_a_study_without_a_metadata_table_gets_na_metadata_and_says_so(tmp_path)
 
 
 def test_cr_only_line_endings_are_named_not_taken_for_duplicate_barcodes(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     study = _dense_study(tmp_path, b"c1\tc2\rApoe\t1\t0\rCd74\t0\t2\r")
     with pytest.raises(ScgrnInputError, match=r"GSM1_a.txt.gz: uses CR-only line endings .*tr '\\r' '\\n'"):
         build_study_anndata(study, tmp_path)
 
 
 def test_a_10x_features_problem_names_the_features_member_not_the_last_one_read(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
     write_tar(tmp_path / "GSE1_RAW.tar", {
         "GSM21_wt_matrix.mtx.gz": gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n2 1 1\n1 1 4\n"),
         "GSM21_wt_features.tsv.gz": gzip.compress(b"ENSMUSG01\tApoe\nENSMUSG02\t\n"),
