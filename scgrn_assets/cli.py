@@ -142,10 +142,10 @@ def selected_assets(assets: list, selection: str | None) -> list:
             warnings.simplefilter("ignore")  # Dagster's own deprecation notices about its internals
             keys = dg.AssetSelection.from_string(selection).resolve(assets)
     except Exception as error:  # Dagster raises several types for a bad selection string
+        groups = sorted({group for a in assets for group in a.group_names_by_key.values()})
         raise ScgrnInputError(f"--select {selection!r} is not a Dagster asset selection ({error})",
                               fix=f"e.g. --select 'group:ingest or group:corpus', --select 'key:combined_corpus+'; "
-                                  f"groups: {', '.join(sorted({g for a in assets for g in a.group_names_by_key.values()}))}"
-                              ) from None
+                                  f"groups: {', '.join(groups)}") from None
     chosen = [a for a in assets if set(a.keys) & keys]
     if not chosen:
         raise ScgrnInputError(f"--select {selection!r} names no asset",

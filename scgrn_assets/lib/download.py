@@ -152,7 +152,8 @@ def url_for_messages(url: str) -> str:
         return "<malformed URL>"
     if parts.hostname and ":" in host:
         host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}{parts.path}" + ("?…" if parts.query else "") + ("#…" if parts.fragment else "")
+    hidden = ("?…" if parts.query else "") + ("#…" if parts.fragment else "")
+    return f"{parts.scheme}://{host}{port}{parts.path}{hidden}"
 
 
 def sha256_of(path: Path) -> str:
@@ -257,7 +258,8 @@ def fetch_file(
     attempts_text = f"{max_attempts} attempt{'s' if max_attempts > 1 else ''}"
     if mismatched_sha256 is not None:
         raise download.fail(
-            f"sha256 mismatch (expected {expected_sha256}, got {mismatched_sha256}) after {attempts_text} from {url_for_messages(url)}",
+            f"sha256 mismatch (expected {expected_sha256}, got {mismatched_sha256}) after {attempts_text} from "
+            f"{url_for_messages(url)}",
             checksum_fix or "the file on the server changed or the catalog's sha256 is wrong: check the catalog entry",
         )
     raise download.fail(
