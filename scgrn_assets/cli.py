@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scgrn_assets.instance import single_host_dagster_yaml
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import StorageLayout, atomic_path, held_file_lock, scgrn_home
+from scgrn_assets.lib.storage import StorageLayout, atomic_path, held_file_lock, require_free_space, scgrn_home
 
 # The progress bar speaks in the terminal; warnings and errors are printed once each by the CLI
 # (Dagster's console would print every failure several times with stack traces); the full logs
@@ -28,6 +28,8 @@ def _prepare_instance(layout: StorageLayout):
     import dagster as dg
 
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
+    # The instance is SQLite, which crashes (SIGSEGV) rather than fails on an all-but-full disk.
+    require_free_space(layout.dagster_home, what="the Dagster instance (SQLite run and event logs)")
     config = layout.dagster_home / "dagster.yaml"
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
     # Dagster creates its SQLite schemas on first use without a lock: two first runs at once

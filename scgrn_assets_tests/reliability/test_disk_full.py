@@ -83,3 +83,18 @@ def test_a_download_larger_than_the_free_space_is_refused_before_any_byte(small_
     with pytest.raises(ScgrnInputError, match=r"downloading GSE1_RAW.tar needs 20.0 MiB free"):
         fetch_file(source.as_uri(), small_disk / "GSE1_RAW.tar", sha256=None, study="GSE1")
     assert _everything_under(small_disk) == []
+
+
+def test_a_cli_command_on_a_disk_without_the_reserve_stops_before_the_instance_is_touched(small_disk):
+    import sys
+
+    ledger.record("fault")
+    env = {**os.environ, "SCGRN_HOME": str(small_disk / "home"), "TQDM_DISABLE": "1"}
+    env.pop("DAGSTER_HOME", None)
+    env.pop("SCGRN_MIN_FREE_BYTES", None)
+    result = subprocess.run([sys.executable, "-m", "scgrn_assets.cli", "status"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "the Dagster instance (SQLite run and event logs) needs 64.0 MiB free" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (small_disk / "home" / "dagster" / "dagster.yaml").exists()
