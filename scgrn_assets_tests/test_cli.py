@@ -187,7 +187,7 @@ def test_every_study_is_tried_and_each_error_shown_once_without_stack_traces(tmp
     assert "error: 2 run(s) failed:" in result.stderr
     for accession in ("GSE1", "GSE3"):
         assert output.count(f"{accession}: {accession}_RAW.tar:GSM1_a.txt.gz: line 3 has 2 fields") == 1, output
-    assert "set skip_bad_samples: true in GSE1's catalog entry" in result.stderr
+    assert "add exclude_samples: [GSM1] to GSE1's catalog entry, or skip_bad_samples: true" in result.stderr
     assert "Traceback" not in output and "Stack Trace" not in output and "dagster - ERROR" not in output
     assert output.count("warning: gene_annotation: the catalog names no gene_annotation file") == 1
     assert (home / "assets" / "study_anndata" / "GSE2" / "GSE2.h5ad").exists()  # tried although GSE1 failed

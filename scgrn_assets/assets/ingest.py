@@ -64,8 +64,9 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
                              progress=lambda name: context.log.info(f"{study.accession}: reading {name}"))
     ingest = adata.uns["ingest"]
     if ingest["n_skipped_samples"]:
-        context.log.warning(f"{study.accession}: skipped {ingest['n_skipped_samples']} sample file(s) that failed "
-                            f"to parse (skip_bad_samples: true): {ingest['skipped_samples']}")
+        context.log.warning(f"{study.accession}: left out {ingest['n_skipped_samples']} sample file(s) (failed to "
+                            f"parse with skip_bad_samples: true, or listed under exclude_samples): "
+                            f"{ingest['skipped_samples']}")
     if ingest["n_cells_without_metadata"]:
         context.log.warning(f"{study.accession}: {ingest['n_cells_without_metadata']} cells have no metadata row "
                             "and keep NA metadata (cells_without_metadata: na)")

@@ -94,6 +94,8 @@ class Study:
     condition_na_reason: str = ""
     # Skip (and list) sample files that fail to parse instead of stopping the study.
     skip_bad_samples: bool = False
+    # Samples (GSM accessions; ``plate<N>`` in well/plate layouts) left out without being read.
+    exclude_samples: tuple[str, ...] = ()
 
     def files_with_role(self, role: str) -> list[StudyFile]:
         return [f for f in self.files if f.role == role]
@@ -276,7 +278,7 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
                               study=accession, fix="use letters, digits, '_', '.', '-' (e.g. GSE98969)")
     here = f"catalog {where}"
     allowed = {"accession", "title", "species", "format", "gene_id_type", "files", "metadata", "condition",
-               "strip_r_prefix", "skip_bad_samples"}
+               "strip_r_prefix", "skip_bad_samples", "exclude_samples"}
     unknown = set(entry) - allowed
     if unknown:
         raise ScgrnInputError(f"{here}: unknown fields {sorted(unknown)}", study=accession,
@@ -313,6 +315,10 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
         raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
                               fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
     skip_bad_samples = _boolean_field(entry, "skip_bad_samples", False, here, accession)
+    exclude_samples = entry.get("exclude_samples") or []
+    if not isinstance(exclude_samples, list) or not all(isinstance(v, str) and v.strip() for v in exclude_samples):
+        raise ScgrnInputError(f"{here}: exclude_samples must be a list of sample accessions, got {exclude_samples!r}",
+                              study=accession, fix="e.g. exclude_samples: [GSM2629430]")
     strip_r_prefix = _boolean_field(entry, "strip_r_prefix", fmt == "raw_tar_dropseq_dge", here, accession)
 
     condition = None
@@ -340,7 +346,8 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     return Study(accession=accession, title=str(entry.get("title", accession)), species=species, format=fmt,
                  gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
                  strip_r_prefix=strip_r_prefix,
-                 condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples)
+                 condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples,
+                 exclude_samples=tuple(v.strip() for v in exclude_samples))
 
 
 def _parse_metadata_join(entry: dict, names: list[str], here: str, accession: str) -> MetadataJoin:

@@ -80,7 +80,22 @@ def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], No
         if not path.exists():
             raise ScgrnInputError(f"count file {path} is missing", study=study.accession, file=count_file.name,
                                   fix="materialise geo_raw_archive for this study first")
-        yield from reader(study, path, progress, limits=limits, skipped=skipped)
+        for sample in reader(study, path, progress, limits=limits, skipped=skipped):
+            if _excluded(study, skipped, sample.sample, sample.source_file):
+                continue  # one-file layouts (plates, bulk columns) are read whole; the sample is dropped here
+            yield sample
+    never_seen = sorted(set(study.exclude_samples) - {s.sample for s in skipped})
+    if never_seen:
+        raise ScgrnInputError(f"exclude_samples lists {never_seen}, which the study's count files do not hold",
+                              study=study.accession, fix="check the sample accessions under exclude_samples")
+
+
+def _excluded(study: Study, skipped: list[SkippedSample], sample: str, member: str) -> bool:
+    """Whether the catalog excludes ``sample``; if so it is listed in ``skipped``, with the reason."""
+    if sample not in study.exclude_samples:
+        return False
+    skipped.append(SkippedSample(sample=sample, file=member, reason="excluded by the catalog (exclude_samples)"))
+    return True
 
 
 def _skip_or_raise(study: Study, skipped: list[SkippedSample], sample: str, member: str,
@@ -89,9 +104,9 @@ def _skip_or_raise(study: Study, skipped: list[SkippedSample], sample: str, memb
     if not study.skip_bad_samples:
         # "Exclude the sample" alone leaves the user looking for how: name the catalog switch.
         raise ScgrnInputError(error.problem, study=error.study, file=error.file, fix=(
-            f"{error.fix or 're-download the file'}; to go on without it, set skip_bad_samples: true in "
-            f"{study.accession}'s catalog entry (samples that fail to parse are then skipped and listed in "
-            "the asset metadata)")) from None
+            f"{error.fix or 're-download the file'}; to go on without it, add exclude_samples: [{sample}] to "
+            f"{study.accession}'s catalog entry, or skip_bad_samples: true to skip every sample that fails to parse "
+            "(either way the samples left out are listed in the asset metadata)")) from None
     skipped.append(SkippedSample(sample=sample, file=member, reason=error.problem))
     logger.warning("%s: skipping sample %s (%s): %s", study.accession, sample, member, error.problem)
 
@@ -135,6 +150,8 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
         match = _GSM_MEMBER.match(name)
         if not match or match.group("suffix") != suffix:
             continue  # GEO RAW tars also hold unrelated supplementary files
+        if _excluded(study, skipped, match.group("sample"), name):
+            continue  # never parsed: an excluded sample may be one that cannot be
         if progress:
             progress(name)
         try:
@@ -248,6 +265,10 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
         key = (match.group("sample"), match.group("name").rstrip("_"))
         if key in bad:
             continue  # a sibling member already failed: the sample is out
+        if key[0] in study.exclude_samples:
+            if match.group("kind").startswith("matrix"):
+                _excluded(study, skipped, key[0], name)  # listed once, by its matrix
+            continue
         kind = match.group("kind").split(".")[0].replace("genes", "features")
         where = f"{path.name}:{name}"
         try:

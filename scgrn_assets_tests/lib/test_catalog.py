@@ -74,6 +74,7 @@ def _broken(mutate) -> dict:
     (lambda s, r: s["files"][0].update(url="file://${NOT_SET_ANYWHERE}/x"), "NOT_SET_ANYWHERE", "export"),
     (lambda s, r: r.update(qc={"min_genes": 3}), "qc must map", "min_genes_per_cell"),
     (lambda s, r: r.update(qc={"min_genes_per_cell": True}), "qc must map", "min_genes_per_cell"),
+    (lambda s, r: s.update(exclude_samples="GSM1"), "exclude_samples must be a list", "exclude_samples: [GSM"),
     (lambda s, r: s.update(strip_r_prefix="maybe"), "strip_r_prefix must be true or false, got 'maybe'",
      "strip_r_prefix: true"),
     (lambda s, r: s.update(strip_r_prefix=1), "strip_r_prefix must be true or false, got 1", None),

@@ -340,7 +340,8 @@ def test_a_bad_sample_error_names_the_catalog_switch_that_skips_it(tmp_path):
     ledger.record("bad_input")  # counted by bench/reliability.py
     study = _dense_study(tmp_path, b"\tc1\tc2\nApoe\t1\t0\nCd74\t0\n")
     with pytest.raises(ScgrnInputError, match=r"GSE1: GSE1_RAW.tar:GSM1_a.txt.gz: line 3 has 2 fields.*re-download "
-                                              r".*set skip_bad_samples: true in GSE1's catalog entry"):
+                                              r".*add exclude_samples: \[GSM1\] to GSE1's catalog entry, or "
+                                              r"skip_bad_samples: true"):
         build_study_anndata(study, tmp_path)
     skipping = dataclasses.replace(study, skip_bad_samples=True)
     with pytest.raises(ScgrnInputError, match="every sample file failed to parse"):
@@ -390,3 +391,24 @@ def test_a_study_with_samples_without_metadata_reads_without_pandas_warnings(tmp
         adata = build_study_anndata(study, tmp_path)
     assert list(adata.obs["condition"].astype(object).fillna("NA")) == ["NA", "NA", "AD", "AD"]
     assert list(adata.obs["n_counts"]) == [1, 2, 3, 2]
+
+
+def test_excluded_samples_are_never_read_and_are_listed(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
+    good = gzip.compress(b"c1\tc2\nApoe\t1\t0\nCd74\t0\t2\n")
+    write_tar(tmp_path / "GSE1_RAW.tar", {"GSM1_a.txt.gz": good, "GSM2_b.txt.gz": b"not gzip, not a matrix"})
+    (tmp_path / "meta.csv").write_text("Sample Name,strain\nGSM1,5XFAD\nGSM2,5XFAD\n")
+    study = make_study("raw_tar_dense_tsv", "GSE1_RAW.tar")
+    adata = build_study_anndata(dataclasses.replace(study, exclude_samples=("GSM2",)), tmp_path)
+    assert list(adata.obs["sample"]) == ["GSM1", "GSM1"]
+    assert adata.uns["ingest"]["skipped_samples"] == "GSM2 (GSM2_b.txt.gz): excluded by the catalog (exclude_samples)"
+    with pytest.raises(ScgrnInputError, match=r"exclude_samples lists \['GSM9'\], which the study's count files do "
+                                              "not hold"):
+        build_study_anndata(dataclasses.replace(study, exclude_samples=("GSM2", "GSM9")), tmp_path)
+
+
+def test_excluded_plates_of_a_well_plate_study_are_dropped(tmp_path):
+    study = _well_plate_study(tmp_path, '"A1.1","B2.2"', pd.DataFrame(
+        {"well_id": ["A1", "B2"], "plate_id": ["1", "2"], "genotype": ["5XFAD", "wild type"]}))
+    adata = build_study_anndata(dataclasses.replace(study, exclude_samples=("plate2",)), tmp_path)
+    assert list(adata.obs["sample"]) == ["plate1"]
