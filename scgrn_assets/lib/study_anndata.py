@@ -109,6 +109,7 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
     last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
     file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
+    n_cells = 0
     for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
         sample = dataclasses.replace(sample, cell_names=normalise_names(
             sample.cell_names, kind="cell", study=study.accession, file=sample.cell_file or sample.source_file))
@@ -132,9 +133,18 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
             last_genes = (sample.gene_ids, sample.gene_symbols, symbols, ensembl) if plain else None
         obs, n_without_metadata = _join_cell_metadata(study, sample, metadata, condition_levels)
         report.n_cells_without_metadata += n_without_metadata
+        n_cells += len(obs)
         obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
         obs["n_genes"] = np.diff(counts.indptr).astype(np.int64)
         yield genes.remap(counts, symbols, ensembl), obs
+    if study.metadata is not None and n_cells and report.n_cells_without_metadata == n_cells:
+        # With cells_without_metadata: na, a join that matches nothing (a wrong column, wells spelled
+        # differently) would pass as a study whose every cell is NA, with a warning at most.
+        raise ScgrnInputError(
+            f"none of the study's {n_cells} cells joined a row of the metadata table (cells_without_metadata: na "
+            "lets some cells miss, not all)", study=study.accession, file=study.metadata.file,
+            fix="check metadata.sample_column (or well_column and plate_column) against the table's columns and "
+                "the sample or cell names; if the study truly has no metadata, leave out metadata: (and condition:)")
 
 
 def _finish_obs(study: Study, frames: list[pd.DataFrame], condition_levels: tuple[str, str]) -> pd.DataFrame:

@@ -412,3 +412,13 @@ def test_excluded_plates_of_a_well_plate_study_are_dropped(tmp_path):
         {"well_id": ["A1", "B2"], "plate_id": ["1", "2"], "genotype": ["5XFAD", "wild type"]}))
     adata = build_study_anndata(dataclasses.replace(study, exclude_samples=("plate2",)), tmp_path)
     assert list(adata.obs["sample"]) == ["plate1"]
+
+
+def test_a_metadata_join_that_matches_no_cell_is_an_error_even_under_na(tmp_path):
+    ledger.record("bad_input")  # counted by bench/reliability.py
+    study = _well_plate_study(tmp_path, '"A1.1","B2.1"', pd.DataFrame(
+        {"well_id": ["A1", "B2"], "plate_id": ["7", "7"], "genotype": ["5XFAD", "wild type"]}),
+        cells_without_metadata="na")
+    with pytest.raises(ScgrnInputError, match=r"meta.csv: none of the study's 2 cells joined a row of the metadata "
+                                              r"table.*check metadata.sample_column"):
+        build_study_anndata(study, tmp_path)
