@@ -303,11 +303,12 @@ def run_until_signalled(command: list[str], env: dict[str, str], *, grace_second
     ``dagster dev`` starts a webserver, a daemon and code servers that would outlive a killed
     parent and keep serving. The child gets its own session, so a terminal's Ctrl-C reaches it
     once, through us; it is asked to stop (it shuts its children down itself), and whatever is
-    left in its process group after ``grace_seconds`` is killed.
+    left in its process group after ``grace_seconds`` is killed. If we die without a chance to
+    forward (kill -9), the kernel sends the child SIGTERM (Linux's parent-death signal).
     """
     import signal
 
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_stop_when_parent_dies)
     received: list[int] = []
 
     def forward(signum, frame):
@@ -333,6 +334,16 @@ def run_until_signalled(command: list[str], env: dict[str, str], *, grace_second
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 + received[0] if received else child.returncode
+
+
+def _stop_when_parent_dies() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when this process dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
