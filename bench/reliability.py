@@ -5,11 +5,16 @@ Runs, in this process, with pytest:
 * download faults against a real HTTP server on 127.0.0.1 (``scgrn_assets_tests/lib/test_download.py``:
   dropped connections, 5xx then success, wrong Content-Length, slow server, redirect loop, ...);
 * hostile archives and catalogs (``test_archive.py``, ``test_catalog.py``);
+* the reader suites' hostile cases (``test_readers.py``, ``test_mtx_text.py``: well/plate quirks,
+  quoted and padded names, BOMs, NULs, CR-only files, gene identifiers of another type, MTX headers);
 * ``scgrn_assets_tests/reliability/``: kill -9 of the real ``scgrn demo`` during each stage and
   at random times with a reader watching every final-named artefact (``--full`` only, except the
   fast library-level kill test), concurrency (parallel writers and readers of DuckDB, ``scgrn sql``
-  during a write; parallel study partitions with ``--full``), hostile input (bombs, pickles,
-  model weights, SQL) and the property-based fuzz of every reader.
+  during a write; parallel study partitions and parallel first runs on a fresh SCGRN_HOME with
+  ``--full``), a full disk (a 16 MiB tmpfs, when the tests may mount one), hostile input (bombs,
+  pickles, model weights, SQL that would write or read past the registered tables, catalogs that
+  would leak secrets or local files, YAML alias bombs, cells read twice) and the property-based
+  fuzz of every reader.
 
 Counting: ``faults`` = faults the reliability suites recorded (one per kill, parallel writer,
 held lock) + the download tests that use the fault-injecting server; ``bad_inputs`` = hostile
@@ -36,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 FAULT_SUITES = ["scgrn_assets_tests/lib/test_download.py"]
 HOSTILE_SUITES = ["scgrn_assets_tests/lib/test_archive.py", "scgrn_assets_tests/lib/test_catalog.py"]
 RELIABILITY_SUITE = "scgrn_assets_tests/reliability"
+# Reader suites whose hostile cases (issue #15: well/plate quirks, quoted names, BOM, NUL, CR-only
+# files, gene id types, MTX headers) record themselves in the ledger; their other tests are not counted.
+LEDGER_SUITES = ["scgrn_assets_tests/lib/test_readers.py", "scgrn_assets_tests/lib/test_mtx_text.py"]
 
 
 class Tally:
@@ -72,8 +80,8 @@ def main() -> int:
     from scgrn_assets_tests.reliability import ledger
 
     tally = Tally()
-    pytest_args = [*FAULT_SUITES, *HOSTILE_SUITES, RELIABILITY_SUITE, "-q", "-p", "no:cacheprovider",
-                   "-W", "ignore::FutureWarning"]
+    pytest_args = [*FAULT_SUITES, *HOSTILE_SUITES, RELIABILITY_SUITE, *LEDGER_SUITES, "-q", "-p",
+                   "no:cacheprovider", "-W", "ignore::FutureWarning"]
     if not args.full:
         pytest_args += ["-m", "not slow"]
     started = time.monotonic()
@@ -90,8 +98,8 @@ def main() -> int:
           f"(pytest exit code {exit_code}); mode={'full' if args.full else 'default'}")
     print(f"  faults: {ledger.COUNTS['fault']} recorded by the reliability suites + {download_faults} download "
           f"fault tests on the 127.0.0.1 server")
-    print(f"  bad inputs: {ledger.COUNTS['bad_input']} recorded by the reliability suites (fuzz examples and "
-          f"hostile cases) + {hostile_cases} archive/catalog cases")
+    print(f"  bad inputs: {ledger.COUNTS['bad_input']} recorded by the reliability and reader suites (fuzz "
+          f"examples and hostile cases) + {hostile_cases} archive/catalog cases")
     for nodeid in tally.failed:
         print(f"  FAILED {nodeid}")
     print(f"RESULT name=reliability faults={faults} bad_inputs={bad_inputs} lost={lost}")

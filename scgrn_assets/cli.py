@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,10 +13,12 @@ from pathlib import Path
 
 from scgrn_assets.instance import single_host_dagster_yaml
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import StorageLayout, atomic_path, scgrn_home
+from scgrn_assets.lib.storage import StorageLayout, atomic_path, held_file_lock, require_free_space, scgrn_home
 
-# The progress bar speaks in the terminal; the full logs stay in the instance (see `scgrn ui`).
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# The progress bar speaks in the terminal; warnings and errors are printed once each by the CLI
+# (Dagster's console would print every failure several times with stack traces); the full logs
+# stay in the instance (see `scgrn ui`).
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 DAGSTER_YAML = single_host_dagster_yaml()  # SQLite storage, run queue, `gpu` pool limited to the GPUs
 
@@ -24,12 +28,20 @@ def _prepare_instance(layout: StorageLayout):
     import dagster as dg
 
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
+    # The instance is SQLite, which crashes (SIGSEGV) rather than fails on an all-but-full disk.
+    require_free_space(layout.dagster_home, what="the Dagster instance (SQLite run and event logs)")
     config = layout.dagster_home / "dagster.yaml"
-    if not config.exists():  # atomically: a run killed while writing it must not leave a truncated instance config
-        with atomic_path(config) as tmp:
-            tmp.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(layout.dagster_home)
-    instance = dg.DagsterInstance.get()
+    # Dagster creates its SQLite schemas on first use without a lock: two first runs at once
+    # would both create them ("table runs already exists"). One process initialises; the rest wait.
+    with held_file_lock(layout.dagster_home / ".scgrn-init.lock"):
+        if not config.exists():  # atomically: a run killed while writing it must not leave a truncated config
+            with atomic_path(config) as tmp:
+                tmp.write_text(DAGSTER_YAML)
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # the storages are created lazily: create them here, under the lock
+        instance.event_log_storage.get_latest_materialization_events([])
+        instance.schedule_storage
     release_runs_of_killed_cli_processes(instance)
     return instance
 
@@ -118,8 +130,39 @@ def materialisation_plan(assets) -> list[tuple[list, bool]]:
     return plan
 
 
-def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: bool = False) -> None:
-    """Materialise every asset, run by run in dependency order (one run per study where partitioned)."""
+def selected_assets(assets: list, selection: str | None) -> list:
+    """The assets ``selection`` names, in Dagster's selection syntax (``group:ingest``,
+    ``key:combined_corpus+``, ``+condition_effects``, ``group:ingest or group:corpus``); all when None."""
+    if not selection:
+        return list(assets)
+    import warnings
+
+    import dagster as dg
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dagster's own deprecation notices about its internals
+            keys = dg.AssetSelection.from_string(selection).resolve(assets)
+    except Exception as error:  # Dagster raises several types for a bad selection string
+        groups = sorted({group for a in assets for group in a.group_names_by_key.values()})
+        raise ScgrnInputError(f"--select {selection!r} is not a Dagster asset selection ({error})",
+                              fix=f"e.g. --select 'group:ingest or group:corpus', --select 'key:combined_corpus+'; "
+                                  f"groups: {', '.join(groups)}") from None
+    chosen = [a for a in assets if set(a.keys) & keys]
+    if not chosen:
+        raise ScgrnInputError(f"--select {selection!r} names no asset",
+                              fix="list the assets with `scgrn status`; e.g. --select 'group:ingest'")
+    return chosen
+
+
+def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: bool = False,
+                           selection: str | None = None) -> None:
+    """Materialise every asset (or those ``selection`` names), run by run in dependency order.
+
+    Partitioned runs happen once per study, and every study is tried even when one fails; the
+    failures are then raised together, each once, in one :class:`ScgrnInputError` (the runs'
+    full logs stay in the instance for ``scgrn ui``). Warnings the runs logged are echoed once.
+    """
     import dagster as dg
     from tqdm import tqdm
 
@@ -127,30 +170,50 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
 
     instance = _prepare_instance(layout)
     resources = definitions.build_resources(home=str(layout.home), catalog=catalog_name, quick=quick)
-    assets = list(definitions.all_assets)
+    assets = selected_assets(list(definitions.all_assets), selection)
     checks = list(definitions.all_asset_checks)
     accessions = resources["storage"].load_catalog().accessions
     plan = materialisation_plan(assets)
     total = sum(len(accessions) if partitioned else 1 for _, partitioned in plan)
+    failures: list[str] = []
     with tqdm(total=total, desc="materialise", unit="run", disable=None) as bar:
         for group, partitioned in plan:
             names = ", ".join(k.to_user_string() for a in group for k in a.keys)
             for partition in (accessions if partitioned else [None]):
                 bar.set_postfix_str(f"{names}{f' [{partition}]' if partition else ''}")
-                result = dg.materialize([*assets, *checks], selection=dg.AssetSelection.assets(*group),
+                result = dg.materialize([*definitions.all_assets, *checks], selection=dg.AssetSelection.assets(*group),
                                         partition_key=partition, instance=instance, resources=resources,
                                         raise_on_error=False, tags=cli_run_tags(), run_config=QUIET)
-                _raise_on_failure(result, f"{names}{f' for {partition}' if partition else ''}")
+                for warning in run_warnings(instance, result.run_id):
+                    tqdm.write(warning)  # above the progress bar, not through it
+                failure = run_failure(result, f"{names}{f' for {partition}' if partition else ''}")
+                if failure:
+                    failures.append(failure)
                 bar.update(1)
+            if failures:  # later assets need every study: stop here, after trying them all
+                break
+    if failures:
+        listed = "\n".join(f"  {n}. {failure}" for n, failure in enumerate(failures, start=1))
+        raise ScgrnInputError(f"{len(failures)} run(s) failed:\n{listed}\nFix each and run again (what succeeded "
+                              "is kept); the runs' full logs are in `scgrn ui`.")
 
 
-def _raise_on_failure(result, what: str) -> None:
+def run_warnings(instance, run_id: str) -> list[str]:
+    """The warnings a run logged (not Dagster's own events), as ``warning: <step>: <message>`` lines."""
+    import logging
+
+    return [f"warning: {entry.step_key or 'run'}: {entry.user_message}" for entry in instance.all_logs(run_id)
+            if entry.level == logging.WARNING and entry.dagster_event is None]
+
+
+def run_failure(result, what: str) -> str | None:
+    """What went wrong in a ``materialize`` result, in one line (None when it succeeded)."""
     if result.success:
         failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
         if failed_checks:
             names = ", ".join(f"{e.asset_key.to_user_string()}:{e.check_name}" for e in failed_checks)
-            raise ScgrnInputError(f"asset checks failed for {what}: {names}", fix="open `scgrn ui` for details")
-        return
+            return f"asset checks failed for {what}: {names} (open `scgrn ui` for details)"
+        return None
     for event in result.all_events:
         if event.is_step_failure:
             error = event.step_failure_data.error
@@ -160,8 +223,15 @@ def _raise_on_failure(result, what: str) -> None:
             while cause is not None and cause.cause is not None:
                 cause = cause.cause
             detail = cause.message.strip() if cause else message
-            raise ScgrnInputError(f"materialising {what} failed at step {event.step_key}: {detail}")
-    raise ScgrnInputError(f"materialising {what} failed", fix="open `scgrn ui` for the run's logs")
+            detail = re.sub(r"^(scgrn_assets\.lib\.errors\.)?ScgrnInputError: ", "", detail)
+            return f"{what} failed at step {event.step_key}: {detail}"
+    return f"{what} failed (open `scgrn ui` for the run's logs)"
+
+
+def _raise_on_failure(result, what: str) -> None:
+    failure = run_failure(result, what)
+    if failure:
+        raise ScgrnInputError(failure)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -173,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"SCGRN_HOME: {layout.home}")
     if catalog.name == "demo":
         ensure_demo_data(layout, catalog)
-    return _materialise_and_report(layout, args.quick)
+    return _materialise_and_report(layout, args.quick, args.select)
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -185,13 +255,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     print(f"SCGRN_HOME: {layout.home}\ncatalog:    {catalog_name()} ({catalog.path}, {len(catalog.studies)} studies)")
     if any(f.sha256 is None for s in catalog.studies for f in s.files):
         print(f"sha256 pins: {catalog.lock_path} (files without a sha256 are pinned on first download)")
-    return _materialise_and_report(layout, args.quick)
+    return _materialise_and_report(layout, args.quick, args.select)
 
 
-def _materialise_and_report(layout: StorageLayout, quick: bool) -> int:
+def _materialise_and_report(layout: StorageLayout, quick: bool, selection: str | None = None) -> int:
     from scgrn_assets.settings import catalog_name
 
-    materialize_everything(layout, catalog_name(), quick=quick)
+    materialize_everything(layout, catalog_name(), quick=quick, selection=selection)
     from scgrn_assets.lib.sql_store import ensure_database
 
     ensure_database(layout.duckdb_path)
@@ -221,12 +291,66 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def dagster_dev_command(port: int) -> list[str]:
+    """``dagster dev`` through this interpreter, so it runs without the venv on PATH (``.venv/bin/scgrn ui``)."""
+    return [sys.executable, "-m", "dagster", "dev", "-m", "scgrn_assets.definitions", "-h", "127.0.0.1",
+            "-p", str(port)]
+
+
+def run_until_signalled(command: list[str], env: dict[str, str], *, grace_seconds: float = 30.0) -> int:
+    """Run ``command`` in its own process group; on SIGINT/SIGTERM stop it and everything it started.
+
+    ``dagster dev`` starts a webserver, a daemon and code servers that would outlive a killed
+    parent and keep serving. The child gets its own session, so a terminal's Ctrl-C reaches it
+    once, through us; it is asked to stop (it shuts its children down itself), and whatever is
+    left in its process group after ``grace_seconds`` is killed. If we die without a chance to
+    forward (kill -9), the kernel sends the child SIGTERM (Linux's parent-death signal).
+    """
+    import signal
+
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_stop_when_parent_dies)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM)  # dagster dev treats SIGTERM as Ctrl-C: a clean shutdown
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    import time
+
+    try:
+        deadline = None
+        while child.poll() is None:
+            if received and deadline is None:
+                deadline = time.monotonic() + grace_seconds
+            if deadline is not None and time.monotonic() > deadline:
+                break  # asked to stop and did not in time: the group is killed below
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # leftovers (a code server that missed the shutdown)
+        child.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else child.returncode
+
+
+def _stop_when_parent_dies() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when this process dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     layout = StorageLayout(scgrn_home())
     _prepare_instance(layout)
-    command = ["dagster", "dev", "-m", "scgrn_assets.definitions", "-h", "127.0.0.1", "-p", str(args.port)]
-    print(f"Dagster UI on http://127.0.0.1:{args.port} over {layout.dagster_home} (Ctrl-C to stop)")
-    return subprocess.call(command, env={**os.environ, "DAGSTER_HOME": str(layout.dagster_home)})
+    print(f"Dagster UI on http://127.0.0.1:{args.port} over {layout.dagster_home} (Ctrl-C to stop)", flush=True)
+    return run_until_signalled(dagster_dev_command(args.port), {**os.environ, "DAGSTER_HOME": str(layout.dagster_home)})
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -255,11 +379,26 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def sql_parameter(text: str) -> int | float | str:
+    """A ``--param`` value as SQL should compare it: ``10`` an integer, ``2.5`` a number, anything else text.
+
+    Bound as text, ``SELECT ? > ?`` with 9 and 10 compared strings ('9' > '10' is true).
+    Quote a number to keep it text: ``--param "'0012'"`` binds the string 0012.
+    """
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1]
+    return text
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     from scgrn_assets.lib.sql_store import query
 
     layout = StorageLayout(scgrn_home())
-    table = query(layout.duckdb_path, args.sql, list(args.param or []))
+    table = query(layout.duckdb_path, args.sql, [sql_parameter(value) for value in args.param or []])
     print(table.to_string(index=False, max_rows=args.max_rows))
     return 0
 
@@ -269,33 +408,43 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Storage root: $SCGRN_HOME (default ~/.scgrn). "
                                             "Catalog: $SCGRN_CATALOG (a built-in name or a YAML path; default demo).")
     commands = parser.add_subparsers(dest="command", required=True)
+    select_help = ("materialise only these assets, in Dagster's selection syntax: 'group:ingest', "
+                   "'group:ingest or group:corpus', 'key:combined_corpus+' (and what follows it), "
+                   "'+condition_effects' (and its inputs); inputs outside the selection must already be materialised")
+    quick_help = "a smoke run: few model-training steps, small null draws (numbers not meaningful)"
     demo = commands.add_parser("demo", help="simulate the demo studies and materialise every asset")
-    demo.add_argument("--quick", action="store_true",
-                      help="a smoke run: few model-training steps, small null draws (numbers not meaningful)")
+    demo.add_argument("--quick", action="store_true", help=quick_help)
+    demo.add_argument("--select", metavar="SELECTION", help=select_help)
     demo.set_defaults(func=cmd_demo)
     materialize = commands.add_parser("materialize", help="materialise every asset for SCGRN_CATALOG "
                                                           "(e.g. real: downloads from GEO), nothing simulated")
-    materialize.add_argument("--quick", action="store_true",
-                             help="a smoke run: few model-training steps, small null draws (numbers not meaningful)")
+    materialize.add_argument("--quick", action="store_true", help=quick_help)
+    materialize.add_argument("--select", metavar="SELECTION", help=select_help)
     materialize.set_defaults(func=cmd_materialize)
     simulate = commands.add_parser("simulate", help="write the simulated GEO studies (and optionally a catalog)")
     simulate.add_argument("--out", help="folder (default SCGRN_HOME/demo_geo)")
-    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--seed", type=int, default=7, help="random seed of the simulation (default 7, the demo's)")
     simulate.add_argument("--n-cells", type=int, help="scale option: total cells (e.g. 186000)")
-    simulate.add_argument("--n-genes", type=int, default=30_000, help="with --n-cells: total genes")
+    simulate.add_argument("--n-genes", type=int, default=30_000, help="with --n-cells: total genes (default 30000)")
     simulate.add_argument("--write-catalog", help="also write a catalog YAML addressing the files")
     simulate.set_defaults(func=cmd_simulate)
     ui = commands.add_parser("ui", help="start the Dagster web UI on 127.0.0.1 over SCGRN_HOME")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--port", type=int, default=3000,
+                    help="port on 127.0.0.1 to serve on (default 3000); Ctrl-C or SIGTERM stops the UI and its daemon")
     ui.set_defaults(func=cmd_ui)
     status = commands.add_parser("status", help="list what is materialised")
     status.set_defaults(func=cmd_status)
     for name, help_text in (("sql", "run read-only SQL on SCGRN_HOME/scgrn.duckdb"),
                             ("edges", "the same, for the network tables (edges, mi_edges, cmi_edges, ...)")):
-        sql = commands.add_parser(name, help=help_text)
-        sql.add_argument("sql")
-        sql.add_argument("--param", action="append", help="a value bound to the next ? placeholder (repeatable)")
-        sql.add_argument("--max-rows", type=int, default=50)
+        sql = commands.add_parser(name, help=help_text, description=f"{help_text}. SELECT statements only (also "
+                                  "SHOW TABLES, DESCRIBE t): nothing is written, and only the registered tables "
+                                  "can be read.")
+        sql.add_argument("sql", metavar="SQL", help="one SELECT query, e.g. \"SELECT * FROM corpus_studies "
+                                                    "WHERE n_cells > ?\"; list tables with \"SHOW TABLES\"")
+        sql.add_argument("--param", action="append", metavar="VALUE",
+                         help="a value bound to the next ? placeholder (repeatable); numbers are bound as numbers, "
+                              "'quoted' values as text")
+        sql.add_argument("--max-rows", type=int, default=50, help="rows to print at most (default 50)")
         sql.set_defaults(func=cmd_sql)
     from scgrn_assets.cli_benchmark import add_benchmark_parser
 

@@ -9,6 +9,7 @@ from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.lib.checksum_lock import ChecksumLock, fetch_pinned
 from scgrn_assets.lib.qc_checks import scan_counts
 from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs
+from scgrn_assets.lib.download import url_for_messages
 from scgrn_assets.lib.storage import remove_stale_temporaries
 from scgrn_assets.lib.study_anndata import write_study_h5ad
 from scgrn_assets.partitions import study_partitions
@@ -29,7 +30,7 @@ def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
     remove_stale_temporaries(folder)
     rows = []
     for study_file in study.files:
-        context.log.info(f"{study.accession}: fetching {study_file.url}")
+        context.log.info(f"{study.accession}: fetching {url_for_messages(study_file.url)}")  # no query: tokens
         pinned_before = study_file.sha256 or lock.pinned_sha256(study_file.url)
         result = fetch_pinned(study_file.url, folder / study_file.name, sha256=study_file.sha256, lock=lock,
                               study=study.accession, policy=downloader.policy, mirrors=downloader.mirrors)
@@ -63,8 +64,9 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
                              progress=lambda name: context.log.info(f"{study.accession}: reading {name}"))
     ingest = adata.uns["ingest"]
     if ingest["n_skipped_samples"]:
-        context.log.warning(f"{study.accession}: skipped {ingest['n_skipped_samples']} sample file(s) that failed "
-                            f"to parse (skip_bad_samples: true): {ingest['skipped_samples']}")
+        context.log.warning(f"{study.accession}: left out {ingest['n_skipped_samples']} sample file(s) (failed to "
+                            f"parse with skip_bad_samples: true, or listed under exclude_samples): "
+                            f"{ingest['skipped_samples']}")
     if ingest["n_cells_without_metadata"]:
         context.log.warning(f"{study.accession}: {ingest['n_cells_without_metadata']} cells have no metadata row "
                             "and keep NA metadata (cells_without_metadata: na)")
@@ -82,6 +84,7 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
         "n_cells_without_metadata": ingest["n_cells_without_metadata"],
         "n_spike_ins_dropped": ingest["n_spike_ins_dropped"],
         "condition_na_reason": study.condition_na_reason or "-",
+        "metadata_table": ingest["metadata_table"],
         "preview": table_preview(adata.obs),
         "path": dg.MetadataValue.path(str(path)),
     })

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import yaml
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.strict_yaml import load_strict_yaml
 
 #: Study layouts with a reader in :mod:`scgrn_assets.lib.readers`.
 KNOWN_FORMATS = {
@@ -89,19 +90,23 @@ class Study:
     format: str
     gene_id_type: str
     files: tuple[StudyFile, ...]
-    metadata: MetadataJoin
+    metadata: MetadataJoin | None  # None: the study has no metadata table, every cell's metadata is NA
     condition: ConditionRule | None
     strip_r_prefix: bool = False
     # Why a study without a condition rule is all NA (no Alzheimer's/control contrast, bulk, ...).
     condition_na_reason: str = ""
     # Skip (and list) sample files that fail to parse instead of stopping the study.
     skip_bad_samples: bool = False
+    # Samples (GSM accessions; ``plate<N>`` in well/plate layouts) left out without being read.
+    exclude_samples: tuple[str, ...] = ()
 
     def files_with_role(self, role: str) -> list[StudyFile]:
         return [f for f in self.files if f.role == role]
 
     @property
-    def metadata_file(self) -> StudyFile:
+    def metadata_file(self) -> StudyFile | None:
+        if self.metadata is None:
+            return None
         return next(f for f in self.files if f.name == self.metadata.file)
 
 
@@ -176,14 +181,16 @@ def resolve_catalog_path(name_or_path: str | os.PathLike) -> Path:
 def load_catalog(name_or_path: str | os.PathLike, *, variables: dict[str, str] | None = None) -> Catalog:
     """Load and validate a catalog.
 
-    ``${NAME}`` in URLs expands from ``variables`` first (e.g. ``SCGRN_HOME``), then the
-    environment, so the demo catalog can address files under the user's storage root.
+    ``${NAME}`` in URLs expands from ``variables`` (e.g. ``SCGRN_HOME``, so the demo catalog can
+    address files under the user's storage root) and from the environment only for the names the
+    user lists in ``SCGRN_CATALOG_ENV``; ``file://`` URLs must lie under SCGRN_HOME or a folder in
+    ``SCGRN_FILE_ROOTS`` (see :func:`expand_variables`, :func:`refuse_file_url_outside_roots`).
     """
     path = resolve_catalog_path(name_or_path)
     if not path.exists():
         raise ScgrnInputError(f"catalog file {path} does not exist", fix="check the path or SCGRN_CATALOG")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_strict_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ScgrnInputError(f"catalog {path} is not valid YAML: {exc}", fix="fix the YAML syntax") from exc
     return parse_catalog(raw, path=path, variables=variables or {})
@@ -221,7 +228,7 @@ def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog
     qc = raw.get("qc")
     qc_fields = {"min_counts_per_cell", "min_genes_per_cell", "min_cells_per_gene"}
     if qc is not None and (not isinstance(qc, dict) or set(qc) - qc_fields
-                           or not all(isinstance(v, int) and v >= 0 for v in qc.values())):
+                           or not all(type(v) is int and v >= 0 for v in qc.values())):  # bool is an int
         raise ScgrnInputError(f"catalog {where}: qc must map {sorted(qc_fields)} to non-negative integers, got {qc!r}",
                               fix="e.g. qc: {min_genes_per_cell: 200}")
     references = tuple(_parse_reference(entry, index, where, variables)
@@ -274,7 +281,7 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
                               study=accession, fix="use letters, digits, '_', '.', '-' (e.g. GSE98969)")
     here = f"catalog {where}"
     allowed = {"accession", "title", "species", "format", "gene_id_type", "files", "metadata", "condition",
-               "strip_r_prefix", "skip_bad_samples"}
+               "strip_r_prefix", "skip_bad_samples", "exclude_samples"}
     unknown = set(entry) - allowed
     if unknown:
         raise ScgrnInputError(f"{here}: unknown fields {sorted(unknown)}", study=accession,
@@ -300,28 +307,22 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
         raise ScgrnInputError(f"{here}: no file with role 'counts'", study=accession,
                               fix="mark the count archive with 'role: counts'")
 
-    metadata_raw = _require(entry, "metadata", here, accession, dict)
-    metadata_file = _require(metadata_raw, "file", f"{here} metadata", accession)
-    if metadata_file not in names:
-        raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
-                              study=accession, fix="list it under 'files' with role: metadata")
-    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata",
-                     "animal_column"}
-    metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
-        if set(metadata_raw) <= metadata_keys else None
-    if metadata is None:
-        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - metadata_keys)}",
-                              study=accession, fix=f"allowed: {', '.join(sorted(metadata_keys))}")
-    if metadata.cells_without_metadata not in ("error", "na"):
-        raise ScgrnInputError(f"{here}: metadata.cells_without_metadata is {metadata.cells_without_metadata!r}",
-                              study=accession, fix="use error (the default) or na")
+    metadata = None
+    if entry.get("metadata") is not None:
+        metadata = _parse_metadata_join(entry, names, here, accession)
+    elif isinstance(entry.get("condition"), dict) and set(entry["condition"]) != {"na"}:
+        raise ScgrnInputError(f"{here}: a condition rule needs the metadata table it reads", study=accession,
+                              fix="add metadata: {file: <the study's metadata file>}, or drop the condition "
+                                  "(condition: {na: <why>})")
     if fmt == "ncbi_rnaseq_counts" and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
         raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
                               fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
-    skip_bad_samples = entry.get("skip_bad_samples", False)
-    if not isinstance(skip_bad_samples, bool):
-        raise ScgrnInputError(f"{here}: skip_bad_samples must be true or false, got {skip_bad_samples!r}",
-                              study=accession)
+    skip_bad_samples = _boolean_field(entry, "skip_bad_samples", False, here, accession)
+    exclude_samples = entry.get("exclude_samples") or []
+    if not isinstance(exclude_samples, list) or not all(isinstance(v, str) and v.strip() for v in exclude_samples):
+        raise ScgrnInputError(f"{here}: exclude_samples must be a list of sample accessions, got {exclude_samples!r}",
+                              study=accession, fix="e.g. exclude_samples: [GSM2629430]")
+    strip_r_prefix = _boolean_field(entry, "strip_r_prefix", fmt == "raw_tar_dropseq_dge", here, accession)
 
     condition = None
     condition_na_reason = ""
@@ -347,8 +348,37 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
 
     return Study(accession=accession, title=str(entry.get("title", accession)), species=species, format=fmt,
                  gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
-                 strip_r_prefix=bool(entry.get("strip_r_prefix", fmt == "raw_tar_dropseq_dge")),
-                 condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples)
+                 strip_r_prefix=strip_r_prefix,
+                 condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples,
+                 exclude_samples=tuple(v.strip() for v in exclude_samples))
+
+
+def _parse_metadata_join(entry: dict, names: list[str], here: str, accession: str) -> MetadataJoin:
+    metadata_raw = _require(entry, "metadata", here, accession, dict)
+    metadata_file = _require(metadata_raw, "file", f"{here} metadata", accession)
+    if metadata_file not in names:
+        raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
+                              study=accession, fix="list it under 'files' with role: metadata")
+    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata",
+                     "animal_column"}
+    metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
+        if set(metadata_raw) <= metadata_keys else None
+    if metadata is None:
+        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - metadata_keys)}",
+                              study=accession, fix=f"allowed: {', '.join(sorted(metadata_keys))}")
+    if metadata.cells_without_metadata not in ("error", "na"):
+        raise ScgrnInputError(f"{here}: metadata.cells_without_metadata is {metadata.cells_without_metadata!r}",
+                              study=accession, fix="use error (the default) or na")
+    return metadata
+
+
+def _boolean_field(entry: dict, key: str, default: bool, here: str, accession: str) -> bool:
+    """A true/false field; anything else (``maybe``, ``1``, ``"false"``) is an error, not a truthy guess."""
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise ScgrnInputError(f"{here}: {key} must be true or false, got {value!r}", study=accession,
+                              fix=f"write {key}: true or {key}: false")
+    return value
 
 
 def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) -> StudyFile:
@@ -366,6 +396,7 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
     if scheme not in ALLOWED_URL_SCHEMES:
         raise ScgrnInputError(f"{here}: file {name} has URL {url!r} with scheme {scheme!r}", study=accession,
                               fix=f"use one of {list(ALLOWED_URL_SCHEMES)}://")
+    refuse_file_url_outside_roots(url, variables, here=here, name=name, accession=accession)
     sha256 = raw.get("sha256")
     # Absent: trust on first use (pinned in the lock file by the first download). Present: must be valid.
     if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.match(sha256.lower())):
@@ -379,15 +410,59 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
     return StudyFile(name=name, url=url, sha256=sha256.lower() if sha256 is not None else None, role=role)
 
 
+#: Environment variable naming (comma-separated) the other variables a catalog's URLs may use.
+CATALOG_ENV_VARIABLE = "SCGRN_CATALOG_ENV"
+#: Environment variable naming (os.pathsep-separated) folders that ``file://`` URLs may read, besides SCGRN_HOME.
+FILE_ROOTS_VARIABLE = "SCGRN_FILE_ROOTS"
+
+
 def expand_variables(text: str, variables: dict[str, str]) -> str:
-    """Expand ``${NAME}`` from ``variables`` then the environment; an unknown name is an error."""
+    """Expand ``${NAME}`` from ``variables`` (e.g. ``SCGRN_HOME``), or from the environment when the user
+    allows NAME in ``SCGRN_CATALOG_ENV``; any other name is an error.
+
+    A catalog is often someone else's file: expanding any variable would let it send a secret
+    (``?k=${AWS_SECRET_ACCESS_KEY}``) to its server and into the run logs.
+    """
+    allowed = {name.strip() for name in os.environ.get(CATALOG_ENV_VARIABLE, "").split(",") if name.strip()}
 
     def replace(match: re.Match) -> str:
         key = match.group(1)
         if key in variables:
             return variables[key]
+        if key not in allowed:
+            raise ScgrnInputError(
+                f"a catalog URL uses ${{{key}}}; catalogs may use only {sorted(variables) or 'no variables'} and "
+                f"the variables named in {CATALOG_ENV_VARIABLE}",
+                fix=f"if the catalog is yours and {key} holds no secret: export {CATALOG_ENV_VARIABLE}={key}")
         if key in os.environ:
             return os.environ[key]
-        raise ScgrnInputError(f"URL {text!r} uses ${{{key}}}, which is not set", fix=f"export {key}=...")
+        raise ScgrnInputError(f"a catalog URL uses ${{{key}}}, which is not set", fix=f"export {key}=...")
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", replace, text)
+
+
+def allowed_file_roots(variables: dict[str, str]) -> list[Path]:
+    """Folders ``file://`` URLs may read: SCGRN_HOME (when given) and those named in ``SCGRN_FILE_ROOTS``."""
+    roots = [variables["SCGRN_HOME"]] if variables.get("SCGRN_HOME") else []
+    roots += [part for part in os.environ.get(FILE_ROOTS_VARIABLE, "").split(os.pathsep) if part.strip()]
+    return [Path(root).expanduser().resolve() for root in roots]
+
+
+def refuse_file_url_outside_roots(url: str, variables: dict[str, str], *, here: str, name: str,
+                                  accession: str) -> None:
+    """A ``file://`` URL must point inside an allowed root (symlinks and ``..`` resolved).
+
+    Otherwise a catalog could copy ``/etc/passwd`` or ``~/.ssh/id_rsa`` into SCGRN_HOME, where the
+    UI and the run logs show it.
+    """
+    from urllib.request import url2pathname
+
+    if urlparse(url).scheme != "file":
+        return
+    source = Path(url2pathname(urlparse(url).path)).resolve()
+    roots = allowed_file_roots(variables)
+    if not any(source.is_relative_to(root) for root in roots):
+        raise ScgrnInputError(
+            f"{here}: file {name} reads {source} through a file:// URL, outside the folders catalogs may read "
+            f"({', '.join(map(str, roots)) or 'none'})", study=accession,
+            fix=f"if you mean it, name the folder: export {FILE_ROOTS_VARIABLE}={source.parent}")

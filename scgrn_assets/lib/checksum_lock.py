@@ -24,9 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from scgrn_assets.lib.download import (DownloadPolicy, FetchResult, ProgressCallback, apply_url_mirrors, fetch_file)
+from scgrn_assets.lib.download import (DownloadPolicy, FetchResult, ProgressCallback, apply_url_mirrors, fetch_file,
+                                       url_for_messages)
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.strict_yaml import load_strict_yaml
 
 LOCK_VERSION = 1
 _HEADER = ("# sha256 pins written on first download (trust on first use); keys are the catalog's URLs.\n"
@@ -65,7 +67,7 @@ class ChecksumLock:
         if not self.path.exists():
             return {}
         try:
-            raw = yaml.safe_load(self.path.read_text())
+            raw = load_strict_yaml(self.path.read_text())
         except yaml.YAMLError as error:
             raise self._malformed(f"is not valid YAML ({error})") from None
         if raw is None:
@@ -76,7 +78,7 @@ class ChecksumLock:
         for url, entry in (raw.get("files") or {}).items():
             if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
                     or len(entry["sha256"]) != 64:
-                raise self._malformed(f"has no valid sha256 for {url}")
+                raise self._malformed(f"has no valid sha256 for {url_for_messages(url)}")
             pins[str(url)] = Pin(sha256=entry["sha256"].lower(), n_bytes=int(entry.get("bytes", -1)),
                                  study=str(entry.get("study", "")), file=str(entry.get("file", "")))
         return pins
@@ -104,7 +106,8 @@ class ChecksumLock:
             if existing is not None:
                 if existing.sha256 != sha256:
                     raise ScgrnInputError(
-                        f"was just downloaded with sha256 {sha256}, but {self.path} pins {existing.sha256} for {url}",
+                        f"was just downloaded with sha256 {sha256}, but {self.path} pins {existing.sha256} "
+                        f"for {url_for_messages(url)}",
                         study=study, file=file,
                         fix="the file on the server changed between two downloads: run again; if it keeps "
                             "changing, check the URL")
@@ -161,7 +164,7 @@ def fetch_pinned(url: str, destination: Path, *, sha256: str | None, lock: Check
     checksum_fix = None
     if sha256 is None and expected is not None:
         checksum_fix = (f"the file changed since its first download pinned it in {lock.path}; if the change is "
-                        f"expected, delete the entry for {url} from the lock file to pin it again")
+                        f"expected, delete the entry for {url_for_messages(url)} from the lock file to pin it again")
     result = fetch_file(apply_url_mirrors(url, mirrors), destination, sha256=expected, study=study, policy=policy,
                         progress=progress, checksum_fix=checksum_fix)
     if first_use:

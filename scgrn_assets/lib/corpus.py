@@ -304,9 +304,14 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
     release_free_memory()
     keep_genes = detected >= qc.min_cells_per_gene
     genes = union[keep_genes]
-    if len(genes) == 0 or sum(len(r) for r in keep_rows.values()) == 0:
-        raise ScgrnInputError(f"QC removed every {'gene' if len(genes) == 0 else 'cell'} of the corpus",
-                              fix=f"relax the QC thresholds ({qc})")
+    if sum(len(r) for r in keep_rows.values()) == 0:
+        raise _every_cell_removed(frames, qc)
+    if len(genes) == 0:
+        raise ScgrnInputError(
+            f"QC removed every gene of the corpus: no gene is detected in min_cells_per_gene="
+            f"{qc.min_cells_per_gene} of the {sum(len(r) for r in keep_rows.values())} cells that passed cell QC "
+            f"(the most any gene reaches is {int(detected.max(initial=0))})",
+            fix="lower min_cells_per_gene under the catalog's qc: (e.g. qc: {min_cells_per_gene: 1})")
 
     var = _corpus_var(genes, frames, gene_annotation)
     var["n_cells_detected"] = detected[keep_genes]
@@ -378,6 +383,23 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
                          cells_per_study={s: len(r) for s, r in keep_rows.items()},
                          cells_removed_by_qc=removed_cells, genes_removed_by_qc=union[~keep_genes].tolist(),
                          union_genes=union.tolist())
+
+
+def _every_cell_removed(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], qc: QCThresholds) -> ScgrnInputError:
+    """The error for a corpus that cell QC emptied, naming the threshold(s) that did it and how far off they are."""
+    n_counts = np.concatenate([obs["n_counts"].to_numpy() for obs, _ in frames.values()])
+    n_genes = np.concatenate([obs["n_genes"].to_numpy() for obs, _ in frames.values()])
+    reasons = []
+    if (n_counts < qc.min_counts_per_cell).any():
+        reasons.append(f"{int((n_counts < qc.min_counts_per_cell).sum())} have fewer than min_counts_per_cell="
+                       f"{qc.min_counts_per_cell} counts (the largest library has {int(n_counts.max(initial=0))})")
+    if (n_genes < qc.min_genes_per_cell).any():
+        reasons.append(f"{int((n_genes < qc.min_genes_per_cell).sum())} detect fewer than min_genes_per_cell="
+                       f"{qc.min_genes_per_cell} genes (the most any cell detects is {int(n_genes.max(initial=0))})")
+    return ScgrnInputError(
+        f"QC removed every cell of the corpus: of {len(n_counts)} cells, {' and '.join(reasons) or 'none pass'}",
+        fix="lower that threshold under the catalog's qc: (e.g. qc: {min_counts_per_cell: 100, "
+            "min_genes_per_cell: 50})")
 
 
 def _write_metadata(folder: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict, x_attrs: dict,

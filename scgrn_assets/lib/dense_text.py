@@ -400,6 +400,11 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
                               fix="re-download the file or exclude the sample")
     if len(header) > MAX_LINE_BYTES:
         raise _line_too_long(1, study=study, file=file)
+    if b"\r" in header.rstrip(b"\r\n"):  # read as one line, its rows would pass for cells
+        raise ScgrnInputError("uses CR-only line endings (classic Mac): its lines end in \\r without \\n",
+                              study=study, file=file,
+                              fix="convert the line endings (e.g. tr '\\r' '\\n' < FILE > FILE.fixed), or exclude "
+                                  "the sample")
     header_fields = _split_header(header, sep_byte)
     pending = b""
     gene_names: list[str] = []

@@ -35,6 +35,7 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.storage import disk_full_error, is_disk_full, require_free_space
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,29 @@ class _Download:
     def file_name(self) -> str:
         return self.destination.name
 
+    @property
+    def shown_url(self) -> str:
+        return url_for_messages(self.url)
+
     def fail(self, problem: str, fix: str) -> ScgrnInputError:
         return ScgrnInputError(problem, study=self.study, file=self.file_name, fix=fix)
+
+
+def url_for_messages(url: str) -> str:
+    """``url`` as logs and errors may show it: no query string, fragment or user:password.
+
+    Those parts can carry tokens (``?k=...``); the logs end up in the run database and the UI.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<malformed URL>"
+    if parts.hostname and ":" in host:
+        host = f"[{host}]"
+    hidden = ("?…" if parts.query else "") + ("#…" if parts.fragment else "")
+    return f"{parts.scheme}://{host}{port}{parts.path}{hidden}"
 
 
 def sha256_of(path: Path) -> str:
@@ -189,7 +211,7 @@ def fetch_file(
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("https", "http", "file"):
         raise ScgrnInputError(
-            f"unsupported URL scheme {scheme!r} in {url!r}", study=study, file=destination.name,
+            f"unsupported URL scheme {scheme!r} in {url_for_messages(url)!r}", study=study, file=destination.name,
             fix="use an https:// URL (http:// only for local mirrors, file:// for local copies) in the catalog entry",
         )
     download = _Download(url=url, destination=destination, part_path=destination.with_name(destination.name + ".part"),
@@ -216,6 +238,10 @@ def fetch_file(
                 actual_sha256, n_bytes, resumed = _download_http(download)
         except _TransientFailure as failure:
             last_failure = str(failure)
+        except OSError as error:
+            if is_disk_full(error):  # the .part is kept: it resumes once there is space
+                raise disk_full_error(destination.parent, f"downloading {destination.name}") from None
+            raise
         else:
             if expected_sha256 is None or actual_sha256 == expected_sha256:
                 os.replace(download.part_path, destination)
@@ -226,17 +252,18 @@ def fetch_file(
         if attempt < max_attempts:
             delay_seconds = _backoff_seconds(policy, attempt)
             logger.warning("%s: %s: attempt %d of %d failed: %s; retrying in %.2f s",
-                           study, url, attempt, max_attempts, last_failure, delay_seconds)
+                           study, url_for_messages(url), attempt, max_attempts, last_failure, delay_seconds)
             time.sleep(delay_seconds)
 
     attempts_text = f"{max_attempts} attempt{'s' if max_attempts > 1 else ''}"
     if mismatched_sha256 is not None:
         raise download.fail(
-            f"sha256 mismatch (expected {expected_sha256}, got {mismatched_sha256}) after {attempts_text} from {url}",
+            f"sha256 mismatch (expected {expected_sha256}, got {mismatched_sha256}) after {attempts_text} from "
+            f"{url_for_messages(url)}",
             checksum_fix or "the file on the server changed or the catalog's sha256 is wrong: check the catalog entry",
         )
     raise download.fail(
-        f"download of {url} failed after {attempts_text}: {last_failure}",
+        f"download of {url_for_messages(url)} failed after {attempts_text}: {last_failure}",
         "check the network connection and that the URL still answers, then run again "
         "(the partial download is kept and resumed)",
     )
@@ -281,7 +308,7 @@ def _normalised_sha256(sha256: str | None, *, url: str, study: str, file: str) -
     normalised = sha256.strip().lower()
     if not _SHA256_PATTERN.fullmatch(normalised):
         raise ScgrnInputError(
-            f"the expected sha256 for {url} is {sha256!r}, not 64 hex digits", study=study, file=file,
+            f"the expected sha256 for {url_for_messages(url)} is {sha256!r}, not 64 hex digits", study=study, file=file,
             fix="fix the sha256 in the catalog entry (or leave it empty to skip verification)",
         )
     return normalised
@@ -297,7 +324,7 @@ def _copy_local_file(download: _Download) -> tuple[str, int, bool]:
     """Copy a ``file://`` source to the ``.part`` file; returns (sha256, n_bytes, resumed=False)."""
     source = Path(urllib.request.url2pathname(urlsplit(download.url).path))
     if not source.is_file():
-        raise download.fail(f"the source {source} of {download.url} does not exist",
+        raise download.fail(f"the source {source} of {download.shown_url} does not exist",
                             "create the local copy (for the demo: regenerate the demo data) or fix the catalog URL")
     total_bytes = source.stat().st_size
     _refuse_if_too_large(download, total_bytes)
@@ -349,7 +376,7 @@ def _open_body(download: _Download, opener: urllib.request.OpenerDirector,
             if answer.total_bytes == offset:
                 return None, offset, offset
             logger.warning("%s: %s: the server refused to resume at byte %d; starting again from byte 0",
-                           download.study, download.url, offset)
+                           download.study, download.shown_url, offset)
         else:
             if response.status == 206:
                 range_start, total_bytes = _content_range(response, offset)
@@ -357,11 +384,11 @@ def _open_body(download: _Download, opener: urllib.request.OpenerDirector,
                     return response, offset, total_bytes
                 response.close()
                 logger.warning("%s: %s: asked to resume at byte %d but the server answered %r; "
-                               "starting again from byte 0", download.study, download.url, offset,
+                               "starting again from byte 0", download.study, download.shown_url, offset,
                                response.headers.get("Content-Range"))
             else:
                 logger.warning("%s: %s: the server ignored the request to resume at byte %d; "
-                               "starting again from byte 0", download.study, download.url, offset)
+                               "starting again from byte 0", download.study, download.shown_url, offset)
                 return response, 0, _content_length(response)
     response = _open_url(download, opener, 0)
     return response, 0, _content_length(response)
@@ -384,17 +411,17 @@ def _open_url(download: _Download, opener: urllib.request.OpenerDirector, offset
                 raise _TransientFailure(reason) from None
             if 300 <= error.code < 400:
                 raise download.fail(
-                    f"{download.url} could not be followed: a redirect loop, more than "
+                    f"{download.shown_url} could not be followed: a redirect loop, more than "
                     f"{download.policy.max_redirects} redirects or no usable Location ({reason})",
                     "open the URL in a browser to find where it really points and put that URL in the catalog entry",
                 ) from None
             raise download.fail(
-                f"{download.url} answered {reason}",
+                f"{download.shown_url} answered {reason}",
                 "check the URL in the catalog entry (the file may have moved or need different access)",
             ) from None
     except urllib.error.URLError as error:
         if isinstance(error.reason, ssl.SSLCertVerificationError):
-            raise download.fail(f"the TLS certificate of {download.url} failed verification ({error.reason})",
+            raise download.fail(f"the TLS certificate of {download.shown_url} failed verification ({error.reason})",
                                 "check the system CA certificates or the URL's host name") from None
         raise _TransientFailure(f"could not connect: {error.reason}") from None
     except (http.client.HTTPException, OSError) as error:
@@ -421,7 +448,10 @@ def _refuse_if_too_large(download: _Download, total_bytes: int | None) -> None:
     """Refuse before reading when the announced size is already over the limit."""
     max_bytes = download.policy.max_bytes
     if max_bytes is not None and total_bytes is not None and total_bytes > max_bytes:
-        raise _too_large(download, f"{download.url} is {total_bytes} bytes")
+        raise _too_large(download, f"{download.shown_url} is {total_bytes} bytes")
+    if total_bytes is not None:
+        kept = download.part_path.stat().st_size if download.part_path.exists() else 0
+        require_free_space(download.part_path.parent, total_bytes - kept, what=f"downloading {download.file_name}")
 
 
 def _too_large(download: _Download, what: str) -> ScgrnInputError:
@@ -447,7 +477,7 @@ def _append_body(download: _Download, body: IO[bytes], part_file: IO[bytes], has
         n_bytes_done += len(chunk)
         if max_bytes is not None and n_bytes_done > max_bytes:
             part_file.close()
-            raise _too_large(download, f"{download.url} sent at least {n_bytes_done} bytes")
+            raise _too_large(download, f"{download.shown_url} sent at least {n_bytes_done} bytes")
         part_file.write(chunk)
         hasher.update(chunk)
         if download.progress is not None:

@@ -16,6 +16,34 @@ _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")
 _SPIKE_IN = re.compile(r"^ERCC-\d{5}$")
 
 
+# Control characters (NUL, CR, ...) have no place in a name; HDF5 cannot even store a NUL.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def normalise_name(name: str) -> str:
+    """The one spelling of a gene or cell name, whichever reader found it.
+
+    A byte-order mark, surrounding spaces and one pair of surrounding double quotes (R and
+    some 10x exports quote names) are removed: ``"Apoe"``, `` Apoe `` and ``Apoe`` are one gene.
+    """
+    text = name.replace("\ufeff", "").strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    return text
+
+
+def normalise_names(names: list[str], *, kind: str, study: str, file: str) -> list[str]:
+    """:func:`normalise_name` of each; a name holding a control character is an error naming the file."""
+    normalised = [normalise_name(name) for name in names]
+    for index, name in enumerate(normalised):
+        if _CONTROL_CHARACTER.search(name):
+            raise ScgrnInputError(f"{kind} name {name!r} (entry {index + 1}) holds a control character",
+                                  study=study, file=file,
+                                  fix="re-download the file (it is corrupt or was written with the wrong line "
+                                      "endings), or exclude the sample")
+    return normalised
+
+
 def strip_r_prefix(symbols: list[str]) -> list[str]:
     """Undo R's ``X`` prefix on digit-initial symbols; ``Xist`` and ``Xkr4`` stay as they are."""
     return [_R_DIGIT_PREFIX.sub("", s) for s in symbols]
@@ -35,11 +63,15 @@ def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[
     identifiers themselves (``gene_id_type: symbol``) or a catalog gene map (Ensembl IDs,
     or NCBI GeneIDs with ``gene_id_type: entrez``, whose ``ensembl_id`` stays unknown).
     """
+    gene_ids = normalise_names(gene_ids, kind="gene", study=study, file=file)
+    if symbols is not None:
+        symbols = normalise_names(symbols, kind="gene", study=study, file=file)
+    refuse_identifiers_of_another_type(gene_ids, gene_id_type, study=study, file=file)
     if gene_id_type == "symbol":
         out_symbols = strip_r_prefix(gene_ids) if strip_r else list(gene_ids)
         ensembl: list[str | None] = [None] * len(gene_ids)
     else:
-        identifiers = strip_ensembl_version(gene_ids) if gene_id_type == "ensembl" else [g.strip() for g in gene_ids]
+        identifiers = strip_ensembl_version(gene_ids) if gene_id_type == "ensembl" else list(gene_ids)
         ensembl = identifiers if gene_id_type == "ensembl" else [None] * len(gene_ids)
         id_name = "Ensembl IDs" if gene_id_type == "ensembl" else "NCBI GeneIDs"
         if symbols is not None:
@@ -61,6 +93,32 @@ def harmonise_gene_ids(gene_ids: list[str], *, gene_id_type: str, symbols: list[
         raise ScgrnInputError(f"has {len(empty)} genes without a name (first at row {empty[0] + 1})", study=study,
                               file=file, fix="re-download the file or exclude the sample")
     return out_symbols, ensembl
+
+
+_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")
+
+
+def refuse_identifiers_of_another_type(gene_ids: list[str], gene_id_type: str, *, study: str, file: str) -> None:
+    """Raise when most identifiers are not of the catalog's ``gene_id_type``.
+
+    A 10x study declared ``symbol`` would otherwise take the Ensembl IDs in the features file's
+    first column as gene names: a union of two namespaces, and no warning. A minority is fine
+    (symbol tables name a few unannotated genes by their Ensembl ID).
+    """
+    if not gene_ids:
+        return
+    n_ensembl = sum(1 for g in gene_ids if _ENSEMBL_ID.match(g))
+    n_numeric = sum(1 for g in gene_ids if g.isdigit())
+    majority = len(gene_ids) / 2
+    found = ("Ensembl IDs" if n_ensembl > majority else "NCBI GeneIDs (numbers)" if n_numeric > majority
+             else "symbols")
+    expected = {"symbol": "symbols", "ensembl": "Ensembl IDs", "entrez": "NCBI GeneIDs (numbers)"}[gene_id_type]
+    if found != expected:
+        right = {"symbols": "symbol", "Ensembl IDs": "ensembl", "NCBI GeneIDs (numbers)": "entrez"}[found]
+        raise ScgrnInputError(
+            f"the catalog declares gene_id_type: {gene_id_type}, but its gene identifiers are {found} "
+            f"(e.g. {gene_ids[:3]})", study=study, file=file,
+            fix=f"set gene_id_type: {right} for this study in the catalog")
 
 
 def drop_spike_ins(counts: sp.csr_matrix, symbols: list[str],

@@ -128,6 +128,13 @@ def read_mtx_coo(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
     if not header.startswith("%%matrixmarket matrix coordinate"):
         raise ScgrnInputError(f"is not a MatrixMarket coordinate file (header {header.strip()[:60]!r})",
                               study=study, file=file, fix=_FIX)
+    qualifiers = header.split()[3:]  # field (integer, real, pattern, ...) and symmetry (general, symmetric, ...)
+    if qualifiers[:1] not in (["integer"], ["real"]) or qualifiers[1:2] not in ([], ["general"]):
+        # A symmetric file lists one triangle (the other is implied) and a pattern file no values:
+        # read as general, both would lose counts without a word.
+        raise ScgrnInputError(f"is a MatrixMarket '{' '.join(qualifiers)}' matrix; a count matrix is "
+                              "'integer general' (or 'real general' holding whole numbers)", study=study, file=file,
+                              fix="re-download the file or exclude the sample; this is not a 10x count matrix")
     line = stream.readline(MAX_MTX_LINE_BYTES)
     while line.startswith(b"%"):
         line = stream.readline(MAX_MTX_LINE_BYTES)
@@ -186,9 +193,13 @@ def read_mtx_coo(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
     row, col, value = (np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, dtype)
                        for parts, dtype in ((rows, np.int64), (cols, np.int64), (vals, np.float64)))
     del rows, cols, vals
-    if len(value) != n_entries:
+    if len(value) < n_entries:
         raise ScgrnInputError(f"declares {n_entries} entries but holds {len(value)}", study=study, file=file,
                               fix="the file is truncated: re-download it or exclude the sample")
+    if len(value) > n_entries:
+        raise ScgrnInputError(f"declares {n_entries} entries but holds {len(value)}, more than declared",
+                              study=study, file=file, fix="its size line is wrong or two files were joined: "
+                                                          "re-download it or exclude the sample")
     if value.dtype.kind == "f" and (np.isnan(value).any() or (value < 0).any()):
         raise ScgrnInputError("has negative or missing counts", study=study, file=file,
                               fix="this is not a count matrix: exclude the sample")

@@ -49,6 +49,10 @@ class SampleCounts:
     counts: sp.csr_matrix
     gene_symbols: list[str] | None = None   # when the file carries symbols next to IDs (10x features)
     cell_plates: list[str] | None = None    # well/plate layouts: plate of each cell (cell_names hold wells)
+    # 10x: the members holding the gene and the cell names, when not source_file (the matrix), so that an
+    # error about a gene names the features file and one about a barcode the barcodes file.
+    gene_file: str | None = None
+    cell_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,14 +80,33 @@ def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], No
         if not path.exists():
             raise ScgrnInputError(f"count file {path} is missing", study=study.accession, file=count_file.name,
                                   fix="materialise geo_raw_archive for this study first")
-        yield from reader(study, path, progress, limits=limits, skipped=skipped)
+        for sample in reader(study, path, progress, limits=limits, skipped=skipped):
+            if _excluded(study, skipped, sample.sample, sample.source_file):
+                continue  # one-file layouts (plates, bulk columns) are read whole; the sample is dropped here
+            yield sample
+    never_seen = sorted(set(study.exclude_samples) - {s.sample for s in skipped})
+    if never_seen:
+        raise ScgrnInputError(f"exclude_samples lists {never_seen}, which the study's count files do not hold",
+                              study=study.accession, fix="check the sample accessions under exclude_samples")
+
+
+def _excluded(study: Study, skipped: list[SkippedSample], sample: str, member: str) -> bool:
+    """Whether the catalog excludes ``sample``; if so it is listed in ``skipped``, with the reason."""
+    if sample not in study.exclude_samples:
+        return False
+    skipped.append(SkippedSample(sample=sample, file=member, reason="excluded by the catalog (exclude_samples)"))
+    return True
 
 
 def _skip_or_raise(study: Study, skipped: list[SkippedSample], sample: str, member: str,
                    error: ScgrnInputError) -> None:
     """Record a sample that failed to parse when the catalog allows it; re-raise otherwise."""
     if not study.skip_bad_samples:
-        raise error
+        # "Exclude the sample" alone leaves the user looking for how: name the catalog switch.
+        raise ScgrnInputError(error.problem, study=error.study, file=error.file, fix=(
+            f"{error.fix or 're-download the file'}; to go on without it, add exclude_samples: [{sample}] to "
+            f"{study.accession}'s catalog entry, or skip_bad_samples: true to skip every sample that fails to parse "
+            "(either way the samples left out are listed in the asset metadata)")) from None
     skipped.append(SkippedSample(sample=sample, file=member, reason=error.problem))
     logger.warning("%s: skipping sample %s (%s): %s", study.accession, sample, member, error.problem)
 
@@ -127,6 +150,8 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
         match = _GSM_MEMBER.match(name)
         if not match or match.group("suffix") != suffix:
             continue  # GEO RAW tars also hold unrelated supplementary files
+        if _excluded(study, skipped, match.group("sample"), name):
+            continue  # never parsed: an excluded sample may be one that cannot be
         if progress:
             progress(name)
         try:
@@ -160,19 +185,18 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         # Values stored plate by plate: each plate's counts below are built from its own values only.
         matrix = read_dense_text_matrix(text, sep=",", study=study.accession, file=path.name,
-                                        cell_groups=lambda cells: [normalise_plate_id(c.rpartition(".")[2])
-                                                                   for c in cells])
+                                        cell_groups=lambda cells: [split_well_plate(c)[1] for c in cells])
     if not matrix.cell_names:
         raise ScgrnInputError("has no cell columns", study=study.accession, file=path.name,
                               fix="re-download the file; check the catalog's format for this study")
     wells, plates = [], []
     for cell in matrix.cell_names:
-        well, dot, plate = cell.rpartition(".")
-        if not dot or not well or not plate:
+        well, plate = split_well_plate(cell)
+        if not well or not plate:
             raise ScgrnInputError(f"cell column {cell!r} is not named <well>.<plate>", study=study.accession,
                                   file=path.name, fix="check the catalog's format for this study")
-        wells.append(well.upper())
-        plates.append(normalise_plate_id(plate))
+        wells.append(well)
+        plates.append(plate)
     plates_array = np.asarray(plates)
     for plate in sorted(set(plates), key=_natural_key):
         rows = np.flatnonzero(plates_array == plate)
@@ -182,13 +206,39 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
 
 
 def normalise_plate_id(value: object) -> str:
-    """``12``, ``"12"``, ``12.0`` and ``"12.0"`` are one plate: pandas reads plate ids as floats."""
+    """``12``, ``"12"``, ``12.0``, ``"12.0"`` and ``"012"`` are one plate: pandas reads plate ids as floats.
+
+    Digits are read as Python integers, never through a float, so ids above 2**53 stay distinct.
+    """
     text = str(value).strip()
+    integral = re.fullmatch(r"([-+]?\d+)(?:\.0*)?", text)
+    if integral:
+        return str(int(integral.group(1)))
     try:
         number = float(text)
     except ValueError:
         return text
-    return str(int(number)) if number.is_integer() else text
+    # Exponent forms (1.0012e9) only where a float holds the integer exactly.
+    return str(int(number)) if number.is_integer() and abs(number) < 2 ** 53 else text
+
+
+def normalise_well_id(value: object) -> str:
+    """``a1``, ``A1`` and ``A01`` are one well (row letters, column number); other names are upper-cased."""
+    text = str(value).strip().upper()
+    well = re.fullmatch(r"([A-Z]+)0*(\d+)", text)
+    return f"{well.group(1)}{int(well.group(2))}" if well else text
+
+
+def split_well_plate(cell: str) -> tuple[str, str]:
+    """``<well>.<plate>`` -> (normalised well, normalised plate); ``("", "")`` when it is not so named.
+
+    A well never holds a dot, so the plate is everything after the first one: ``A1.7.0`` is well
+    A1 of plate 7 (a plate id written as a float), not well ``A1.7`` of plate 0.
+    """
+    well, dot, plate = cell.partition(".")
+    if not dot or not well.strip() or not plate.strip():
+        return "", ""
+    return normalise_well_id(well), normalise_plate_id(plate)
 
 
 def _natural_key(text: str):
@@ -215,6 +265,10 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
         key = (match.group("sample"), match.group("name").rstrip("_"))
         if key in bad:
             continue  # a sibling member already failed: the sample is out
+        if key[0] in study.exclude_samples:
+            if match.group("kind").startswith("matrix"):
+                _excluded(study, skipped, key[0], name)  # listed once, by its matrix
+            continue
         kind = match.group("kind").split(".")[0].replace("genes", "features")
         where = f"{path.name}:{name}"
         try:
@@ -227,6 +281,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
                     parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
                 else:
                     pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where)
+                pending[key][f"{kind}_member"] = where
                 parts = pending[key]
             assembled = _assemble_10x(study, key, pending.pop(key), where) \
                 if {"matrix", "features", "barcodes"} <= set(parts) else None
@@ -281,11 +336,13 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
     features: pd.DataFrame = parts["features"]
     barcodes: pd.DataFrame = parts["barcodes"]
     matrix: sp.coo_matrix = parts["matrix"]  # features x barcodes
+    matrix_file, features_file, barcodes_file = (parts.get(f"{kind}_member", where)
+                                                 for kind in ("matrix", "features", "barcodes"))
     if matrix.shape != (len(features), len(barcodes)):
         raise ScgrnInputError(
             f"sample {sample}: matrix is {matrix.shape[0]} x {matrix.shape[1]} but there are {len(features)} "
-            f"features and {len(barcodes)} barcodes", study=study.accession, file=where,
-            fix="re-download the archive or exclude the sample")
+            f"features in {features_file} and {len(barcodes)} barcodes in {barcodes_file}", study=study.accession,
+            file=matrix_file, fix="re-download the archive or exclude the sample")
     keep = np.ones(len(features), dtype=bool)
     if features.shape[1] >= 3:
         # 10x v3 features also list antibody/CRISPR captures: keep gene expression only.
@@ -296,9 +353,10 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
         counts = counts[:, np.flatnonzero(keep)].tocsr()
     if counts.nnz and counts.data.max() > np.iinfo(np.int32).max:
         raise ScgrnInputError(f"sample {sample}: repeated entries add up to a count above {np.iinfo(np.int32).max}",
-                              study=study.accession, file=where, fix="check that the file holds counts")
+                              study=study.accession, file=matrix_file, fix="check that the file holds counts")
     symbols = features[1].tolist() if features.shape[1] >= 2 else None
-    return SampleCounts(sample=sample, sample_name=name, source_file=where,
+    return SampleCounts(sample=sample, sample_name=name, source_file=matrix_file, gene_file=features_file,
+                        cell_file=barcodes_file,
                         cell_names=barcodes[0].tolist(),
                         gene_ids=[g for g, k in zip(features[0].tolist(), keep) if k],
                         gene_symbols=[s for s, k in zip(symbols, keep) if k] if symbols else None,

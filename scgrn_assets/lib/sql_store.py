@@ -9,33 +9,23 @@ read-only. A lock held by a program outside this package is waited out briefly.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pandas as pd
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.storage import atomic_path, held_file_lock
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-@contextlib.contextmanager
-def _database_lock(db_path: Path, *, exclusive: bool) -> Iterator[None]:
+def _database_lock(db_path: Path, *, exclusive: bool):
     """Hold ``<db>.lock``: exclusively to write, shared to read (released when the process dies)."""
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return held_file_lock(db_path.with_name(db_path.name + ".lock"), exclusive=exclusive)
 
 
 def _connect(db_path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -76,19 +66,56 @@ def ensure_database(db_path: Path) -> None:
         pass
 
 
+# The only statements `scgrn sql` runs: a SELECT (also SHOW, DESCRIBE, SUMMARIZE, VALUES, FROM-first)
+# reads; COPY, EXPORT, ATTACH, PRAGMA, SET, CALL and EXPLAIN ANALYZE (which runs what it wraps) can write.
+READ_ONLY_STATEMENT_TYPES = ("SELECT",)
+_VIEW_SOURCE = re.compile(r"read_parquet\('((?:[^']|'')*)'\)")
+
+
+def registered_parquet_files(connection: duckdb.DuckDBPyConnection, home: Path) -> list[str]:
+    """The Parquet files the views read, as the views spell them, that lie inside ``home`` (symlinks resolved)."""
+    home = home.resolve()
+    files = []
+    for (view_sql,) in connection.execute("SELECT sql FROM duckdb_views() WHERE NOT internal").fetchall():
+        for quoted in _VIEW_SOURCE.findall(view_sql or ""):
+            path = quoted.replace("''", "'")
+            if Path(path).resolve().is_relative_to(home):
+                files.append(path)
+    return sorted(set(files))
+
+
+def refuse_statements_that_write(connection: duckdb.DuckDBPyConnection, sql: str, db_path: Path) -> None:
+    """Raise unless every statement in ``sql`` is a read (see :data:`READ_ONLY_STATEMENT_TYPES`)."""
+    try:
+        statements = connection.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise ScgrnInputError(f"query failed: {exc}", file=str(db_path), fix="check the SQL") from None
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in READ_ONLY_STATEMENT_TYPES:
+            raise ScgrnInputError(
+                f"refused a {kind} statement: scgrn sql is read-only and runs SELECT queries only "
+                "(COPY, EXPORT, ATTACH, SET, PRAGMA, CALL, EXPLAIN, INSTALL/LOAD and writes are refused)",
+                file=str(db_path), fix="query the tables with SELECT; list them with: SHOW TABLES")
+
+
 def query(db_path: Path, sql: str, parameters: list[Any] | None = None) -> pd.DataFrame:
     """Run ``sql`` read-only; values go in ``parameters`` (``?`` placeholders), never into the text.
 
-    Files outside the database's folder (SCGRN_HOME) can be neither read nor written, and no
-    extension can be installed: the views' Parquet files are all a query needs.
+    Three fences, since each alone has a gap: only SELECT statements run (a COPY or EXPORT to an
+    allowed path would write it); the database is opened read-only; and the only files DuckDB may
+    touch are the Parquet files behind the registered views inside the database's folder
+    (SCGRN_HOME), with the configuration locked so a query cannot widen that. Nothing else in
+    SCGRN_HOME (downloaded archives, the Dagster instance) can be read, and nothing can be written.
     """
     if not db_path.exists():
         raise ScgrnInputError(f"{db_path} does not exist", fix="run `scgrn demo` (or materialise the assets) first")
     with _database_lock(db_path, exclusive=False), _connect(db_path, read_only=True) as connection:
-        # Order matters: the allowed folder must be set while external access is still on.
-        home_spellings = {str(db_path.absolute().parent) + "/", str(db_path.resolve().parent) + "/"}  # symlinks
-        connection.execute("SET allowed_directories = ?", [sorted(home_spellings)])
+        refuse_statements_that_write(connection, sql, db_path)
+        # Order matters: the allowed files must be set while external access is still on.
+        connection.execute("SET allowed_paths = ?", [registered_parquet_files(connection, db_path.parent)])
         connection.execute("SET enable_external_access = false")
+        connection.execute("SET lock_configuration = true")
         try:
             return connection.execute(sql, parameters or []).df()
         except duckdb.Error as exc:

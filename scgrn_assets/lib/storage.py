@@ -18,6 +18,8 @@ a killed process on this host left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import os
 import shutil
@@ -28,6 +30,11 @@ from pathlib import Path
 from typing import Iterator
 
 DEFAULT_HOME = Path("~/.scgrn")
+
+#: Free bytes every write leaves on the disk (override with SCGRN_MIN_FREE_BYTES). HDF5 and SQLite
+#: crash (SIGSEGV) rather than fail cleanly when a write meets a disk that is all but full.
+MIN_FREE_BYTES_VARIABLE = "SCGRN_MIN_FREE_BYTES"
+DEFAULT_MIN_FREE_BYTES = 64 << 20
 
 
 def scgrn_home() -> Path:
@@ -102,21 +109,95 @@ def process_exists(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def held_file_lock(lock_path: Path, *, exclusive: bool = True) -> Iterator[None]:
+    """Hold an ``flock`` on ``lock_path`` (created if absent): exclusive, or shared among readers.
+
+    The kernel releases it when the process dies, so a kill -9 never leaves it held.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def min_free_bytes() -> int:
+    """The reserve of free bytes writes leave on the disk (``SCGRN_MIN_FREE_BYTES``, default 64 MiB)."""
+    text = os.environ.get(MIN_FREE_BYTES_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MIN_FREE_BYTES
+    if not text.isdigit():
+        from scgrn_assets.lib.errors import ScgrnInputError
+
+        raise ScgrnInputError(f"{MIN_FREE_BYTES_VARIABLE}={text!r} is not a number of bytes",
+                              fix=f"set {MIN_FREE_BYTES_VARIABLE} to e.g. {DEFAULT_MIN_FREE_BYTES} or unset it")
+    return int(text)
+
+
+def require_free_space(folder: Path, n_bytes: int = 0, *, what: str) -> None:
+    """Raise a named error unless ``folder``'s disk has ``n_bytes`` plus the reserve free.
+
+    Checked before a write starts, so a nearly full disk stops a run with a message rather
+    than with a crash half-way through a file.
+    """
+    from scgrn_assets.lib.errors import ScgrnInputError
+
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    needed = max(0, n_bytes) + min_free_bytes()
+    if free < needed:
+        raise ScgrnInputError(
+            f"{what} needs {_mib(needed)} free on the disk of {folder} ({_mib(n_bytes)} plus a reserve of "
+            f"{_mib(min_free_bytes())}), and only {_mib(free)} is free", file=str(folder),
+            fix=f"free disk space, or point SCGRN_HOME at a larger disk (the reserve is {MIN_FREE_BYTES_VARIABLE})")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is the disk (or quota) running out, as the OS, h5py or pyarrow report it."""
+    text = str(error)
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
+        or "errno = 28" in text or "Disk quota exceeded" in text
+
+
+def disk_full_error(folder: Path, what: str):
+    from scgrn_assets.lib.errors import ScgrnInputError
+
+    return ScgrnInputError(f"the disk of {folder} ran out of space while {what}; nothing was written under the "
+                           "final name", file=str(folder),
+                           fix="free disk space, or point SCGRN_HOME at a larger disk, then run again")
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / (1 << 20):.1f} MiB"
+
+
+@contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path to write a file *or folder*; rename it onto ``final`` on success.
 
-    On any exception the temporary is removed and an existing ``final`` stays untouched.
+    On any exception the temporary is removed and an existing ``final`` stays untouched. A disk
+    without the reserve of free space (:func:`require_free_space`) refuses the write before it
+    starts; a disk that fills up during it (ENOSPC) is a named error, not an OSError.
     Replacing a folder: the old one is moved aside first, then removed after the swap.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temporaries(final)
+    require_free_space(final.parent, what=f"writing {final.name}")
     tmp = temporary_sibling(final)
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to {tmp} for {final}")
         replace_path(tmp, final)
+    except (OSError, RuntimeError) as error:  # h5py and zarr report ENOSPC in their own words
+        if is_disk_full(error):
+            raise disk_full_error(final.parent, f"writing {final.name}") from None
+        raise
     finally:
         remove_path(tmp)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,9 @@ from anndata.io import write_elem
 from scgrn_assets.lib.archive import ExtractionLimits
 from scgrn_assets.lib.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.genes import drop_spike_ins, harmonise_gene_ids, sum_duplicate_genes
-from scgrn_assets.lib.readers import (SampleCounts, SkippedSample, normalise_plate_id, read_metadata_table,
-                                      read_study_samples)
+from scgrn_assets.lib.genes import drop_spike_ins, harmonise_gene_ids, normalise_names, sum_duplicate_genes
+from scgrn_assets.lib.readers import (SampleCounts, SkippedSample, normalise_plate_id, normalise_well_id,
+                                      read_metadata_table, read_study_samples)
 from scgrn_assets.lib.memory import release_free_memory
 from scgrn_assets.lib.read_ahead import read_ahead
 from scgrn_assets.lib.storage import atomic_path
@@ -32,13 +33,16 @@ class StudyReadReport:
     skipped_samples: list[SkippedSample] = field(default_factory=list)
     n_cells_without_metadata: int = 0
     spike_ins_dropped: set[str] = field(default_factory=set)
+    metadata_table: str = ""  # the catalog's metadata file; empty: the study has none
 
     def uns(self) -> dict:
         skipped = self.skipped_samples
         return {"skipped_samples": "; ".join(f"{s.sample} ({s.file}): {s.reason}" for s in skipped),
                 "n_skipped_samples": len(skipped),
                 "n_cells_without_metadata": self.n_cells_without_metadata,
-                "n_spike_ins_dropped": len(self.spike_ins_dropped)}
+                "n_spike_ins_dropped": len(self.spike_ins_dropped),
+                "metadata_table": self.metadata_table or "none (the catalog names no metadata table: every cell's "
+                                                        "metadata is NA)"}
 
 
 class GeneUnion:
@@ -98,11 +102,19 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
     kept without metadata (``cells_without_metadata: na``), ERCC spike-ins dropped.
     """
     report = report if report is not None else StudyReadReport()
-    metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
+    metadata = None
+    if study.metadata is not None:
+        metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
+        report.metadata_table = study.metadata.file
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
     last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
+    file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
+    n_cells = 0
     for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
+        sample = dataclasses.replace(sample, cell_names=normalise_names(
+            sample.cell_names, kind="cell", study=study.accession, file=sample.cell_file or sample.source_file))
         _check_barcodes(study, sample)
+        _refuse_cells_read_before(study, sample, file_of_cell)
         if last_genes is not None and sample.gene_ids == last_genes[0] and sample.gene_symbols == last_genes[1]:
             # Same genes as the last sample, which needed no spike-in removal and no duplicate sums:
             # its harmonised lists hold for this one too (and the union's column map is reused).
@@ -111,23 +123,35 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
             symbols, ensembl = harmonise_gene_ids(sample.gene_ids, gene_id_type=study.gene_id_type,
                                                   symbols=sample.gene_symbols, strip_r=study.strip_r_prefix,
                                                   ensembl_to_symbol=ensembl_to_symbol, study=study.accession,
-                                                  file=sample.source_file)
+                                                  file=sample.gene_file or sample.source_file)
             n_harmonised = len(symbols)
             counts, symbols, ensembl, spike_ins = drop_spike_ins(sample.counts, symbols, ensembl)
             report.spike_ins_dropped.update(spike_ins)
             counts, symbols, ensembl = sum_duplicate_genes(counts, symbols, ensembl, study=study.accession,
-                                                           file=sample.source_file)
+                                                           file=sample.gene_file or sample.source_file)
             plain = not spike_ins and len(symbols) == n_harmonised
             last_genes = (sample.gene_ids, sample.gene_symbols, symbols, ensembl) if plain else None
         obs, n_without_metadata = _join_cell_metadata(study, sample, metadata, condition_levels)
         report.n_cells_without_metadata += n_without_metadata
+        n_cells += len(obs)
         obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
         obs["n_genes"] = np.diff(counts.indptr).astype(np.int64)
         yield genes.remap(counts, symbols, ensembl), obs
+    if study.metadata is not None and n_cells and report.n_cells_without_metadata == n_cells:
+        # With cells_without_metadata: na, a join that matches nothing (a wrong column, wells spelled
+        # differently) would pass as a study whose every cell is NA, with a warning at most.
+        raise ScgrnInputError(
+            f"none of the study's {n_cells} cells joined a row of the metadata table (cells_without_metadata: na "
+            "lets some cells miss, not all)", study=study.accession, file=study.metadata.file,
+            fix="check metadata.sample_column (or well_column and plate_column) against the table's columns and "
+                "the sample or cell names; if the study truly has no metadata, leave out metadata: (and condition:)")
 
 
 def _finish_obs(study: Study, frames: list[pd.DataFrame], condition_levels: tuple[str, str]) -> pd.DataFrame:
-    obs = pd.concat(frames, ignore_index=True)
+    # Column by column: a DataFrame concat of samples whose metadata is all NA warns (a FutureWarning on
+    # every custom catalog's run) about a dtype rule the categoricals below make moot.
+    obs = pd.DataFrame({column: pd.concat([frame[column] for frame in frames], ignore_index=True)
+                        for column in frames[0].columns}) if frames else pd.concat(frames)
     obs["condition"] = pd.Categorical(obs["condition"], categories=list(condition_levels))
     obs["condition_source"] = pd.Categorical(obs["condition_source"])
     obs.index = pd.Index(study.accession + ":" + obs["sample"].astype(str) + ":" + obs["barcode"].astype(str))
@@ -225,7 +249,32 @@ def _check_barcodes(study: Study, sample: SampleCounts) -> None:
     if names.has_duplicates:
         duplicated = names[names.duplicated()].unique()[:3].tolist()
         raise ScgrnInputError(f"sample {sample.sample} has duplicate cell barcodes {duplicated}", study=study.accession,
-                              file=sample.source_file, fix="re-download the file or exclude the sample")
+                              file=sample.cell_file or sample.source_file,
+                              fix="re-download the file or exclude the sample")
+
+
+def cell_identities(sample: SampleCounts) -> list[str]:
+    """The study-level names of the sample's cells (``<sample>:<barcode>``, or ``<sample>:<well>.<plate>``)."""
+    if sample.cell_plates is not None:
+        return [f"{sample.sample}:{well}.{plate}" for well, plate in zip(sample.cell_names, sample.cell_plates)]
+    return [f"{sample.sample}:{barcode}" for barcode in sample.cell_names]
+
+
+def _refuse_cells_read_before(study: Study, sample: SampleCounts, file_of_cell: dict[str, str]) -> None:
+    """Raise when cells of ``sample`` were already read from another (or the same) file of the study.
+
+    A member appended again to a RAW tar (``tar -rf``) or two files of one GSM sharing barcodes
+    would otherwise double cells silently, and every later count check would still pass.
+    """
+    names = cell_identities(sample)
+    seen = [name for name in names if name in file_of_cell]
+    if seen:
+        raise ScgrnInputError(
+            f"{len(seen)} cells of sample {sample.sample} in {sample.source_file} were already read from "
+            f"{file_of_cell[seen[0]]} (e.g. {seen[:3]}): the archive holds these cells twice",
+            study=study.accession,
+            fix="remove the repeated member from the archive (re-download it from GEO), or keep one of the two files")
+    file_of_cell.update(dict.fromkeys(names, sample.source_file))
 
 
 def _read_gene_map(study: Study, raw_dir: Path) -> dict[str, str] | None:
@@ -239,10 +288,13 @@ def _read_gene_map(study: Study, raw_dir: Path) -> dict[str, str] | None:
     return dict(zip(table.iloc[:, 0].str.split(".").str[0], table.iloc[:, 1]))
 
 
-def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFrame,
+def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFrame | None,
                         condition_levels: tuple[str, str]) -> tuple[pd.DataFrame, int]:
     """The sample's obs rows and how many of its cells have no metadata row (only with ``cells_without_metadata: na``)."""
     n_cells = len(sample.cell_names)
+    if metadata is None:  # a study without a metadata table: NA metadata, said in uns["ingest"]
+        return _obs_rows(study, sample, pd.Categorical([None] * n_cells, categories=list(condition_levels)),
+                         pd.Categorical([None] * n_cells)), 0
     where = study.metadata.file
     keep_unmatched = study.metadata.cells_without_metadata == "na"
     if sample.cell_plates is not None:
@@ -289,15 +341,20 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
         named = metadata.loc[rows[matched], column].astype(str).str.strip().to_numpy()
         # A cell without a metadata row keeps its sample as the animal (never a shared "nan" animal).
         animal[matched] = np.where(np.isin(named, ("", "nan", "None")), sample.sample, named)
+    return _obs_rows(study, sample, condition.array, condition_source.array, animal), int((~matched).sum())
+
+
+def _obs_rows(study: Study, sample: SampleCounts, condition, condition_source, animal=None) -> pd.DataFrame:
+    """The sample's obs rows; ``animal`` defaults to the sample (one GSM, one animal)."""
     return pd.DataFrame({
         "study": study.accession,
         "sample": sample.sample,
         "sample_name": sample.sample_name,
-        "animal": animal,
+        "animal": sample.sample if animal is None else animal,
         "barcode": sample.cell_names,
-        "condition": condition.array,
-        "condition_source": condition_source.array,
-    }), int((~matched).sum())
+        "condition": condition,
+        "condition_source": condition_source,
+    })
 
 
 def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.DataFrame) -> np.ndarray:
@@ -306,8 +363,8 @@ def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.Dat
         if column not in metadata.columns:
             raise ScgrnInputError(f"has no column {column!r} to join cells on", study=study.accession, file=join.file,
                                   fix="set metadata.well_column / plate_column in the catalog")
-    keys = (metadata[join.well_column].str.strip().str.upper() + "." +
-            metadata[join.plate_column].map(normalise_plate_id))
+    keys = metadata[join.well_column].map(normalise_well_id) + "." + metadata[join.plate_column].map(normalise_plate_id)
+    _refuse_conflicting_well_plate_rows(study, metadata, keys)
     lookup = pd.Series(metadata.index, index=keys)
     lookup = lookup[~lookup.index.duplicated()]
     cell_keys = [f"{w}.{p}" for w, p in zip(sample.cell_names, sample.cell_plates)]
@@ -322,3 +379,27 @@ def _rows_by_well_and_plate(study: Study, sample: SampleCounts, metadata: pd.Dat
                               file=join.file, fix="check that the metadata table belongs to this study's counts, or "
                                                   "set metadata.cells_without_metadata: na to keep them with NA metadata")
     return rows.to_numpy(dtype=np.int64)
+
+
+def _refuse_conflicting_well_plate_rows(study: Study, metadata: pd.DataFrame, keys: pd.Series) -> None:
+    """Two metadata rows for one well and plate that disagree on the condition column are an error.
+
+    Rows that agree (one cell sequenced in two runs) are fine; disagreeing ones would otherwise
+    label the cell by whichever row came first.
+    """
+    if study.condition is None or study.condition.column not in metadata.columns:
+        return
+    values = metadata[study.condition.column].str.strip()
+    located = pd.Series(True, index=metadata.index)
+    for column in (study.metadata.well_column, study.metadata.plate_column):  # bulk rows have neither
+        text = metadata[column].fillna("").astype(str).str.strip()
+        located &= text.ne("") & text.str.lower().ne("nan")
+    repeated = keys.duplicated(keep=False) & located
+    conflicts = values[repeated].groupby(keys[repeated]).nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):
+        examples = {key: sorted(values[keys == key].unique()) for key in conflicts.index[:3]}
+        raise ScgrnInputError(
+            f"{len(conflicts)} {study.metadata.well_column}+{study.metadata.plate_column} pairs have rows with "
+            f"different {study.condition.column!r} values (e.g. {examples})", study=study.accession,
+            file=study.metadata.file, fix="fix the metadata table: one row per well and plate, or rows that agree")

@@ -19,7 +19,7 @@ def minimal_catalog() -> dict:
         "gene_id_type": "symbol",
         "files": [{"name": "GSE98969_RAW.tar", "url": "https://example.org/GSE98969_RAW.tar", "sha256": SHA,
                    "role": "counts"},
-                  {"name": "runs.csv", "url": "file:///data/runs.csv", "sha256": SHA, "role": "metadata"}],
+                  {"name": "runs.csv", "url": "https://example.org/runs.csv", "sha256": SHA, "role": "metadata"}],
         "metadata": {"file": "runs.csv"},
         "condition": {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
     }]}
@@ -73,6 +73,11 @@ def _broken(mutate) -> dict:
     (lambda s, r: s["files"][0].update(name="../etc/passwd"), "must be a plain file name", None),
     (lambda s, r: s["files"][0].update(url="file://${NOT_SET_ANYWHERE}/x"), "NOT_SET_ANYWHERE", "export"),
     (lambda s, r: r.update(qc={"min_genes": 3}), "qc must map", "min_genes_per_cell"),
+    (lambda s, r: r.update(qc={"min_genes_per_cell": True}), "qc must map", "min_genes_per_cell"),
+    (lambda s, r: s.update(exclude_samples="GSM1"), "exclude_samples must be a list", "exclude_samples: [GSM"),
+    (lambda s, r: s.update(strip_r_prefix="maybe"), "strip_r_prefix must be true or false, got 'maybe'",
+     "strip_r_prefix: true"),
+    (lambda s, r: s.update(strip_r_prefix=1), "strip_r_prefix must be true or false, got 1", None),
 ])
 def test_invalid_catalogs_get_clear_messages(tmp_path, mutate, message, fix):
     with pytest.raises(ScgrnInputError) as error:
@@ -142,3 +147,70 @@ def test_real_catalog_has_the_seven_geo_studies_with_https_urls_formats_and_cond
     assert catalog.study("GSE98969").skip_bad_samples
     assert [s.accession for s in catalog.studies if s.condition is None] == [
         "GSE121654", "GSE123025", "GSE123030", "GSE74995", "GSE130627"]
+
+
+def alias_bomb(depth: int) -> str:
+    """Anchors nested ``depth`` deep, nine aliases each: 9**depth strings from a few hundred bytes."""
+    lines = ['description: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, depth):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("depth", [3, 9])
+def test_yaml_alias_bomb_is_refused_at_once_naming_the_catalog(tmp_path, depth):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(depth) + yaml.safe_dump(minimal_catalog()))
+    started = time.monotonic()
+    with pytest.raises(ScgrnInputError, match=r"bomb.yaml is not valid YAML: aliases \(\*l0\) are not allowed"):
+        load_catalog(str(path))
+    assert time.monotonic() - started < 2
+
+
+def test_yaml_alias_bomb_in_a_lock_file_is_refused(tmp_path):
+    from scgrn_assets.lib.checksum_lock import ChecksumLock
+
+    path = tmp_path / "catalog.lock.yaml"
+    path.write_text(alias_bomb(3) + "files: {}\n")
+    with pytest.raises(ScgrnInputError, match="aliases"):
+        ChecksumLock(path).pins()
+
+
+def test_duplicate_yaml_keys_are_refused_not_last_one_wins(tmp_path):
+    path = tmp_path / "dup.yaml"
+    text = yaml.safe_dump(minimal_catalog(), sort_keys=False)
+    assert "\n  species: mouse\n" in text
+    path.write_text(text.replace("\n  species: mouse\n", "\n  species: mouse\n  species: human\n"))
+    with pytest.raises(ScgrnInputError, match="dup.yaml is not valid YAML: duplicate key 'species'"):
+        load_catalog(str(path))
+
+
+def test_condition_values_are_the_text_written_not_yaml_1_1_booleans_or_numbers(tmp_path):
+    text = yaml.safe_dump(minimal_catalog(), sort_keys=False)
+    text = text.replace("      5XFAD: AD\n      C57BL/6: control\n",
+                        "      yes: AD\n      off: control\n      ~: control\n      01: AD\n      2020-01-01: AD\n")
+    path = tmp_path / "scalars.yaml"
+    path.write_text(text)
+    values = load_catalog(str(path)).study("GSE98969").condition.values
+    assert values == {"yes": "AD", "off": "control", "~": "control", "01": "AD", "2020-01-01": "AD"}
+
+
+def test_yaml_1_1_yes_is_not_a_boolean_field_value(tmp_path):
+    text = yaml.safe_dump(_broken(lambda s, r: s.update(skip_bad_samples=True)), sort_keys=False)
+    path = tmp_path / "yes.yaml"
+    path.write_text(text.replace("skip_bad_samples: true", "skip_bad_samples: yes"))
+    with pytest.raises(ScgrnInputError, match="skip_bad_samples must be true or false, got 'yes'"):
+        load_catalog(str(path))
+
+
+def test_metadata_is_optional_for_a_study_without_a_condition(tmp_path):
+    raw = _broken(lambda s, r: (s.pop("metadata"), s.pop("condition"), s["files"].pop(1)))
+    study = parse(raw, tmp_path).study("GSE98969")
+    assert study.metadata is None and study.metadata_file is None and study.condition is None
+
+
+def test_a_condition_rule_without_a_metadata_table_is_refused(tmp_path):
+    with pytest.raises(ScgrnInputError, match="a condition rule needs the metadata table it reads"):
+        parse(_broken(lambda s, r: s.pop("metadata")), tmp_path)

@@ -154,3 +154,17 @@ def test_a_gene_index_outside_the_study_is_refused():
     with pytest.raises(ScgrnInputError, match="gene index outside its 2 genes"):
         align_csr(np.array([0, 2]), np.array([0, 5], dtype=np.int32), np.array([1, 1], dtype=np.int32),
                   np.array([0, 1], dtype=np.int32), study="GSE1", file="x.h5ad")
+
+
+@pytest.mark.parametrize("qc, message", [
+    (QCThresholds(10**9, 0, 3), r"QC removed every cell of the corpus: of \d+ cells, \d+ have fewer than "
+                                r"min_counts_per_cell=1000000000 counts \(the largest library has \d+\)"),
+    (QCThresholds(0, 10**6, 3), r"QC removed every cell .* detect fewer than min_genes_per_cell=1000000 genes"),
+    (QCThresholds(0, 0, 10**6), r"QC removed every gene of the corpus: no gene is detected in "
+                                r"min_cells_per_gene=1000000 of the \d+ cells"),
+], ids=["counts", "genes-per-cell", "cells-per-gene"])
+def test_an_empty_corpus_names_the_threshold_that_emptied_it(tmp_path, qc, message):
+    adata = random_study(np.random.default_rng(5), "GSE1", ["a", "b", "c"])
+    adata.write_h5ad(tmp_path / "s.h5ad")
+    with pytest.raises(ScgrnInputError, match=message):
+        combine_studies({"GSE1": tmp_path / "s.h5ad"}, tmp_path / "c.zarr", qc=qc)

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from scgrn_assets.lib import dense_text
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.mtx_text import read_mtx_coo
+from scgrn_assets_tests.reliability import ledger
 
 HEADER = b"%%MatrixMarket matrix coordinate integer general\n%metadata\n"
 
@@ -76,3 +77,25 @@ def test_more_entries_than_the_size_line_declares_grow_the_arrays_then_are_refus
     monkeypatch.setattr(dense_text, "BLOCK_BYTES", 4096)
     with pytest.raises(ScgrnInputError, match="declares 10 entries but holds 5000"):
         read_mtx_coo(io.BytesIO(body), study="S", file="m")
+
+
+def test_more_entries_than_declared_is_not_called_truncated():
+    ledger.record("bad_input")  # counted by bench/reliability.py
+    with pytest.raises(ScgrnInputError, match="holds 2, more than declared; its size line is wrong") as error:
+        read_mtx_coo(io.BytesIO(HEADER + b"2 2 1\n1 1 4\n2 2 1\n"), study="S", file="m")
+    assert "truncated" not in str(error.value)
+
+
+@pytest.mark.parametrize("qualifiers", [b"integer symmetric", b"real skew-symmetric", b"pattern general",
+                                        b"complex general"])
+def test_symmetric_pattern_or_complex_matrices_are_refused_not_read_as_general(qualifiers):
+    ledger.record("bad_input")  # counted by bench/reliability.py
+    body = b"%%MatrixMarket matrix coordinate " + qualifiers + b"\n2 2 2\n1 1 4\n2 1 3\n"
+    with pytest.raises(ScgrnInputError, match=f"is a MatrixMarket '{qualifiers.decode()}' matrix; a count matrix is "
+                                              "'integer general'"):
+        read_mtx_coo(io.BytesIO(body), study="GSE1", file="GSM1_matrix.mtx.gz")
+
+
+def test_real_general_whole_numbers_still_read():
+    body = b"%%MatrixMarket matrix coordinate real general\n2 2 2\n1 1 4.0\n2 1 3\n"
+    assert read_mtx_coo(io.BytesIO(body), study="S", file="m").toarray().tolist() == [[4, 0], [3, 0]]

@@ -187,3 +187,33 @@ def test_study_partitions_materialised_in_parallel_processes(demo_files, tmp_pat
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))
     materialised = instance.get_materialized_partitions(dg.AssetKey("study_anndata"))
     assert materialised == set(accessions), "the instance lost a parallel run's materialisation"
+
+
+# --- the Dagster instance: first use by several processes at once ----------------------------------
+
+FIRST_USE = """
+    import sys, time
+    from pathlib import Path
+    import dagster  # imported before the start line, so every process reaches the instance together
+    from scgrn_assets.cli import _prepare_instance
+    from scgrn_assets.lib.storage import StorageLayout
+
+    home, start = Path(sys.argv[1]), Path(sys.argv[2])
+    while not start.exists():
+        time.sleep(0.005)
+    instance = _prepare_instance(StorageLayout(home))
+    print("runs", len(instance.get_runs()), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_parallel_first_runs_on_a_fresh_home_initialise_the_instance_once(tmp_path):
+    """Two `scgrn demo` on a fresh SCGRN_HOME used to race in Dagster's SQLite schema creation."""
+    for attempt in range(2):
+        home, start = tmp_path / f"home{attempt}", tmp_path / f"start{attempt}"
+        processes = [_python(FIRST_USE, str(home), str(start)) for _ in range(4)]
+        ledger.record("fault", len(processes) - 1)
+        time.sleep(8)  # every process has imported dagster and waits on the start line
+        start.touch()
+        for process in processes:
+            assert _finish(process, 120).strip().endswith("runs 0")

@@ -244,7 +244,7 @@ VALID_CATALOG = {
         "gene_id_type": "symbol",
         "files": [{"name": "GSE1_RAW.tar", "url": "https://example.org/GSE1_RAW.tar", "sha256": "a" * 64,
                    "role": "counts"},
-                  {"name": "meta.csv", "url": "file:///data/meta.csv", "sha256": "b" * 64, "role": "metadata"}],
+                  {"name": "meta.csv", "url": "https://example.org/meta.csv", "sha256": "b" * 64, "role": "metadata"}],
         "metadata": {"file": "meta.csv", "sample_column": "Sample Name"},
         "condition": {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
     }],

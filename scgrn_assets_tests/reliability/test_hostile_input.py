@@ -32,6 +32,7 @@ from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.study_anndata import build_study_anndata, write_study_h5ad
 from scgrn_assets_tests.reliability import ledger
 from scgrn_assets_tests.archives import tar_bytes
+from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "scgrn_assets"
 SHA = "0" * 64
@@ -313,6 +314,18 @@ def test_sql_values_are_bound_never_pasted(sql_home, capsys, value):
     assert capsys.readouterr().out.split()[-1] == "30"
 
 
+@pytest.mark.parametrize("params, expected", [
+    (["9", "10"], "False"), (["10", "9"], "True"), (["2.5", "10"], "False"), (["'9'", "'10'"], "True"),
+    (["b", "a"], "True"),
+], ids=["ints", "ints-reversed", "float-int", "quoted-text", "text"])
+def test_sql_params_that_look_like_numbers_are_bound_as_numbers(sql_home, capsys, params, expected):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    assert cli.main(["sql", "SELECT ? > ? AS bigger", "--param", params[0], "--param", params[1]]) == 0
+    assert capsys.readouterr().out.split()[-1] == expected
+
+
 @pytest.mark.parametrize("statement", ["DROP VIEW corpus_studies", "CREATE TABLE evil AS SELECT 1",
                                        "DELETE FROM corpus_studies", "SELECT 1; DROP VIEW corpus_studies"])
 def test_sql_cannot_change_the_database(sql_home, capsys, statement):
@@ -335,8 +348,48 @@ def test_sql_cannot_touch_files_outside_scgrn_home(sql_home, tmp_path, capsys):
                       f"ATTACH '{tmp_path / 'other.duckdb'}'"]:
         ledger.record("bad_input")
         assert cli.main(["sql", statement]) == 2
-        assert "Permission" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "Permission" in err or "read-only" in err
     assert not written.exists() and not (tmp_path / "other.duckdb").exists()
+
+
+def _home_files(home: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(home)): path.read_bytes() for path in sorted(home.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("statement", [
+    "COPY (SELECT 'x' AS study) TO '{home}/assets/combined_corpus/corpus_studies.parquet' (FORMAT parquet)",
+    "COPY (SELECT 'x' AS study) TO '{home}/assets/combined_corpus/corpus_studies.parquet' "
+    "(FORMAT parquet, USE_TMP_FILE false)",
+    "COPY (SELECT 'telemetry: 1' AS a) TO '{home}/dagster/dagster.yaml' (FORMAT csv, HEADER false)",
+    "EXPLAIN ANALYZE COPY (SELECT 'x' AS study) TO '{home}/assets/combined_corpus/corpus_studies.parquet' "
+    "(FORMAT parquet, USE_TMP_FILE false)",
+    "ATTACH '{home}/n.duckdb' AS y (READ_WRITE); CREATE TABLE y.t AS SELECT 1 AS a",
+    "EXPORT DATABASE '{home}/d'",
+    "SET lock_configuration = false; SET enable_external_access = true",
+    "PRAGMA enable_profiling = 'json'; PRAGMA profiling_output = '{home}/profile.json'; SELECT 1",
+    "SELECT * FROM read_csv('{home}/dagster/dagster.yaml')",
+    "SELECT * FROM read_text('{home}/assets/geo_raw_archive/GSE1/passwd')",
+    "SELECT * FROM glob('{home}/**')",
+], ids=["copy-over-a-table", "copy-no-tmp-file", "copy-over-instance-config", "explain-analyze-copy",
+        "attach-read-write", "export-database", "unlock-configuration", "profiling-output",
+        "read-instance-config", "read-downloaded-file", "glob-home"])
+def test_sql_cannot_write_anything_or_read_beyond_the_registered_tables(sql_home, capsys, statement):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    downloaded = sql_home / "assets" / "geo_raw_archive" / "GSE1" / "passwd"
+    downloaded.parent.mkdir(parents=True, exist_ok=True)
+    downloaded.write_text("root:x:0:0\n")
+    (sql_home / "dagster").mkdir(exist_ok=True)
+    (sql_home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    before = _home_files(sql_home)
+    assert cli.main(["sql", statement.format(home=sql_home)]) == 2
+    err = capsys.readouterr().err
+    assert "root:x" not in err and "telemetry" not in err
+    assert _home_files(sql_home) == before
+    assert cli.main(["sql", "SELECT study, n_cells FROM corpus_studies ORDER BY study"]) == 0
+    assert capsys.readouterr().out.split() == ["study", "n_cells", "GSE1", "10", "GSE2", "20"]
 
 
 # --- catalog fields that slipped past validation ---------------------------------------------------
@@ -371,6 +424,104 @@ def test_catalog_fields_that_slipped_past_validation_get_clear_messages(tmp_path
     with pytest.raises(ScgrnInputError, match=message) as error:
         load_catalog(path)
     assert str(path) in str(error.value)
+
+
+# --- the same cells twice in one study ---------------------------------------------------------------
+
+
+DENSE_SAMPLE = gzip.compress(b"AAAC\tAAAG\tAATT\nApoe\t1\t2\t3\nCd74\t0\t4\t1\n")
+
+
+def _tar_appended(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar whose members may repeat a name, as ``tar -rf`` leaves it."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("members, first, second", [
+    ([("GSM1_a.txt.gz", DENSE_SAMPLE), ("GSM1_a.txt.gz", DENSE_SAMPLE)], "GSM1_a.txt.gz", "GSM1_a.txt.gz"),
+    ([("GSM1_a.txt.gz", DENSE_SAMPLE), ("GSM1_b.txt.gz", DENSE_SAMPLE)], "GSM1_a.txt.gz", "GSM1_b.txt.gz"),
+], ids=["member-appended-again", "two-files-of-one-gsm-sharing-barcodes"])
+def test_the_same_cells_twice_in_a_study_are_refused_naming_both_members(tmp_path, members, first, second):
+    ledger.record("bad_input")
+    (tmp_path / "GSE1_RAW.tar").write_bytes(_tar_appended(members))
+    (tmp_path / "meta.csv.gz").write_bytes(gzip.compress(METADATA))
+    with pytest.raises(ScgrnInputError, match=f"3 cells of sample GSM1 in {second} were already read from {first} "
+                                              r"\(e.g. \['GSM1:AAAC', 'GSM1:AAAG', 'GSM1:AATT'\]\)") as error:
+        build_study_anndata(make_study("raw_tar_dense_tsv", "GSE1_RAW.tar"), tmp_path)
+    assert "GSE1" in str(error.value) and "remove" in str(error.value)
+
+
+# --- catalogs that leak: environment variables, local files, URL tokens in the logs ---------------
+
+
+def _catalog_with_url(url: str) -> dict:
+    raw = _catalog()
+    raw["studies"][0]["files"][0]["url"] = url
+    return raw
+
+
+def test_catalog_cannot_send_an_environment_secret_unless_the_user_allows_the_name(tmp_path, monkeypatch):
+    ledger.record("bad_input")
+    monkeypatch.setenv("SOME_SECRET", "hunter2")
+    monkeypatch.delenv("SCGRN_CATALOG_ENV", raising=False)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(_catalog_with_url("http://127.0.0.1:9/collect?k=${SOME_SECRET}")))
+    with pytest.raises(ScgrnInputError, match=r"\$\{SOME_SECRET\}.*export SCGRN_CATALOG_ENV=SOME_SECRET") as error:
+        load_catalog(path, variables={"SCGRN_HOME": str(tmp_path)})
+    assert "hunter2" not in str(error.value)
+    monkeypatch.setenv("SCGRN_CATALOG_ENV", "OTHER, SOME_SECRET")
+    catalog = load_catalog(path, variables={"SCGRN_HOME": str(tmp_path)})
+    assert catalog.studies[0].files[0].url == "http://127.0.0.1:9/collect?k=hunter2"
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "file://${SCGRN_HOME}/../outside.txt",
+                                 "file://${SCGRN_HOME}/link_out/outside.txt"],
+                         ids=["etc-passwd", "dot-dot-out-of-home", "symlink-out-of-home"])
+def test_catalog_file_urls_read_only_under_scgrn_home_or_named_roots(tmp_path, monkeypatch, url):
+    ledger.record("bad_input")
+    monkeypatch.delenv("SCGRN_FILE_ROOTS", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "outside.txt").write_text("secret")
+    (home / "link_out").symlink_to(tmp_path)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(_catalog_with_url(url)))
+    with pytest.raises(ScgrnInputError, match="outside the folders catalogs may read.*export SCGRN_FILE_ROOTS="):
+        load_catalog(path, variables={"SCGRN_HOME": str(home)})
+    monkeypatch.setenv("SCGRN_FILE_ROOTS", f"/nowhere:{'/etc' if 'passwd' in url else tmp_path}")
+    assert load_catalog(path, variables={"SCGRN_HOME": str(home)}).studies[0].files[0].url.startswith("file://")
+
+
+def test_file_urls_inside_scgrn_home_still_load(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCGRN_FILE_ROOTS", raising=False)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(_catalog_with_url("file://${SCGRN_HOME}/demo_geo/GSE1/GSE1_RAW.tar")))
+    catalog = load_catalog(path, variables={"SCGRN_HOME": str(tmp_path / "home")})
+    assert catalog.studies[0].files[0].url == f"file://{tmp_path}/home/demo_geo/GSE1/GSE1_RAW.tar"
+
+
+def test_url_query_strings_never_reach_logs_or_errors(http_server, tmp_path, caplog):
+    import logging
+
+    from scgrn_assets.lib.download import DownloadPolicy, fetch_file
+    from scgrn_assets_tests.http_server import Reply
+
+    ledger.record("bad_input")
+    url = http_server.serve("/collect?k=hunter2", b"x", replies=[Reply(status=500), Reply(status=404)])
+    policy = DownloadPolicy(max_attempts=3, backoff_seconds=0.01)
+    with caplog.at_level(logging.INFO), pytest.raises(ScgrnInputError) as error:
+        fetch_file(url + "#frag", tmp_path / "f.txt", sha256=None, study="GSE1", policy=policy)
+    assert len(http_server.requests_for("/collect?k=hunter2")) == 2  # the token still reaches the server
+    assert "hunter2" not in str(error.value) and "/collect?…" in str(error.value)
+    assert caplog.records and not any("hunter2" in record.getMessage() for record in caplog.records)
 
 
 # --- counts that would wrap around in int32 ---------------------------------------------------------
