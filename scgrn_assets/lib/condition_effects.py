@@ -154,7 +154,7 @@ def sample_level_ppc(pseudobulk: Pseudobulk, replicated: np.ndarray) -> pd.DataF
         ``gene``, ``observed_between_animal_variance``, ``replicated_between_animal_variance``
         (mean over draws), ``ppp`` = P(replicated >= observed) (near 0: the model is too sure).
     """
-    library = pseudobulk.samples["library_size"].to_numpy(dtype=np.float64)
+    library = np.exp(pseudobulk.log_offset())
     groups = (pseudobulk.samples["study"].astype(str) + "|" + pseudobulk.samples["condition"].astype(str)).to_numpy()
     observed = between_animal_variance(pseudobulk.counts.astype(np.float64), library, groups)
     simulated = between_animal_variance(replicated, library, groups)

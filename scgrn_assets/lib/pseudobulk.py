@@ -67,11 +67,31 @@ class Pseudobulk:
                           samples=self.samples.iloc[rows].reset_index(drop=True),
                           gene_names=[self.gene_names[c] for c in columns], levels=self.levels)
 
-    def normalised(self) -> np.ndarray:
-        """Counts divided by size factors (library size over its geometric mean), shape (n_samples, n_genes)."""
+    def size_factors(self) -> np.ndarray:
+        """(n_samples,) DESeq2's median-of-ratios size factors over the genes every animal expresses.
+
+        Total counts would let a few strongly changed, highly expressed genes shift every other
+        gene's apparent fold change (a composition effect); the median ratio is robust to that.
+        Falls back to library sizes over their geometric mean when no gene is expressed everywhere.
+        """
+        counts = self.counts.astype(np.float64)
+        everywhere = np.all(counts > 0, axis=0)
+        if not everywhere.any():
+            library = self.samples["library_size"].to_numpy(dtype=np.float64)
+            return library / np.exp(np.mean(np.log(library)))
+        log_counts = np.log(counts[:, everywhere])
+        factors = np.exp(np.median(log_counts - log_counts.mean(axis=0, keepdims=True), axis=1))
+        return factors / np.exp(np.mean(np.log(factors)))
+
+    def log_offset(self) -> np.ndarray:
+        """(n_samples,) the model's offset: log size factor plus the log geometric-mean library size, so
+        intercepts stay log proportions of a typical library."""
         library = self.samples["library_size"].to_numpy(dtype=np.float64)
-        size_factor = library / np.exp(np.mean(np.log(library)))
-        return self.counts / size_factor[:, None]
+        return np.log(self.size_factors()) + np.mean(np.log(library))
+
+    def normalised(self) -> np.ndarray:
+        """Counts divided by size factors, shape (n_samples, n_genes)."""
+        return self.counts / self.size_factors()[:, None]
 
 
 def pseudobulk_by_animal(counts, obs: pd.DataFrame, gene_names, levels: tuple[str, str]) -> Pseudobulk:

@@ -9,7 +9,8 @@ Model (animals ``a`` with condition ``c_a`` in {0, 1}, study ``k(a)``, genes ``g
     beta1_g     ~ Normal(0, 1.5)                                 (weak: the shrinkage is adaptive, below)
     log alpha_g ~ Normal(a0 + a1 * l_g, sigma_alpha)             (dispersion trend in log mean expression l_g)
 
-``Y_ag`` is the animal's counts summed over its cells and ``S_a`` its summed library size. The
+``Y_ag`` is the animal's counts summed over its cells and ``S_a`` its size (DESeq2's
+median-of-ratios factor times the typical library size: robust to a few strongly changed genes). The
 animal is the replicate, so ``alpha_g`` is the between-animal (biological) dispersion, which is
 what the condition effect must be judged against. Centring ``x`` within study keeps each study's
 intercept nearly uncorrelated with ``beta1`` and gives a single-condition study a zero column: it
@@ -32,6 +33,7 @@ effect" be the answer and gives the s-values the calls are made at.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +45,8 @@ from scgrn_assets.lib.pseudobulk import Pseudobulk
 LOG2 = np.log(2.0)
 INTERCEPT_PRIOR = (-8.0, 5.0)
 EFFECT_PRIOR_SD = 1.5
+#: Gene counts are padded to a multiple of this, so fits of similar size share one JIT compilation.
+GENE_BUCKET = 256
 #: PSIS k-hat above this means the importance sampler cannot be trusted for that gene.
 MAX_PARETO_K = 0.7
 
@@ -55,6 +59,8 @@ class PosteriorConfig:
     ----------
     n_proposals : int
         Importance-sampling proposals per gene.
+    n_trend_proposals : int
+        Proposals per gene in the wide-prior pass that sets the dispersion trend.
     n_draws : int
         Equal-weight draws kept per gene (resampled).
     proposal_df : float
@@ -66,7 +72,8 @@ class PosteriorConfig:
         "cpu" or "gpu": where JAX runs the vectorised Newton and the weights.
     """
 
-    n_proposals: int = 2000
+    n_proposals: int = 1500
+    n_trend_proposals: int = 400
     n_draws: int = 500
     proposal_df: float = 6.0
     newton_steps: int = 40
@@ -122,7 +129,7 @@ def build_pseudobulk_model(pseudobulk: Pseudobulk, dispersion_trend: dict):
     import pymc as pm
 
     condition, study_index, studies = _design(pseudobulk)
-    log_library = np.log(pseudobulk.samples["library_size"].to_numpy(dtype=np.float64))
+    log_library = pseudobulk.log_offset()
     level = log_mean_expression(pseudobulk)
     coords = {"gene": pseudobulk.gene_names, "study": studies, "sample": np.arange(pseudobulk.n_samples)}
     with pm.Model(coords=coords) as model:
@@ -136,6 +143,7 @@ def build_pseudobulk_model(pseudobulk: Pseudobulk, dispersion_trend: dict):
     return model
 
 
+@functools.lru_cache(maxsize=8)
 def _gene_log_posterior(n_studies: int):
     """JAX log posterior of one gene's parameters ``theta = (beta0_1..K, beta1, log_alpha)``."""
     import jax.numpy as jnp
@@ -157,10 +165,46 @@ def _gene_log_posterior(n_studies: int):
     return log_posterior
 
 
+@functools.lru_cache(maxsize=8)
+def _kernels(n_studies: int) -> dict:
+    """JIT-compiled, vectorised-over-genes kernels for ``n_studies``, compiled once per process and shape
+    (the data are arguments, never baked-in constants, so a second fit reuses the compilation)."""
+    import jax
+    import jax.numpy as jnp
+
+    log_posterior = _gene_log_posterior(n_studies)
+    genes = (0, 1, None, None, None, 0, None)
+    gradient = jax.vmap(jax.grad(log_posterior), in_axes=genes)
+    hessian = jax.vmap(jax.hessian(log_posterior), in_axes=genes)
+    value = jax.vmap(log_posterior, in_axes=genes)
+
+    def newton_step(theta, *data):
+        g, h = gradient(theta, *data), hessian(theta, *data)
+        # Levenberg-Marquardt: the plain Newton step first, then ever more damped (towards gradient
+        # ascent), each at full and half length; a gene keeps the first candidate that improves.
+        eye = jnp.eye(theta.shape[1])[None]
+        scale = jnp.max(jnp.abs(jnp.diagonal(h, axis1=1, axis2=2)), axis=1)[:, None, None] + 1e-8
+        current = value(theta, *data)
+        best, improved = theta, jnp.zeros(theta.shape[0], dtype=bool)
+        for damping in (1e-8, 1e-2, 1e-1, 1.0, 10.0, 100.0):
+            step = jnp.clip(jnp.linalg.solve(-h + damping * scale * eye, g[..., None])[..., 0], -2.0, 2.0)
+            for length in (1.0, 0.5):
+                candidate = theta + length * step
+                candidate_value = value(candidate, *data)
+                better = ~improved & jnp.isfinite(candidate_value) & (candidate_value > current)
+                best = jnp.where(better[:, None], candidate, best)
+                improved = improved | better
+        return best, jnp.max(jnp.abs(best - theta))
+
+    over_draws = jax.vmap(log_posterior, in_axes=(0, None, None, None, None, None, None))
+    return {"newton_step": jax.jit(newton_step), "hessian": jax.jit(hessian),
+            "log_posterior_draws": jax.jit(jax.vmap(over_draws, in_axes=genes))}
+
+
 def _initial_theta(pseudobulk: Pseudobulk, condition: np.ndarray, study_index: np.ndarray,
                    n_studies: int) -> np.ndarray:
     """(n_genes, K + 2) start: each study's pooled log rate, the pooled case/control log ratio, alpha 0.1."""
-    library = pseudobulk.samples["library_size"].to_numpy(dtype=np.float64)
+    library = np.exp(pseudobulk.log_offset())
     counts = pseudobulk.counts.astype(np.float64)
     intercepts = np.vstack([np.log((counts[study_index == k].sum(axis=0) + 0.5) / library[study_index == k].sum())
                             for k in range(n_studies)])
@@ -172,44 +216,19 @@ def _initial_theta(pseudobulk: Pseudobulk, condition: np.ndarray, study_index: n
     return np.column_stack([intercepts.T, ratio, np.full(pseudobulk.n_genes, np.log(0.1))])
 
 
-def _map_estimates(log_posterior, theta, data, prior_log_alpha, sigma_alpha, n_steps: int):
-    """Damped Newton on every gene at once; returns the MAP (n_genes, d) and the Hessian (n_genes, d, d)."""
-    import jax
+def _map_estimates(kernels: dict, theta, data, prior_log_alpha, sigma_alpha, n_steps: int,
+                   tolerance: float = 1e-6):
+    """Damped Newton on every gene at once, until no parameter moves more than ``tolerance``;
+    returns the MAP (n_genes, d) and the Hessian (n_genes, d, d)."""
     import jax.numpy as jnp
 
-    gradient = jax.vmap(jax.grad(log_posterior), in_axes=(0, 1, None, None, None, 0, None))
-    hessian = jax.vmap(jax.hessian(log_posterior), in_axes=(0, 1, None, None, None, 0, None))
-    value = jax.vmap(log_posterior, in_axes=(0, 1, None, None, None, 0, None))
-    counts, log_library, condition, onehot = data
-
-    @jax.jit
-    def newton_step(theta):
-        g = gradient(theta, counts, log_library, condition, onehot, prior_log_alpha, sigma_alpha)
-        h = hessian(theta, counts, log_library, condition, onehot, prior_log_alpha, sigma_alpha)
-        # Levenberg-Marquardt: the plain Newton step first, then ever more damped (towards gradient
-        # ascent), each at full and half length; a gene keeps the first candidate that improves.
-        eye = jnp.eye(theta.shape[1])[None]
-        scale = jnp.max(jnp.abs(jnp.diagonal(h, axis1=1, axis2=2)), axis=1)[:, None, None] + 1e-8
-        current = value(theta, counts, log_library, condition, onehot, prior_log_alpha, sigma_alpha)
-        best, best_value, improved = theta, current, jnp.zeros(theta.shape[0], dtype=bool)
-        for damping in (1e-8, 1e-2, 1e-1, 1.0, 10.0, 100.0):
-            step = jnp.linalg.solve(-h + damping * scale * eye, g[..., None])[..., 0]
-            step = jnp.clip(step, -2.0, 2.0)
-            for length in (1.0, 0.5):
-                candidate = theta + length * step
-                candidate_value = value(candidate, counts, log_library, condition, onehot, prior_log_alpha,
-                                        sigma_alpha)
-                better = ~improved & jnp.isfinite(candidate_value) & (candidate_value > current)
-                best = jnp.where(better[:, None], candidate, best)
-                best_value = jnp.where(better, candidate_value, best_value)
-                improved = improved | better
-        return best
-
+    arguments = (*data, prior_log_alpha, jnp.asarray(sigma_alpha, dtype=jnp.float64))
     theta = jnp.asarray(theta)
     for _ in range(n_steps):
-        theta = newton_step(theta)
-    h = hessian(theta, counts, log_library, condition, onehot, prior_log_alpha, sigma_alpha)
-    return np.asarray(theta), np.asarray(h)
+        theta, largest_move = kernels["newton_step"](theta, *arguments)
+        if float(largest_move) < tolerance:
+            break
+    return np.asarray(theta), np.asarray(kernels["hessian"](theta, *arguments))
 
 
 def _estimate_dispersion_trend(log_alpha_draws: np.ndarray, level: np.ndarray, wide_mean: float,
@@ -223,16 +242,18 @@ def _estimate_dispersion_trend(log_alpha_draws: np.ndarray, level: np.ndarray, w
     to point estimates would be biased low with few animals: the posterior of log alpha has a long
     flat tail towards Poisson.)
     """
-    from scipy import optimize, special, stats
+    from scipy import optimize, special
 
-    wide = stats.norm.logpdf(log_alpha_draws, wide_mean, wide_sd)
+    draws = log_alpha_draws[:, :200]  # 200 draws per gene pin the trend; more only cost time
+    # log N(x; m, s) up to the shared -log sqrt(2 pi), written out: scipy.stats' overhead dominated.
+    wide = -0.5 * ((draws - wide_mean) / wide_sd) ** 2 - np.log(wide_sd)
 
     def negative_log_marginal(params):
         a0, a1, log_sigma = params
-        prior = stats.norm.logpdf(log_alpha_draws, (a0 + a1 * level)[:, None], np.exp(log_sigma))
+        prior = -0.5 * ((draws - (a0 + a1 * level)[:, None]) * np.exp(-log_sigma)) ** 2 - log_sigma
         return -np.sum(special.logsumexp(prior - wide, axis=1))
 
-    start = np.array([float(np.median(log_alpha_draws)), 0.0, np.log(0.5)])
+    start = np.array([float(np.median(draws)), 0.0, np.log(0.5)])
     fitted = optimize.minimize(negative_log_marginal, start, method="Nelder-Mead",
                                options={"xatol": 1e-4, "fatol": 1e-4, "maxiter": 2000})
     a0, a1, log_sigma = fitted.x
@@ -263,26 +284,32 @@ def fit_pseudobulk_model(pseudobulk: Pseudobulk, config: PosteriorConfig | None 
     n_studies = len(studies)
     level = log_mean_expression(pseudobulk)
     onehot = np.eye(n_studies)[study_index]
-    log_library = np.log(pseudobulk.samples["library_size"].to_numpy(dtype=np.float64))
+    log_library = pseudobulk.log_offset()
+    n_genes = pseudobulk.n_genes
+    # Genes padded (repeating the last) to a multiple of GENE_BUCKET, so fits of similar size share
+    # one compilation; the padding is cut off below.
+    padded = np.minimum(np.arange(-(-n_genes // GENE_BUCKET) * GENE_BUCKET), n_genes - 1)
     with jax.enable_x64(True), jax_device(config.device):
-        data = (jnp.asarray(pseudobulk.counts, dtype=jnp.float64), jnp.asarray(log_library), jnp.asarray(condition),
-                jnp.asarray(onehot))
-        log_posterior = _gene_log_posterior(n_studies)
-        theta = _initial_theta(pseudobulk, condition, study_index, n_studies)
+        data = (jnp.asarray(pseudobulk.counts[:, padded], dtype=jnp.float64), jnp.asarray(log_library),
+                jnp.asarray(condition), jnp.asarray(onehot))
+        kernels = _kernels(n_studies)
+        theta = _initial_theta(pseudobulk, condition, study_index, n_studies)[padded]
+        level_padded = level[padded]
         if dispersion_trend is None:
             # Empirical Bayes: each gene's log-dispersion posterior under a wide prior, the mean
             # parameters integrated out (a joint MAP would be biased low, as the dispersion MLE is
             # without DESeq2's Cox-Reid adjustment), then the trend and its spread across genes.
-            wide_prior = jnp.full(pseudobulk.n_genes, -2.0)
-            theta, hessian = _map_estimates(log_posterior, theta, data, wide_prior, 3.0, config.newton_steps)
-            wide_draws, _ = _importance_draws(log_posterior, theta, hessian, data, wide_prior, 3.0, config)
-            dispersion_trend = _estimate_dispersion_trend(wide_draws[:, :, -1], level, -2.0, 3.0)
-        prior_log_alpha = jnp.asarray(dispersion_trend["a0"] + dispersion_trend["a1"] * level)
+            wide_prior = jnp.full(len(padded), -2.0)
+            theta, hessian = _map_estimates(kernels, theta, data, wide_prior, 3.0, config.newton_steps)
+            wide_draws, _ = _importance_draws(kernels, theta, hessian, data, wide_prior, 3.0, config,
+                                              n_proposals=config.n_trend_proposals)
+            dispersion_trend = _estimate_dispersion_trend(wide_draws[:n_genes, :, -1], level, -2.0, 3.0)
+        prior_log_alpha = jnp.asarray(dispersion_trend["a0"] + dispersion_trend["a1"] * level_padded)
         sigma_alpha = float(dispersion_trend["sigma_alpha"])
-        theta, hessian = _map_estimates(log_posterior, theta, data, prior_log_alpha, sigma_alpha,
-                                        config.newton_steps)
-        draws, pareto_k = _importance_draws(log_posterior, theta, hessian, data, prior_log_alpha, sigma_alpha, config)
-    n_genes = pseudobulk.n_genes
+        theta, hessian = _map_estimates(kernels, theta, data, prior_log_alpha, sigma_alpha, config.newton_steps)
+        draws, pareto_k = _importance_draws(kernels, theta, hessian, data, prior_log_alpha, sigma_alpha, config,
+                                            n_proposals=config.n_proposals)
+    draws, pareto_k, theta = draws[:n_genes], pareto_k[:n_genes], theta[:n_genes]
     posterior = {"beta0": draws[:, :, :n_studies].transpose(1, 2, 0)[None],
                  "beta1": draws[:, :, n_studies].T[None],
                  "log_alpha": draws[:, :, n_studies + 1].T[None]}
@@ -298,7 +325,8 @@ def fit_pseudobulk_model(pseudobulk: Pseudobulk, config: PosteriorConfig | None 
                                dispersion_trend=dispersion_trend, seconds=seconds, config=config)
 
 
-def _importance_draws(log_posterior, theta, hessian, data, prior_log_alpha, sigma_alpha, config: PosteriorConfig):
+def _importance_draws(kernels: dict, theta, hessian, data, prior_log_alpha, sigma_alpha, config: PosteriorConfig,
+                      n_proposals: int):
     """Student-t proposals at each MAP, PSIS weights, resampled equal-weight draws and k-hat per gene.
 
     Returns draws of shape (n_genes, n_draws, d) and k-hat of shape (n_genes,).
@@ -315,7 +343,7 @@ def _importance_draws(log_posterior, theta, hessian, data, prior_log_alpha, sigm
     values = np.clip(values, 1e-8, 25.0)
     root = vectors * np.sqrt(values)[:, None, :]
     df = config.proposal_df
-    n = config.n_proposals
+    n = n_proposals
     normal = rng.standard_normal((n_genes, n, dimension))
     chi = rng.chisquare(df, (n_genes, n, 1))
     offsets = np.einsum("gij,gnj->gni", root, normal) / np.sqrt(chi / df)
@@ -324,14 +352,17 @@ def _importance_draws(log_posterior, theta, hessian, data, prior_log_alpha, sigm
     whitened = np.einsum("gij,gnj->gni", np.transpose(vectors, (0, 2, 1)), offsets) / np.sqrt(values)[:, None, :]
     log_q = -0.5 * (df + dimension) * np.log1p(np.sum(whitened**2, axis=2) / df)
     counts, log_library, condition, onehot = data
-    over_draws = jax.vmap(log_posterior, in_axes=(0, None, None, None, None, None, None))
-    over_genes = jax.jit(jax.vmap(over_draws, in_axes=(0, 1, None, None, None, 0, None)))
-    # Genes in blocks: the (genes x draws x animals) intermediates of one block stay a few hundred MB.
-    block = max(1, int(2e7 // max(n * counts.shape[0], 1)))
-    log_p = np.concatenate([
-        np.asarray(over_genes(jnp.asarray(proposals[start:start + block]), counts[:, start:start + block],
-                              log_library, condition, onehot, prior_log_alpha[start:start + block], sigma_alpha))
-        for start in range(0, n_genes, block)])
+    sigma = jnp.asarray(sigma_alpha, dtype=jnp.float64)
+    # Genes in blocks of one fixed size (the last one padded): the (genes x draws x animals)
+    # intermediates stay a few hundred MB, and every block reuses one compilation.
+    block = int(min(n_genes, max(1, 2e7 // max(n * counts.shape[0], 1))))
+    log_p = []
+    for start in range(0, n_genes, block):
+        rows = np.minimum(np.arange(start, start + block), n_genes - 1)
+        values = kernels["log_posterior_draws"](jnp.asarray(proposals[rows]), counts[:, rows], log_library,
+                                                condition, onehot, prior_log_alpha[rows], sigma)
+        log_p.append(np.asarray(values)[: min(block, n_genes - start)])
+    log_p = np.concatenate(log_p)
     log_weights = np.where(np.isfinite(log_p), log_p - log_q, -np.inf)
     smoothed, pareto_k = az.psislw(log_weights.copy())  # draws on the last axis
     smoothed = np.asarray(smoothed)
@@ -363,7 +394,7 @@ def replicated_pseudobulk(posterior: PseudobulkPosterior, n_draws: int = 100, se
     """Posterior predictive pseudobulk: shape (n_draws, n_samples, n_genes), drawn from the fitted model."""
     pseudobulk = posterior.pseudobulk
     condition, study_index, _ = _design(pseudobulk)
-    log_library = np.log(pseudobulk.samples["library_size"].to_numpy(dtype=np.float64))
+    log_library = pseudobulk.log_offset()
     intercept, beta1 = stacked_draws(posterior.idata, "beta0"), stacked_draws(posterior.idata, "beta1")
     log_alpha = stacked_draws(posterior.idata, "log_alpha")
     rng = np.random.default_rng(seed)
