@@ -53,6 +53,17 @@ def test_demo_on_a_users_two_study_catalog_then_status_and_sql(demo_files, tmp_p
     edges = run_scgrn("edges", "SELECT count(*) AS n FROM edges WHERE n_cells >= ?", "--param", "1",
                       home=home, catalog=str(catalog)).stdout
     assert int(edges.split()[-1]) > 0
+    # The condition-effect tables, with the columns the README promises (GSE900001 and GSE900004 both hold
+    # AD and control animals, so both are contrast studies).
+    described = run_scgrn("sql", "DESCRIBE condition_effects", home=home).stdout
+    for column in ("gene", "base_mean", "log2fc_mean", "log2fc_sd", "log2fc_q05", "log2fc_q95", "lfsr", "svalue",
+                   "called", "n_samples_control", "n_samples_case", "n_cells"):
+        assert f" {column} " in f" {described} ".replace("\n", " "), column
+    per_study = run_scgrn("sql", "SELECT DISTINCT study FROM condition_effects_by_study ORDER BY study", home=home)
+    assert "GSE900001" in per_study.stdout and "GSE900004" in per_study.stdout
+    peer = run_scgrn("sql", "SELECT count(*) AS n FROM condition_effects_pydeseq2 WHERE padj IS NOT NULL",
+                     home=home).stdout
+    assert int(peer.split()[-1]) > 0
     # A value that looks like SQL is only ever a value.
     injected = run_scgrn("sql", "SELECT count(*) AS n FROM corpus_studies WHERE study = ?", "--param",
                          "x' OR '1'='1", home=home).stdout

@@ -240,7 +240,8 @@ def save_pseudobulk_posterior(idata, pseudobulk: Pseudobulk, path) -> None:
 
 def load_pseudobulk_posterior(path) -> tuple[object, Pseudobulk]:
     """The ArviZ InferenceData and the Pseudobulk written by :func:`save_pseudobulk_posterior`."""
-    import arviz as az
+    from scgrn_assets.lib.quiet_imports import import_arviz
+    az = import_arviz()
 
     idata = az.from_netcdf(os.fspath(path))
     constant = idata.constant_data

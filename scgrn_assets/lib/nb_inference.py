@@ -285,7 +285,8 @@ def draw_from_mean_field(model, group, n_draws: int, seed: int) -> dict[str, np.
 
 def posterior_to_inference_data(draws: dict[str, np.ndarray], data: NBData, elbo_history: np.ndarray):
     """ArviZ InferenceData with one chain of draws, named coords, and the ELBO in its own group."""
-    import arviz as az
+    from scgrn_assets.lib.quiet_imports import import_arviz
+    az = import_arviz()
     import xarray as xr
 
     draws = dict(draws)

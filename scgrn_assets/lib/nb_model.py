@@ -593,7 +593,8 @@ def condition_effect_table(idata, gene_names=None) -> pd.DataFrame:
 
 def global_parameter_summary(idata) -> pd.DataFrame:
     """ArviZ summary (mean, sd, 94% HDI) of the global parameters, one row each."""
-    import arviz as az
+    from scgrn_assets.lib.quiet_imports import import_arviz
+    az = import_arviz()
 
     present = [name for name in GLOBAL_PARAMETERS if name in idata.posterior]
     return az.summary(idata, var_names=present, kind="stats")
@@ -812,7 +813,8 @@ def save_posterior(posterior: NBPosterior, path) -> None:
 
 def load_posterior(path) -> NBPosterior:
     """Read a posterior written by :func:`save_posterior`."""
-    import arviz as az
+    from scgrn_assets.lib.quiet_imports import import_arviz
+    az = import_arviz()
 
     idata = az.from_netcdf(os.fspath(path))
     attrs = idata.posterior.attrs

@@ -272,7 +272,8 @@ def fit_pseudobulk_model(pseudobulk: Pseudobulk, config: PosteriorConfig | None 
     dispersion_trend : dict, optional
         Fix ``a0``, ``a1``, ``sigma_alpha`` instead of estimating them (e.g. to compare with NUTS).
     """
-    import arviz as az
+    from scgrn_assets.lib.quiet_imports import import_arviz
+    az = import_arviz()
     import jax
     import jax.numpy as jnp
 
@@ -331,7 +332,8 @@ def _importance_draws(kernels: dict, theta, hessian, data, prior_log_alpha, sigm
 
     Returns draws of shape (n_genes, n_draws, d) and k-hat of shape (n_genes,).
     """
-    import arviz as az
+    from scgrn_assets.lib.quiet_imports import import_arviz
+    az = import_arviz()
     import jax
     import jax.numpy as jnp
     n_genes, dimension = theta.shape
