@@ -212,3 +212,26 @@ def test_cells_without_metadata_stop_the_study_unless_the_catalog_keeps_them(tmp
     assert pd.isna(conditions["H9.1001200141"])
     assert adata.uns["ingest"]["n_cells_without_metadata"] == 1
     assert list(adata.var_names) == ["Apoe", "100043387"]  # a bare numeric name is kept as written
+
+
+def test_animal_column_names_the_animal_and_the_sample_is_the_animal_otherwise(tmp_path):
+    """One GSM per cell (plate layouts): the catalog's metadata.animal_column groups cells into animals."""
+    csv = (b'"","C9.1","B10.1","H9.2","A1.2"\n"Apoe",1,0,5,2\n"Trem2",0,2,1,3\n')
+    (tmp_path / "proc.csv.gz").write_bytes(gzip.compress(csv))
+    (tmp_path / MATRIX).write_bytes(_series_matrix(
+        [{"gsm": f"GSM{i}", "title": f"c{i}"} for i in range(4)],
+        lines=[["well_id: C9", "well_id: B10", "well_id: H9", "well_id: A1"],
+               ["plate_id: 1", "plate_id: 1", "plate_id: 2", "plate_id: 2"],
+               ["mouse: m7", "mouse: m7", "mouse: m8", "mouse:  m9 "]]))
+    study = _study("processed_csv_well_plate", "proc.csv.gz", well_column="well_id", plate_column="plate_id",
+                   animal_column="mouse")
+    adata = build_study_anndata(study, tmp_path)
+    animals = dict(zip(adata.obs["barcode"] + "." + adata.obs["sample"].str.removeprefix("plate"),
+                       adata.obs["animal"]))
+    assert animals == {"C9.1": "m7", "B10.1": "m7", "H9.2": "m8", "A1.2": "m9"}
+    without = build_study_anndata(dataclasses.replace(study, metadata=dataclasses.replace(study.metadata,
+                                                                                          animal_column="")), tmp_path)
+    assert (without.obs["animal"].astype(str) == without.obs["sample"].astype(str)).all()
+    with pytest.raises(ScgrnInputError, match="animal_column"):
+        build_study_anndata(dataclasses.replace(study, metadata=dataclasses.replace(study.metadata,
+                                                                                    animal_column="donor")), tmp_path)

@@ -260,7 +260,8 @@ def test_library_sizes_and_zero_fraction_per_library_type(truth, umi_study):
     assert 2000 < np.median(cells["library_size_target"]) < 5000
     assert 2000 < np.median(totals) < 5000
     # Observed totals track s_i (the fitted model's offset) cell by cell.
-    assert np.corrcoef(np.log(totals), np.log(cells["library_size_target"]))[0, 1] > 0.9
+    # (0.85, not 0.9: each animal's own deviation also moves its few dominant genes, whose noise the totals carry.)
+    assert np.corrcoef(np.log(totals), np.log(cells["library_size_target"]))[0, 1] > 0.85
     assert 0.85 <= 1 - counts.nnz / np.prod(counts.shape) <= 0.92
     for study in ("GSE900003", "GSE900004"):
         sample = truth.samples.loc[truth.samples["study"] == study, "sample"].iloc[0]
@@ -292,9 +293,14 @@ def test_mean_counts_estimate_beta0_and_beta1(truth, umi_study):
     condition_genes = beta1 != 0
     assert condition_genes.sum() >= 40
     estimate = ad_rate - control_rate
-    assert np.corrcoef(estimate[condition_genes], beta1[condition_genes])[0, 1] > 0.95
-    assert np.median(np.abs(estimate[~condition_genes])) < 0.15
-    # Outside the network, control cells' rates estimate beta0 + b + gamma * log(L / 1 kb).
+    assert np.corrcoef(estimate[condition_genes], beta1[condition_genes])[0, 1] > 0.9
+    # Animals differ (sd tau per gene), so a null gene's AD-vs-control estimate from n animals per arm
+    # has sd ~ tau * sqrt(2 / n) on top of sampling noise: its median |value| is ~0.674 of that.
+    n_per_arm = len(truth.samples[(truth.samples["study"] == "GSE900001") & (truth.samples["condition"] == "AD")])
+    animal_noise = 0.674 * truth.config.animal_effect_sd * np.sqrt(2 / n_per_arm)
+    assert 0.5 * animal_noise < np.median(np.abs(estimate[~condition_genes])) < animal_noise + 0.1
+    # Outside the network, control cells' rates estimate beta0 + b + gamma * log(L / 1 kb) (+ the mean of
+    # the control animals' own deviations, sd tau / sqrt(n)).
     background = ~genes["in_network"].to_numpy()
     predicted = (
         genes["beta0"].to_numpy()
@@ -302,7 +308,8 @@ def test_mean_counts_estimate_beta0_and_beta1(truth, umi_study):
         + truth.gamma * np.log(genes["gene_length_bp"].to_numpy() / 1000.0)
     )
     assert background.sum() >= 20
-    assert np.median(np.abs(control_rate[background] - predicted[background])) < 0.1
+    assert np.median(np.abs(control_rate[background] - predicted[background])) < \
+        0.1 + 0.674 * truth.config.animal_effect_sd / np.sqrt(n_per_arm)
 
 
 def test_strong_edges_leave_a_signed_coexpression_footprint(truth, umi_study):
