@@ -238,8 +238,9 @@ def attention_network(data: ExpressionData, settings: GrnPathSettings,
     config = SmallGeneformerConfig(n_steps=settings.train_steps, batch_size=settings.train_batch_size,
                                    seed=settings.model_seed)
     train_report = report("train")
-    trained = train_small_geneformer(cells, dictionaries, config, device=settings.device,
-                                     progress=lambda step, n_steps, loss: train_report(step, n_steps))
+    # No callback, no wrapper: a lambda around None would raise TypeError on the first training step.
+    train_progress = None if train_report is None else (lambda step, n_steps, loss: train_report(step, n_steps))
+    trained = train_small_geneformer(cells, dictionaries, config, device=settings.device, progress=train_progress)
     # A model trained here saw only each cell's top-ranked tokens: later positions are untrained.
     moments = attention_edge_moments(trained.model, cells, dictionaries, max_genes=settings.max_genes_per_cell,
                                      max_input_length=config.max_train_length, method=settings.pcorr_method,
