@@ -1,8 +1,9 @@
 """`scgrn benchmark`: the GRN path on an expression matrix plus a ground-truth network given as files.
 
-The same library path the assets run (``scgrn_assets.lib.grn_pipeline``): attention stability from a
-small Geneformer-architecture model trained on the given cells, MI and CMI-pruned edges on the
-attention candidates, Pearson, Spearman, tree (GENIE3-style) and random baselines, scored by
+The same library path the assets run (``scgrn_assets.lib.grn_pipeline``): a small Geneformer-architecture
+model trained on the given cells; cross-cell partial correlations of its rank-value tokens, of its hidden
+states and of log expression; attention stability; MI and CMI-pruned edges on a chosen candidate network;
+Pearson, Spearman, tree (GENIE3-style), GRNBoost2, RegDiffusion, a gene-level null and random, scored by
 ``scgrn_assets.lib.grn_metrics`` against each truth network.
 """
 
@@ -63,6 +64,12 @@ def add_benchmark_parser(commands) -> None:
     parser.add_argument("--min-cells-per-edge", type=int, help="attention pairs seen in fewer cells are dropped "
                                                                   "(default: the assets', 20)")
     parser.add_argument("--device", help="torch device for the model (default: a GPU when visible, else CPU)")
+    parser.add_argument("--grnboost2-max-estimators", type=int,
+                        help="GRNBoost2's tree cap per target (default 5000, arboreto's; early stopping usually ends "
+                             "sooner)")
+    parser.add_argument("--regdiffusion-steps", type=int, help="RegDiffusion training epochs (default 1000, its own)")
+    parser.add_argument("--mi-candidates", help="comma-separated methods whose top-K neighbours per gene MI and CMI "
+                                                "test (default: pcorr_rank_value,pearson)")
     parser.set_defaults(func=cmd_benchmark)
 
 
@@ -112,8 +119,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                                write_benchmark_outputs)
 
     overrides = {name: getattr(args, name) for name in ("train_steps", "n_permutations", "n_null",
-                                                        "min_cells_per_edge", "device")
+                                                        "min_cells_per_edge", "device", "grnboost2_max_estimators")
                  if getattr(args, name) is not None}
+    if args.regdiffusion_steps is not None:
+        overrides["regdiffusion_n_steps"] = args.regdiffusion_steps
+    if args.mi_candidates:
+        overrides["mi_candidates"] = tuple(m.strip() for m in args.mi_candidates.split(",") if m.strip())
     settings = GrnPathSettings(**overrides, model_seed=args.seed, validation_seed=args.seed,
                                benchmark_seed=args.seed, tf_list=args.tf_list)
     bars: dict[str, tqdm] = {}

@@ -17,7 +17,8 @@ from scgrn_assets_tests.conftest import shared_data
 
 TRUTH = [("G0", "G1", "+"), ("G0", "G2", "+"), ("G1", "G3", "-"), ("G2", "G4", "+"), ("G5", "G6", "+"),
          ("G5", "G7", "-"), ("G6", "G8", "+")]
-QUICK = ["--train-steps", "10", "--n-permutations", "20", "--n-null", "10", "--min-cells-per-edge", "5"]
+QUICK = ["--train-steps", "10", "--n-permutations", "20", "--n-null", "10", "--min-cells-per-edge", "5",
+         "--grnboost2-max-estimators", "100", "--regdiffusion-steps", "5"]
 RANKING_METRICS = ("auroc", "auprc_ap", "auprc_trapezoid", "auprc_ratio", "auprc_trapezoid_ratio",
                    "early_precision", "epr", "degree_correlation")
 
