@@ -493,3 +493,26 @@ def select_gene_universe(genes: Sequence[str], variance: np.ndarray, n_cells_det
     order = np.lexsort((np.arange(len(candidates)), -variance[candidates], ~is_tf))
     chosen = np.sort(candidates[order[:max_genes]])
     return [str(g) for g in genes[chosen]]
+
+
+def genes_seen_with_others(cells, dictionaries, max_genes: int) -> np.ndarray:
+    """Dictionary keys of the genes among some cell's first ``max_genes`` gene tokens in a cell with at least
+    two such tokens: the genes the attention step can pair (its edge table's genes), sorted by token id.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (n_seen,), str.
+    """
+    is_gene = np.ones(dictionaries.vocab_size, dtype=bool)
+    is_gene[dictionaries.special_token_ids] = False
+    columns = np.arange(dictionaries.vocab_size)
+    seen = np.zeros(dictionaries.vocab_size, dtype=bool)
+    for start in range(0, cells.n_cells, 8192):
+        stop = min(start + 8192, cells.n_cells)
+        offsets = cells.offsets[start: stop + 1]
+        features = rank_value_features(cells.token_ids[offsets[0]: offsets[-1]], offsets, columns, is_gene,
+                                       dictionaries.vocab_size, max_genes)
+        paired = np.diff(features.indptr) >= 2
+        seen[features[paired].indices] = True
+    return dictionaries.token_names()[np.flatnonzero(seen)].astype(str)

@@ -29,8 +29,8 @@ from scgrn_assets.lib.attention_network import attention_edge_moments, edge_tabl
 from scgrn_assets.lib.baselines import (gene_level_null_edges, grnboost2_edges, pearson_edges, random_edges,
                                         regdiffusion_edges, spearman_edges, tree_edges)
 from scgrn_assets.lib.cross_cell_network import (FEATURE_KINDS, FeatureMoments, accumulate_feature_moments,
-                                                 cross_cell_network, hidden_state_chunks, log_expression_chunks,
-                                                 rank_value_chunks, select_gene_universe)
+                                                 cross_cell_network, genes_seen_with_others, hidden_state_chunks,
+                                                 log_expression_chunks, rank_value_chunks, select_gene_universe)
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.expression import log_normalized
 from scgrn_assets.lib.expression_files import ExpressionData
@@ -376,24 +376,66 @@ def cell_studies(data: ExpressionData) -> np.ndarray:
     return np.full(data.n_cells, "all") if data.study is None else np.asarray(data.study).astype(str)
 
 
-def network_universe(candidate_genes: Sequence[str], expression: np.ndarray, settings: GrnPathSettings,
+def model_genes(prepared_cells: TokenizedCells, dictionaries: GeneformerDictionaries, symbols: Mapping[str, str],
+                max_genes: int) -> list[str]:
+    """Symbols of the genes the attention step can pair (:func:`genes_seen_with_others`), sorted: the
+    attention edge table's genes, known before any attention is computed."""
+    return sorted(symbols.get(key, key) for key in genes_seen_with_others(prepared_cells, dictionaries, max_genes))
+
+
+def network_universe(candidate_genes: Sequence[str], expression, max_universe_genes: int,
                      transcription_factors: Sequence[str] = ()) -> list[str]:
-    """The genes every method is run and scored on: ``candidate_genes`` (genes the model sees), capped at
+    """The genes every method is run and scored on: ``candidate_genes`` (:func:`model_genes`), capped at
     ``max_universe_genes`` by :func:`scgrn_assets.lib.cross_cell_network.select_gene_universe`
-    (listed TFs first, then the most variable; ``expression``: cells x candidate genes, log-normalised)."""
-    detected = np.asarray((expression > 0).sum(axis=0)).ravel()
-    variance = np.asarray(expression.var(axis=0)).ravel()
+    (listed TFs first, then the most variable; ``expression``: cells x candidate genes, log-normalised,
+    dense or sparse)."""
+    if len(candidate_genes) <= max_universe_genes:
+        return list(candidate_genes)
+    import scipy.sparse as sp
+
+    matrix = sp.csr_matrix(expression, dtype=np.float64)
+    detected = np.diff(sp.csc_matrix(matrix).indptr)
+    mean = np.asarray(matrix.mean(axis=0)).ravel()
+    variance = np.asarray(matrix.multiply(matrix).mean(axis=0)).ravel() - mean ** 2
     # Genes are already required to be seen with others by the attention step: no further detection filter.
-    return select_gene_universe(candidate_genes, variance, detected, max_genes=settings.max_universe_genes,
+    return select_gene_universe(candidate_genes, variance, detected, max_genes=max_universe_genes,
                                 min_cells=0, transcription_factors=transcription_factors)
+
+
+def study_feature_moments(kind: str, genes: Sequence[str], gene_keys: Sequence[str], *, cells: TokenizedCells,
+                          dictionaries: GeneformerDictionaries, model, values, n_counts: np.ndarray,
+                          columns: np.ndarray, max_genes: int, max_input_length: int | None, batch_size: int,
+                          device: str | None, progress: ProgressCallback | None = None) -> FeatureMoments:
+    """The moments of one feature kind over one study's cells (the ``network_moments[study]`` step).
+
+    Parameters
+    ----------
+    kind
+        One of :data:`scgrn_assets.lib.cross_cell_network.FEATURE_KINDS`.
+    genes, gene_keys
+        The universe's symbols and their dictionary keys (same order).
+    cells, dictionaries, model
+        The study's tokenised cells, the dictionaries and the model (``hidden_state`` only).
+    values, n_counts, columns
+        The study's cells x all-genes counts, library sizes, and the universe's columns in ``values``
+        (``log_expression`` only).
+    """
+    if kind == "log_expression":
+        chunks = log_expression_chunks(values, n_counts, columns, progress=progress)
+    elif kind == "rank_value":
+        chunks = rank_value_chunks(cells, dictionaries, gene_keys, max_genes=max_genes, progress=progress)
+    elif kind == "hidden_state":
+        chunks = hidden_state_chunks(model, cells, dictionaries, gene_keys, max_input_length=max_input_length,
+                                     batch_size=batch_size, device=device, progress=progress)
+    else:
+        raise ScgrnInputError(f"unknown network feature {kind!r}", fix=f"choose from {list(FEATURE_KINDS)}")
+    return accumulate_feature_moments(chunks, genes)
 
 
 def feature_moments_by_study(data: ExpressionData, prepared: PreparedModel, genes: Sequence[str], kind: str,
                              settings: GrnPathSettings,
                              progress: StageProgress | None = None) -> dict[str, FeatureMoments]:
-    """Per study, the moments of one feature kind over ``genes`` (symbols): the ``network_moments`` step."""
-    if kind not in FEATURE_KINDS:
-        raise ScgrnInputError(f"unknown network feature {kind!r}", fix=f"choose from {list(FEATURE_KINDS)}")
+    """Per study of ``data``, :func:`study_feature_moments` over ``genes`` (symbols)."""
     key_of = dict(zip(data.gene_names, map(str, prepared.keys)))
     gene_keys = [key_of[gene] for gene in genes]
     columns = pd.Index(data.gene_names).get_indexer(genes)
@@ -402,18 +444,11 @@ def feature_moments_by_study(data: ExpressionData, prepared: PreparedModel, gene
     moments = {}
     for study in sorted(set(studies)):
         selected = np.flatnonzero(studies == study)
-        if kind == "log_expression":
-            chunks = log_expression_chunks(data.values[selected], data.n_counts[selected], columns, progress=report)
-        elif kind == "rank_value":
-            chunks = rank_value_chunks(prepared.cells.subset(selected), prepared.dictionaries, gene_keys,
-                                       max_genes=settings.max_genes_per_cell, progress=report)
-        else:
-            chunks = hidden_state_chunks(prepared.trained.model, prepared.cells.subset(selected),
-                                         prepared.dictionaries, gene_keys,
-                                         max_input_length=prepared.config.max_train_length,
-                                         batch_size=settings.attention_batch_size, device=settings.device,
-                                         progress=report)
-        moments[study] = accumulate_feature_moments(chunks, genes)
+        moments[study] = study_feature_moments(
+            kind, genes, gene_keys, cells=prepared.cells.subset(selected), dictionaries=prepared.dictionaries,
+            model=prepared.trained.model, values=data.values[selected], n_counts=data.n_counts[selected],
+            columns=columns, max_genes=settings.max_genes_per_cell, max_input_length=prepared.config.max_train_length,
+            batch_size=settings.attention_batch_size, device=settings.device, progress=report)
     return moments
 
 
@@ -473,12 +508,13 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
     if edges.empty:
         raise ScgrnInputError(f"no gene pair was seen together in {settings.min_cells_per_edge} or more cells",
                               file=data.path, fix="pass more cells or a smaller --min-cells-per-edge")
-    candidate_genes = network_genes(all_edges)
+    candidate_genes = model_genes(prepared.cells, prepared.dictionaries, prepared.symbols,
+                                  settings.max_genes_per_cell)
     columns = pd.Index(data.gene_names).get_indexer(candidate_genes)
-    candidate_expression = log_normalized(data.values[:, columns], data.n_counts).toarray()
+    candidate_expression = log_normalized(data.values[:, columns], data.n_counts)
     tf_symbols = [] if settings.tf_list is None else tree_regulators(settings.tf_list, candidate_genes) or []
-    genes = network_universe(candidate_genes, candidate_expression, settings, tf_symbols)
-    expression = candidate_expression[:, pd.Index(candidate_genes).get_indexer(genes)]
+    genes = network_universe(candidate_genes, candidate_expression, settings.max_universe_genes, tf_symbols)
+    expression = candidate_expression[:, pd.Index(candidate_genes).get_indexer(genes)].toarray()
     moments = {kind: feature_moments_by_study(data, prepared, genes, kind, settings, progress)
                for kind in settings.network_features}
     network, _ = cross_cell_tables(moments)

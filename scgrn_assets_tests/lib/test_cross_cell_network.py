@@ -169,3 +169,26 @@ def test_gene_universe_keeps_tfs_then_the_most_variable_detected_genes():
     assert select_gene_universe(genes, variance, detected, max_genes=3, min_cells=20,
                                 transcription_factors=["F"]) == ["a", "c", "f"]
     assert select_gene_universe(genes, variance, detected, max_genes=10, min_cells=20) == ["a", "b", "c", "d", "f"]
+
+
+def test_genes_seen_with_others_are_the_attention_edge_tables_genes():
+    from scgrn_assets.lib.attention_network import attention_edge_moments, edge_table
+    from scgrn_assets.lib.cross_cell_network import genes_seen_with_others
+    from scgrn_assets.lib.geneformer import SmallGeneformerConfig, build_masked_lm
+    from scgrn_assets.lib.tokenize import build_corpus_dictionaries, convention_named, tokenize_cells
+
+    rng = np.random.default_rng(9)
+    counts = rng.poisson(0.4, size=(60, 25)).astype(float)
+    counts[0, :] = 0
+    counts[0, 3] = 5  # a cell with one gene: pairs nothing
+    counts[:, 7] = 0
+    counts[1, 7] = 2  # gene 7 only in a cell of its own... with others (row 1 has other genes)
+    n_counts = counts.sum(axis=1) + 1
+    keys = np.array([f"G{i}" for i in range(25)])
+    dictionaries = build_corpus_dictionaries(sp.csr_matrix(counts), n_counts, keys, convention_named("V1"))
+    cells = tokenize_cells(sp.csr_matrix(counts), n_counts, keys, dictionaries)
+    config = SmallGeneformerConfig(n_layers=1, hidden_size=16, n_heads=2, intermediate_size=16)
+    model = build_masked_lm(dictionaries.vocab_size, 64, config)
+    edges = edge_table(attention_edge_moments(model, cells, dictionaries, max_genes=6, device="cpu"))
+    expected = sorted(set(edges["gene_i"]) | set(edges["gene_j"]))
+    assert sorted(genes_seen_with_others(cells, dictionaries, max_genes=6)) == expected
