@@ -70,6 +70,9 @@ class GeneformerSettings(dg.ConfigurableResource):
     pcorr_method: str = "cosine_shrunk_pinv"
     attention_batch_size: int = 32
     min_cells_per_edge: int = 20         # downstream stages ignore pairs seen in fewer cells
+    # cross-cell partial correlation (network_moments / network_edges)
+    network_features: list[str] = ["rank_value", "hidden_state", "log_expression"]
+    max_universe_genes: int = 5000       # genes of the network (TFs of BenchmarkSettings.tf_list first, then HVGs)
 
 
 class BenchmarkSettings(dg.ConfigurableResource):
@@ -79,6 +82,10 @@ class BenchmarkSettings(dg.ConfigurableResource):
     tree_n_trees: int = 20
     tree_max_features: str = "sqrt"  # regulators tried per split (GENIE3's K = sqrt(n))
     tf_list: str | None = None     # TF list file for the tree's regulators (None: every gene; never the truth's)
+    grnboost2_max_cells: int = 1000  # cells subsampled for GRNBoost2
+    grnboost2_max_estimators: int = 5000  # arboreto's cap; early stopping usually ends sooner
+    regdiffusion_n_steps: int = 1000  # RegDiffusion's training epochs (its default)
+    regdiffusion_max_cells: int = 2000
     n_null: int = 200              # null draws for the enrichment p-values
     top_k: int | None = None       # top-K for enrichment (None: the number of true edges)
     seed: int = 0
@@ -87,7 +94,8 @@ class BenchmarkSettings(dg.ConfigurableResource):
 class ValidationSettings(dg.ConfigurableResource):
     """Mutual-information validation of the attention edges."""
 
-    top_k: int = 15                # candidate parents per gene (by |stability|)
+    top_k: int = 15                # candidate parents per gene, in each candidate network
+    candidates: list[str] = ["pcorr_rank_value", "pearson"]  # networks whose top-K MI tests (united)
     n_bins: int = 5                # per-gene quantile bins (zeros are their own bin)
     n_permutations: int = 1000     # per test, with sequential early stopping
     alpha: float = 0.05

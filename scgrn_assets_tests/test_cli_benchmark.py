@@ -127,8 +127,12 @@ def test_the_cli_path_has_the_assets_settings():
     for name in ("n_bins", "n_permutations", "alpha", "min_cmi_ratio", "miller_madow"):
         assert getattr(settings, name) == getattr(validation, name), name
     assert (settings.mi_top_k, settings.validation_seed) == (validation.top_k, validation.seed)
-    for name in ("tree_max_cells", "tree_n_trees", "tree_max_features", "tf_list", "n_null", "top_k"):
+    for name in ("tree_max_cells", "tree_n_trees", "tree_max_features", "tf_list", "n_null", "top_k",
+                 "grnboost2_max_cells", "grnboost2_max_estimators", "regdiffusion_n_steps", "regdiffusion_max_cells"):
         assert getattr(settings, name) == getattr(benchmark, name), name
+    assert settings.network_features == tuple(geneformer.network_features)
+    assert settings.max_universe_genes == geneformer.max_universe_genes
+    assert settings.mi_candidates == tuple(validation.candidates)
     assert settings.benchmark_seed == benchmark.seed
 
 

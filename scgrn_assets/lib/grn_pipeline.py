@@ -28,7 +28,7 @@ import pandas as pd
 from scgrn_assets.lib.attention_network import attention_edge_moments, edge_table
 from scgrn_assets.lib.baselines import (gene_level_null_edges, grnboost2_edges, pearson_edges, random_edges,
                                         regdiffusion_edges, spearman_edges, tree_edges)
-from scgrn_assets.lib.cross_cell_network import (FEATURE_KINDS, FeatureMoments, accumulate_feature_moments,
+from scgrn_assets.lib.cross_cell_network import (COMPOSITIONAL_FEATURES, FEATURE_KINDS, FeatureMoments, accumulate_feature_moments,
                                                  cross_cell_network, genes_seen_with_others, hidden_state_chunks,
                                                  log_expression_chunks, rank_value_chunks, select_gene_universe)
 from scgrn_assets.lib.errors import ScgrnInputError
@@ -217,15 +217,14 @@ def baseline_table(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
                       for m, p in predictions.items()], ignore_index=True)
 
 
-def prediction_tables(edges: pd.DataFrame | None, baselines: pd.DataFrame, mi: pd.DataFrame,
-                      cmi: pd.DataFrame, network: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """Every method's predictions as DataFrame[source, target, score] with attrs["directed"].
+def network_predictions(edges: pd.DataFrame | None, baselines: pd.DataFrame,
+                        network: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """The networks before MI: cross-cell, attention and baselines, as DataFrame[source, target, score]
+    with attrs["directed"].
 
-    ``edges`` is the attention edge table (already filtered by :func:`stable_edges`; None when the
-    model was refused), ``network`` the cross-cell table of :func:`cross_cell_tables` (a ``method``
-    column), ``baselines`` the long table of :func:`baseline_table`. MI scores its candidate edges by
-    MI; "cmi_pruned" keeps only the edges flagged direct (scored by CMI min), so it shows what
-    explaining away does to precision.
+    ``edges`` is the attention edge table (already filtered by :func:`stable_edges`; None leaves it out),
+    ``network`` the cross-cell table of :func:`cross_cell_tables` (a ``method`` column), ``baselines``
+    the long table of :func:`baseline_table`.
     """
     predictions = {}
     if network is not None:
@@ -238,6 +237,15 @@ def prediction_tables(edges: pd.DataFrame | None, baselines: pd.DataFrame, mi: p
         table = group[["source", "target", "score"]].reset_index(drop=True)
         table.attrs["directed"] = bool(group["directed"].iloc[0])
         predictions[method] = table
+    return predictions
+
+
+def prediction_tables(edges: pd.DataFrame | None, baselines: pd.DataFrame, mi: pd.DataFrame,
+                      cmi: pd.DataFrame, network: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Every method's predictions: :func:`network_predictions` plus MI (its candidate edges scored by
+    MI) and "cmi_pruned" (only the edges flagged direct, scored by CMI min), so it shows what
+    explaining away does to precision."""
+    predictions = network_predictions(edges, baselines, network)
     predictions["mi"] = _undirected(mi["parent"], mi["target"], mi["mi"])
     direct = cmi[cmi["direct"]]
     predictions["cmi_pruned"] = _undirected(direct["parent"], direct["target"], direct["cmi_min"])
@@ -458,7 +466,8 @@ def cross_cell_tables(moments_by_kind: Mapping[str, Mapping[str, FeatureMoments]
     (``pcorr_<kind>``) and the Ledoit–Wolf intensity per method."""
     tables, shrinkage = [], {}
     for kind, moments in moments_by_kind.items():
-        table, shrinkage[CROSS_CELL_METHODS[kind]] = cross_cell_network(moments, gene_symbols)
+        table, shrinkage[CROSS_CELL_METHODS[kind]] = cross_cell_network(
+            moments, gene_symbols, compositional=kind in COMPOSITIONAL_FEATURES)
         tables.append(table.assign(method=CROSS_CELL_METHODS[kind]))
     return pd.concat(tables, ignore_index=True), shrinkage
 
@@ -526,8 +535,8 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
         grnboost2_max_cells=settings.grnboost2_max_cells, grnboost2_max_estimators=settings.grnboost2_max_estimators,
         regdiffusion_n_steps=settings.regdiffusion_n_steps, regdiffusion_max_cells=settings.regdiffusion_max_cells,
         progress=progress))
-    networks = prediction_tables(edges, baselines, mi=_EMPTY_MI, cmi=_EMPTY_CMI, network=network)
-    candidates = union_candidates(_chosen_networks(networks, settings.mi_candidates), top_k=settings.mi_top_k)
+    networks = network_predictions(edges, baselines, network)
+    candidates = union_candidates(chosen_networks(networks, settings.mi_candidates), top_k=settings.mi_top_k)
     mi, cmi = validation_tables(data, candidates, settings, progress)
     predictions = prediction_tables(edges, baselines, mi, cmi, network=network)
     metrics = benchmark_table(predictions, references, genes, top_k=settings.top_k, n_null=settings.n_null,
@@ -537,11 +546,7 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
                               settings=asdict(settings), tree_regulators=tf_list, network_edges=network)
 
 
-_EMPTY_MI = pd.DataFrame({"parent": [], "target": [], "mi": []})
-_EMPTY_CMI = pd.DataFrame({"parent": [], "target": [], "cmi_min": [], "direct": pd.Series([], dtype=bool)})
-
-
-def _chosen_networks(predictions: Mapping[str, pd.DataFrame], methods: Sequence[str]) -> dict[str, pd.DataFrame]:
+def chosen_networks(predictions: Mapping[str, pd.DataFrame], methods: Sequence[str]) -> dict[str, pd.DataFrame]:
     missing = [m for m in methods if m not in predictions]
     if missing:
         raise ScgrnInputError(f"MI candidate networks {missing} were not computed",

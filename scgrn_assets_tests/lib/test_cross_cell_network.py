@@ -192,3 +192,25 @@ def test_genes_seen_with_others_are_the_attention_edge_tables_genes():
     edges = edge_table(attention_edge_moments(model, cells, dictionaries, max_genes=6, device="cpu"))
     expected = sorted(set(edges["gene_i"]) | set(edges["gene_j"]))
     assert sorted(genes_seen_with_others(cells, dictionaries, max_genes=6)) == expected
+
+
+def test_rank_scores_of_cells_with_every_gene_need_the_constant_direction_filled():
+    from scgrn_assets.lib.cross_cell_network import filled_constant_direction
+
+    rng = np.random.default_rng(10)
+    latent = rng.normal(size=(2000, 12))
+    latent[:, 1] += 1.5 * latent[:, 0]  # the one real edge
+    # Every gene present in every cell: rank scores 1 - r/L sum to the same value in each cell.
+    ranks = np.argsort(np.argsort(-latent, axis=1), axis=1)
+    scores = 1 - ranks / 12
+    moments = {"one": accumulate_feature_moments([scores], [f"g{i}" for i in range(12)])}
+    covariance = within_study_covariance(moments).covariance
+    assert np.linalg.eigvalsh(covariance)[0] < 1e-10  # singular along the all-ones direction
+    filled = filled_constant_direction(covariance)
+    np.testing.assert_allclose(filled - covariance, np.trace(covariance) / 144, rtol=1e-12)
+    plain, _ = study_partial_correlation(moments)
+    compositional, _ = study_partial_correlation(moments, compositional=True)
+    off_diagonal = ~np.eye(12, dtype=bool)
+    assert abs(compositional[0, 1]) == np.abs(compositional[off_diagonal]).max()  # the real edge comes first
+    # Without the fill a large common negative offset sits on every pair.
+    assert np.median(plain[off_diagonal]) < np.median(compositional[off_diagonal]) - 0.05
