@@ -58,7 +58,7 @@ def add_benchmark_parser(commands) -> None:
     parser.add_argument("--table", default="grn_benchmark",
                         help="view name in --duckdb (metrics; <table>_predictions for the predictions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, permutations, trees and nulls")
-    parser.add_argument("--train-steps", type=int, help="model training steps (default: the assets', 300)")
+    parser.add_argument("--train-steps", type=int, help="model training steps (default: the assets', 1000)")
     parser.add_argument("--n-permutations", type=int, help="MI/CMI permutations per test (default: the assets', 1000)")
     parser.add_argument("--n-null", type=int, help="enrichment null draws (default: the assets', 200)")
     parser.add_argument("--min-cells-per-edge", type=int, help="attention pairs seen in fewer cells are dropped "
@@ -161,6 +161,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if not Path(args.out).resolve().is_relative_to(database_folder):
             print(f"note: `scgrn sql` reads only files under {database_folder}; with --out outside it, query "
                   f"these views with duckdb itself (or put --out under that folder)")
+    training = result.training
+    print(f"masked-LM loss {training['final_loss']:.3f} vs position-only entropy "
+          f"{training['position_only_entropy']:.3f} nats (margin {training['margin']:.3f})")
+    if training.get("beats_position_only") is False:
+        print(f"warning: the model did not beat the position-only loss by {training['required_margin']} nats; "
+              f"its attention and hidden-state rows read a model that learnt positions, not genes "
+              f"(train longer: --train-steps {2 * settings.train_steps})")
     print(f"\n{dataset} (universe all_pairs; EPR and AUPRC ratio: 1 = random)\n")
     print(headline_markdown(headline_table(result.metrics)))
     print(f"\nwrote {len(paths)} files under {Path(args.out)}"

@@ -122,7 +122,8 @@ def test_the_cli_path_has_the_assets_settings():
     settings, geneformer = GrnPathSettings(), GeneformerSettings()
     validation, benchmark = ValidationSettings(), BenchmarkSettings()
     for name in ("convention", "train_steps", "train_batch_size", "max_genes_per_cell", "pcorr_method",
-                 "attention_batch_size", "min_cells_per_edge", "device"):
+                 "attention_batch_size", "min_cells_per_edge", "device", "min_loss_margin", "attention_layers",
+                 "attention_heads"):
         assert getattr(settings, name) == getattr(geneformer, name), name
     for name in ("n_bins", "n_permutations", "alpha", "min_cmi_ratio", "miller_madow"):
         assert getattr(settings, name) == getattr(validation, name), name

@@ -15,8 +15,9 @@ from scgrn_assets.lib.attention_network import attention_edge_moments, edge_tabl
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.cross_cell_network import FeatureMoments
 from scgrn_assets.lib.expression import log_normalized
-from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer, save_geneformer,
-                                         train_small_geneformer)
+from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
+                                         position_only_entropy, save_geneformer, train_small_geneformer,
+                                         training_report)
 from scgrn_assets.lib.grn_pipeline import (cross_cell_tables, model_genes, network_universe, stable_edges,
                                            study_feature_moments, tree_regulators)
 from scgrn_assets.lib.plots import plot_histogram, plot_loss_curve
@@ -95,13 +96,23 @@ def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, g
 
     trained: TrainedGeneformer = train_small_geneformer(cells, dictionaries, config, device=geneformer.device,
                                                         progress=progress)
-    save_geneformer(trained, folder)
     curve = trained.loss_curve
+    report = training_report(curve, position_only_entropy(cells, dictionaries, config.max_train_length),
+                             geneformer.min_loss_margin)
+    save_geneformer(trained, folder)
+    with atomic_path(folder / TRAINING_REPORT) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
     return dg.Output(folder, metadata={
-        "n_steps": len(curve), "final_loss": float(np.nanmean(curve[-20:])) if len(curve) else float("nan"),
+        "n_steps": len(curve), "final_loss": report["final_loss"],
+        "position_only_entropy": report["position_only_entropy"], "loss_margin": report["margin"],
+        "required_margin": geneformer.min_loss_margin if geneformer.min_loss_margin is not None else "none (gate off)",
         "n_parameters": sum(p.numel() for p in trained.model.parameters()),
         "loss_curve": png_metadata(plot_loss_curve(curve, "masked-LM loss (nats per masked token)")),
     })
+
+
+TRAINING_REPORT = "training_report.json"
+"""In a trained model's folder: :func:`scgrn_assets.lib.geneformer.training_report`."""
 
 
 def open_model(folder: Path, geneformer: GeneformerSettings):
@@ -128,6 +139,7 @@ def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
         loaded.model, cells.subset(selected), dictionaries, max_genes=geneformer.max_genes_per_cell,
         max_input_length=max_input_length,
         method=geneformer.pcorr_method, batch_size=geneformer.attention_batch_size, device=geneformer.device,
+        layers=geneformer.attention_layers, heads=geneformer.attention_heads,
         progress=lambda done, total: context.log.info(f"{context.partition_key}: {done}/{total} cells"))
     path = artefact_path(storage.layout, "attention_moments", context.partition_key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +167,29 @@ def edge_stability(context: dg.AssetExecutionContext, storage: ScgrnStorage, att
         "top_edges": table_preview(edges, n_rows=15),
         "stability": png_metadata(plot_histogram(finite.to_numpy(), "edge stability (mean / sd of pcorr)")),
     })
+
+
+@dg.asset_check(asset=edge_stability, blocking=True, additional_ins={"geneformer_model": dg.AssetIn()},
+                description="Attention edges are published only from a model whose masked-LM loss beats the "
+                            "position-only entropy by GeneformerSettings.min_loss_margin nats.")
+def model_beats_position_only(geneformer_model) -> dg.AssetCheckResult:
+    report_path = Path(geneformer_model) / TRAINING_REPORT
+    if (Path(geneformer_model) / "pretrained.json").exists():
+        return dg.AssetCheckResult(passed=True, description="a pretrained checkpoint: trained elsewhere")
+    if not report_path.exists():
+        return dg.AssetCheckResult(passed=False, description=f"{report_path} is missing: re-materialise "
+                                                             "geneformer_model")
+    report = json.loads(report_path.read_text())
+    metadata = {key: report[key] for key in ("final_loss", "position_only_entropy", "margin", "n_steps")}
+    if report["beats_position_only"] is None:
+        return dg.AssetCheckResult(passed=True, metadata=metadata, description="no margin required (gate off)")
+    if report["beats_position_only"]:
+        return dg.AssetCheckResult(passed=True, metadata=metadata)
+    return dg.AssetCheckResult(passed=False, metadata=metadata, description=(
+        f"the model's masked-LM loss {report['final_loss']:.3f} is not {report['required_margin']} nats below the "
+        f"position-only entropy {report['position_only_entropy']:.3f}: it has learnt rank positions, not genes, so "
+        f"its attention edges are not published. Train longer: set the geneformer resource's train_steps above "
+        f"{report['n_steps']} (e.g. {2 * report['n_steps']}) and re-materialise geneformer_model."))
 
 
 def read_edges(path: Path, min_cells: int) -> pd.DataFrame:

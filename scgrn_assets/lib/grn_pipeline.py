@@ -34,7 +34,8 @@ from scgrn_assets.lib.cross_cell_network import (COMPOSITIONAL_FEATURES, FEATURE
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.expression import log_normalized
 from scgrn_assets.lib.expression_files import ExpressionData
-from scgrn_assets.lib.geneformer import SmallGeneformerConfig, TrainedGeneformer, train_small_geneformer
+from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, position_only_entropy,
+                                         train_small_geneformer, training_report)
 from scgrn_assets.lib.grn_metrics import benchmark_table
 from scgrn_assets.lib.mutual_information import (candidate_edges, cmi_tables, discretize_expression,
                                                  mi_edge_table)
@@ -82,10 +83,13 @@ class GrnPathSettings:
 
     # attention network
     convention: str = "V1"
-    train_steps: int = 300
+    train_steps: int = 1000
     train_batch_size: int = 16
+    min_loss_margin: float | None = 0.25
     max_genes_per_cell: int = 256
     pcorr_method: str = "cosine_shrunk_pinv"
+    attention_layers: tuple[int, ...] | None = None
+    attention_heads: tuple[int, ...] | None = None
     attention_batch_size: int = 32
     min_cells_per_edge: int = 20
     device: str | None = None
@@ -360,8 +364,15 @@ def attention_edges_of(prepared: PreparedModel, settings: GrnPathSettings,
                                      max_genes=settings.max_genes_per_cell,
                                      max_input_length=prepared.config.max_train_length, method=settings.pcorr_method,
                                      batch_size=settings.attention_batch_size, device=settings.device,
+                                     layers=settings.attention_layers, heads=settings.attention_heads,
                                      progress=_stage_reporter(progress)("attention"))
     return edge_table(moments, prepared.symbols)
+
+
+def model_training_report(prepared: PreparedModel, min_loss_margin: float | None) -> dict:
+    """:func:`scgrn_assets.lib.geneformer.training_report` of a model trained here."""
+    entropy = position_only_entropy(prepared.cells, prepared.dictionaries, prepared.config.max_train_length)
+    return training_report(prepared.trained.loss_curve, entropy, min_loss_margin)
 
 
 def attention_network(data: ExpressionData, settings: GrnPathSettings,
@@ -543,7 +554,8 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
                               seed=settings.benchmark_seed, progress=report("metrics"))
     return GrnBenchmarkResult(genes=genes, attention_edges=edges, loss_curve=prepared.trained.loss_curve, mi_edges=mi,
                               cmi_edges=cmi, baselines=baselines, predictions=predictions, metrics=metrics,
-                              settings=asdict(settings), tree_regulators=tf_list, network_edges=network)
+                              settings=asdict(settings), tree_regulators=tf_list, network_edges=network,
+                              training=model_training_report(prepared, settings.min_loss_margin))
 
 
 def chosen_networks(predictions: Mapping[str, pd.DataFrame], methods: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -642,7 +654,8 @@ def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str
              "tree_regulators": ("all genes" if result.tree_regulators is None
                                  else {"tf_list": result.settings.get("tf_list"),
                                        "n_in_genes": len(result.tree_regulators), "genes": result.tree_regulators}),
-             "final_training_loss": float(np.nanmean(result.loss_curve[-20:])) if len(result.loss_curve) else None},
+             "final_training_loss": float(np.nanmean(result.loss_curve[-20:])) if len(result.loss_curve) else None,
+             "training": result.training},
             indent=2, default=str) + "\n"),
     }
     for name, write in writers.items():
