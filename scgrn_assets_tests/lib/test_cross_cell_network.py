@@ -214,3 +214,18 @@ def test_rank_scores_of_cells_with_every_gene_need_the_constant_direction_filled
     assert abs(compositional[0, 1]) == np.abs(compositional[off_diagonal]).max()  # the real edge comes first
     # Without the fill a large common negative offset sits on every pair.
     assert np.median(plain[off_diagonal]) < np.median(compositional[off_diagonal]) - 0.05
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sparse_and_dense_accumulation_paths_agree_with_numpy(threads):
+    # 5% density takes the sparse outer-product loop; the same cells made dense take dsyrk.
+    matrix = sparse_features(300, 40, 0.05, seed=13)
+    genes = [f"g{i}" for i in range(40)]
+    sparse_path = accumulate_feature_moments(chunks_of(matrix, 64), genes, threads=threads)
+    dense_path = accumulate_feature_moments([chunk.toarray() for chunk in chunks_of(matrix, 64)], genes)
+    dense = matrix.toarray()
+    np.testing.assert_allclose(sparse_path.cross_product, dense.T @ dense, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sparse_path.cross_product, dense_path.cross_product, rtol=1e-12, atol=1e-12)
+    norm2 = (dense ** 2).sum(axis=1)
+    np.testing.assert_allclose(sparse_path.norm2_weighted_sum, norm2 @ dense, rtol=1e-12)
+    assert sparse_path.norm4_sum == pytest.approx((norm2 ** 2).sum(), rel=1e-12)
