@@ -269,7 +269,13 @@ def _read_anndata(path: Path) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray |
     library_sizes = adata.obs["n_counts"].to_numpy(dtype=np.float64) if "n_counts" in adata.obs else None
     _require_unique_genes(var.index.tolist(), path, "cells-x-genes (AnnData)")
     study = adata.obs["study"].astype(str).to_numpy() if "study" in adata.obs else None
-    return sp.csr_matrix(adata.X, dtype=np.float64), var, library_sizes, study
+    matrix = sp.csr_matrix(adata.X, dtype=np.float64)
+    # A corpus written with int64 indptr and int32 indices reads back mixed, and scipy's compiled
+    # routines (eliminate_zeros) refuse mixed index types: one type for both.
+    index_dtype = np.promote_types(matrix.indptr.dtype, matrix.indices.dtype)
+    matrix = sp.csr_matrix((matrix.data, matrix.indices.astype(index_dtype), matrix.indptr.astype(index_dtype)),
+                           shape=matrix.shape)
+    return matrix, var, library_sizes, study
 
 
 def _checked_values(matrix: sp.csr_matrix, values: str, clip_negative: bool, path: Path) -> sp.csr_matrix:
