@@ -1,8 +1,9 @@
 """`scgrn benchmark`: the GRN path on an expression matrix plus a ground-truth network given as files.
 
-The same library path the assets run (``scgrn_assets.lib.grn_pipeline``): attention stability from a
-small Geneformer-architecture model trained on the given cells, MI and CMI-pruned edges on the
-attention candidates, Pearson, Spearman, tree (GENIE3-style) and random baselines, scored by
+The same library path the assets run (``scgrn_assets.lib.grn_pipeline``): a small Geneformer-architecture
+model trained on the given cells; cross-cell partial correlations of its rank-value tokens, of its hidden
+states and of log expression; attention stability; MI and CMI-pruned edges on a chosen candidate network;
+Pearson, Spearman, tree (GENIE3-style), GRNBoost2, RegDiffusion, a gene-level null and random, scored by
 ``scgrn_assets.lib.grn_metrics`` against each truth network.
 """
 
@@ -57,12 +58,18 @@ def add_benchmark_parser(commands) -> None:
     parser.add_argument("--table", default="grn_benchmark",
                         help="view name in --duckdb (metrics; <table>_predictions for the predictions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, permutations, trees and nulls")
-    parser.add_argument("--train-steps", type=int, help="model training steps (default: the assets', 300)")
+    parser.add_argument("--train-steps", type=int, help="model training steps (default: the assets', 1000)")
     parser.add_argument("--n-permutations", type=int, help="MI/CMI permutations per test (default: the assets', 1000)")
     parser.add_argument("--n-null", type=int, help="enrichment null draws (default: the assets', 200)")
     parser.add_argument("--min-cells-per-edge", type=int, help="attention pairs seen in fewer cells are dropped "
                                                                   "(default: the assets', 20)")
     parser.add_argument("--device", help="torch device for the model (default: a GPU when visible, else CPU)")
+    parser.add_argument("--grnboost2-max-estimators", type=int,
+                        help="GRNBoost2's tree cap per target (default 5000, arboreto's; early stopping usually ends "
+                             "sooner)")
+    parser.add_argument("--regdiffusion-steps", type=int, help="RegDiffusion training epochs (default 1000, its own)")
+    parser.add_argument("--mi-candidates", help="comma-separated methods whose top-K neighbours per gene MI and CMI "
+                                                "test (default: pcorr_rank_value,pearson)")
     parser.set_defaults(func=cmd_benchmark)
 
 
@@ -112,8 +119,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                                write_benchmark_outputs)
 
     overrides = {name: getattr(args, name) for name in ("train_steps", "n_permutations", "n_null",
-                                                        "min_cells_per_edge", "device")
+                                                        "min_cells_per_edge", "device", "grnboost2_max_estimators")
                  if getattr(args, name) is not None}
+    if args.regdiffusion_steps is not None:
+        overrides["regdiffusion_n_steps"] = args.regdiffusion_steps
+    if args.mi_candidates:
+        overrides["mi_candidates"] = tuple(m.strip() for m in args.mi_candidates.split(",") if m.strip())
     settings = GrnPathSettings(**overrides, model_seed=args.seed, validation_seed=args.seed,
                                benchmark_seed=args.seed, tf_list=args.tf_list)
     bars: dict[str, tqdm] = {}
@@ -150,6 +161,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if not Path(args.out).resolve().is_relative_to(database_folder):
             print(f"note: `scgrn sql` reads only files under {database_folder}; with --out outside it, query "
                   f"these views with duckdb itself (or put --out under that folder)")
+    training = result.training
+    print(f"masked-LM loss {training['final_loss']:.3f} vs position-only entropy "
+          f"{training['position_only_entropy']:.3f} nats (margin {training['margin']:.3f})")
+    if training.get("beats_position_only") is False:
+        print(f"warning: the model did not beat the position-only loss by {training['required_margin']} nats; "
+              f"its attention and hidden-state rows read a model that learnt positions, not genes "
+              f"(train longer: --train-steps {2 * settings.train_steps})")
     print(f"\n{dataset} (universe all_pairs; EPR and AUPRC ratio: 1 = random)\n")
     print(headline_markdown(headline_table(result.metrics)))
     print(f"\nwrote {len(paths)} files under {Path(args.out)}"

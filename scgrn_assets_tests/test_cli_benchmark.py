@@ -17,7 +17,8 @@ from scgrn_assets_tests.conftest import shared_data
 
 TRUTH = [("G0", "G1", "+"), ("G0", "G2", "+"), ("G1", "G3", "-"), ("G2", "G4", "+"), ("G5", "G6", "+"),
          ("G5", "G7", "-"), ("G6", "G8", "+")]
-QUICK = ["--train-steps", "10", "--n-permutations", "20", "--n-null", "10", "--min-cells-per-edge", "5"]
+QUICK = ["--train-steps", "10", "--n-permutations", "20", "--n-null", "10", "--min-cells-per-edge", "5",
+         "--grnboost2-max-estimators", "100", "--regdiffusion-steps", "5"]
 RANKING_METRICS = ("auroc", "auprc_ap", "auprc_trapezoid", "auprc_ratio", "auprc_trapezoid_ratio",
                    "early_precision", "epr", "degree_correlation")
 
@@ -121,13 +122,18 @@ def test_the_cli_path_has_the_assets_settings():
     settings, geneformer = GrnPathSettings(), GeneformerSettings()
     validation, benchmark = ValidationSettings(), BenchmarkSettings()
     for name in ("convention", "train_steps", "train_batch_size", "max_genes_per_cell", "pcorr_method",
-                 "attention_batch_size", "min_cells_per_edge", "device"):
+                 "attention_batch_size", "min_cells_per_edge", "device", "min_loss_margin", "attention_layers",
+                 "attention_heads"):
         assert getattr(settings, name) == getattr(geneformer, name), name
     for name in ("n_bins", "n_permutations", "alpha", "min_cmi_ratio", "miller_madow"):
         assert getattr(settings, name) == getattr(validation, name), name
     assert (settings.mi_top_k, settings.validation_seed) == (validation.top_k, validation.seed)
-    for name in ("tree_max_cells", "tree_n_trees", "tree_max_features", "tf_list", "n_null", "top_k"):
+    for name in ("tree_max_cells", "tree_n_trees", "tree_max_features", "tf_list", "n_null", "top_k",
+                 "grnboost2_max_cells", "grnboost2_max_estimators", "regdiffusion_n_steps", "regdiffusion_max_cells"):
         assert getattr(settings, name) == getattr(benchmark, name), name
+    assert settings.network_features == tuple(geneformer.network_features)
+    assert settings.max_universe_genes == geneformer.max_universe_genes
+    assert settings.mi_candidates == tuple(validation.candidates)
     assert settings.benchmark_seed == benchmark.seed
 
 

@@ -9,11 +9,10 @@ from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.download import fetch_file
 from scgrn_assets.lib.expression import log_normalized
 from scgrn_assets.lib.grn_metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
-from scgrn_assets.lib.grn_pipeline import (baseline_predictions, baseline_table, network_genes, prediction_tables,
-                                           tree_regulators)
+from scgrn_assets.lib.grn_pipeline import baseline_predictions, baseline_table, prediction_tables, tree_regulators
 from scgrn_assets.lib.references import ReferenceSource, load_reference
 from scgrn_assets.lib.sql_store import register_view, write_parquet
-from scgrn_assets.assets.network import read_edges
+from scgrn_assets.assets.network import read_edges, read_gene_universe
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 
 
@@ -53,27 +52,31 @@ def reference_networks(context: dg.AssetExecutionContext, storage: ScgrnStorage,
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
 def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
-                   combined_corpus, edge_stability):
-    """Pearson, Spearman, tree-based (GENIE3-style) and random predictions on the genes of the
-    attention network, from log1p-normalised expression.
+                   combined_corpus, gene_universe):
+    """Pearson, Spearman, tree-based (GENIE3-style), GRNBoost2 and RegDiffusion predictions, a gene-level
+    null and random, on the gene universe, from log1p-normalised expression; co-expression and the
+    regressions centre each gene within its study (RegDiffusion gets the studies as cell types).
 
-    Independent of the reference networks (not an input): the tree baseline's candidate regulators
+    Independent of the reference networks (not an input): the regressions' candidate regulators
     are every gene, or ``BenchmarkSettings.tf_list`` (a TF list file such as BEELINE's
     ``mouse-tfs.csv``) when set, never the benchmark's truth."""
     corpus = read_corpus(combined_corpus)
-    genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
+    genes, _ = read_gene_universe(gene_universe)
     columns = corpus.var_names.get_indexer(genes)
     expression = log_normalized(corpus.X[:, columns], corpus.obs["n_counts"].to_numpy()).toarray()
     tf_list = tree_regulators(benchmark.tf_list, genes)
 
-    def tree_progress(done: int, total: int) -> None:
+    def progress(stage: str, done: int, total: int) -> None:
         if done % 100 == 0 or done == total:
-            context.log.info(f"tree baseline: {done}/{total} targets")
+            context.log.info(f"{stage}: {done}/{total} targets")
 
-    table = baseline_table(baseline_predictions(expression, genes, tf_list, tree_n_trees=benchmark.tree_n_trees,
-                                                tree_max_cells=benchmark.tree_max_cells,
-                                                tree_max_features=benchmark.tree_max_features, seed=benchmark.seed,
-                                                progress=tree_progress))
+    table = baseline_table(baseline_predictions(
+        expression, genes, tf_list, tree_n_trees=benchmark.tree_n_trees, tree_max_cells=benchmark.tree_max_cells,
+        tree_max_features=benchmark.tree_max_features, seed=benchmark.seed,
+        groups=corpus.obs["study"].astype(str).to_numpy(), grnboost2_max_cells=benchmark.grnboost2_max_cells,
+        grnboost2_max_estimators=benchmark.grnboost2_max_estimators,
+        regdiffusion_n_steps=benchmark.regdiffusion_n_steps, regdiffusion_max_cells=benchmark.regdiffusion_max_cells,
+        progress=progress))
     path = artefact_path(storage.layout, "baseline_edges", None)
     write_parquet(table, path)
     register_view(storage.layout.duckdb_path, "baseline_edges", path)
@@ -85,14 +88,14 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
 @dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
 def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
-                      geneformer: GeneformerSettings, edge_stability, baseline_edges, mi_edges, cmi_edges,
-                      reference_networks):
+                      geneformer: GeneformerSettings, edge_stability, network_edges, baseline_edges, mi_edges,
+                      cmi_edges, reference_networks, gene_universe):
     """AUROC, AUPRC (average precision and trapezoid), AUPRC ratio, EPR, degree correlation and
-    top-K enrichment with two nulls, for every method x reference x universe."""
+    top-K enrichment with two nulls, for every method x reference x universe, on the gene universe."""
     predictions = prediction_tables(read_edges(edge_stability, geneformer.min_cells_per_edge),
                                     pd.read_parquet(baseline_edges), pd.read_parquet(mi_edges),
-                                    pd.read_parquet(cmi_edges))
-    genes = network_genes(pd.read_parquet(edge_stability, columns=["gene_i", "gene_j"]))
+                                    pd.read_parquet(cmi_edges), network=pd.read_parquet(network_edges))
+    genes, _ = read_gene_universe(gene_universe)
     references_table = pd.read_parquet(reference_networks)
     references = {name: group.reset_index(drop=True) for name, group in references_table.groupby("reference")}
     table = benchmark_table(predictions, references, genes, top_k=benchmark.top_k, n_null=benchmark.n_null,

@@ -1,4 +1,5 @@
-"""The attention-derived gene network: tokens, a Geneformer, per-study attention moments, edges."""
+"""The model-derived gene networks: tokens, a Geneformer, per-study attention moments and attention edges,
+and the cross-cell partial-correlation networks (per-study feature moments merged across studies)."""
 
 import json
 from pathlib import Path
@@ -12,16 +13,20 @@ from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
 from scgrn_assets.lib.attention_network import attention_edge_moments, edge_table, merge_edge_moments, EdgeMoments
 from scgrn_assets.lib.corpus import read_corpus
-from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer, save_geneformer,
-                                         train_small_geneformer)
-from scgrn_assets.lib.grn_pipeline import stable_edges
+from scgrn_assets.lib.cross_cell_network import FeatureMoments
+from scgrn_assets.lib.expression import log_normalized
+from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
+                                         position_only_entropy, save_geneformer, train_small_geneformer,
+                                         training_report)
+from scgrn_assets.lib.grn_pipeline import (cross_cell_tables, model_genes, network_universe, stable_edges,
+                                           study_feature_moments, tree_regulators)
 from scgrn_assets.lib.plots import plot_histogram, plot_loss_curve
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.tokenize import (TokenizedCells, build_corpus_dictionaries, convention_named, corpus_gene_keys,
                                        load_geneformer_dictionaries, tokenize_cells)
 from scgrn_assets.partitions import study_partitions
-from scgrn_assets.resources import GeneformerSettings, ScgrnStorage
+from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 
 
 
@@ -91,13 +96,23 @@ def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, g
 
     trained: TrainedGeneformer = train_small_geneformer(cells, dictionaries, config, device=geneformer.device,
                                                         progress=progress)
-    save_geneformer(trained, folder)
     curve = trained.loss_curve
+    report = training_report(curve, position_only_entropy(cells, dictionaries, config.max_train_length),
+                             geneformer.min_loss_margin)
+    save_geneformer(trained, folder)
+    with atomic_path(folder / TRAINING_REPORT) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
     return dg.Output(folder, metadata={
-        "n_steps": len(curve), "final_loss": float(np.nanmean(curve[-20:])) if len(curve) else float("nan"),
+        "n_steps": len(curve), "final_loss": report["final_loss"],
+        "position_only_entropy": report["position_only_entropy"], "loss_margin": report["margin"],
+        "required_margin": geneformer.min_loss_margin if geneformer.min_loss_margin is not None else "none (gate off)",
         "n_parameters": sum(p.numel() for p in trained.model.parameters()),
         "loss_curve": png_metadata(plot_loss_curve(curve, "masked-LM loss (nats per masked token)")),
     })
+
+
+TRAINING_REPORT = "training_report.json"
+"""In a trained model's folder: :func:`scgrn_assets.lib.geneformer.training_report`."""
 
 
 def open_model(folder: Path, geneformer: GeneformerSettings):
@@ -124,6 +139,7 @@ def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
         loaded.model, cells.subset(selected), dictionaries, max_genes=geneformer.max_genes_per_cell,
         max_input_length=max_input_length,
         method=geneformer.pcorr_method, batch_size=geneformer.attention_batch_size, device=geneformer.device,
+        layers=geneformer.attention_layers, heads=geneformer.attention_heads,
         progress=lambda done, total: context.log.info(f"{context.partition_key}: {done}/{total} cells"))
     path = artefact_path(storage.layout, "attention_moments", context.partition_key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +169,118 @@ def edge_stability(context: dg.AssetExecutionContext, storage: ScgrnStorage, att
     })
 
 
+@dg.asset_check(asset=edge_stability, blocking=True, additional_ins={"geneformer_model": dg.AssetIn()},
+                description="Attention edges are published only from a model whose masked-LM loss beats the "
+                            "position-only entropy by GeneformerSettings.min_loss_margin nats.")
+def model_beats_position_only(geneformer_model) -> dg.AssetCheckResult:
+    report_path = Path(geneformer_model) / TRAINING_REPORT
+    if (Path(geneformer_model) / "pretrained.json").exists():
+        return dg.AssetCheckResult(passed=True, description="a pretrained checkpoint: trained elsewhere")
+    if not report_path.exists():
+        return dg.AssetCheckResult(passed=False, description=f"{report_path} is missing: re-materialise "
+                                                             "geneformer_model")
+    report = json.loads(report_path.read_text())
+    metadata = {key: report[key] for key in ("final_loss", "position_only_entropy", "margin", "n_steps")}
+    if report["beats_position_only"] is None:
+        return dg.AssetCheckResult(passed=True, metadata=metadata, description="no margin required (gate off)")
+    if report["beats_position_only"]:
+        return dg.AssetCheckResult(passed=True, metadata=metadata)
+    return dg.AssetCheckResult(passed=False, metadata=metadata, description=(
+        f"the model's masked-LM loss {report['final_loss']:.3f} is not {report['required_margin']} nats below the "
+        f"position-only entropy {report['position_only_entropy']:.3f}: it has learnt rank positions, not genes, so "
+        f"its attention edges are not published. Train longer: set the geneformer resource's train_steps above "
+        f"{report['n_steps']} (e.g. {2 * report['n_steps']}) and re-materialise geneformer_model."))
+
+
 def read_edges(path: Path, min_cells: int) -> pd.DataFrame:
     """The edge table without pairs seen in fewer than ``min_cells`` cells: with n = 2 or 3 the
     sample sd is tiny by chance and mean/sd explodes, which would put noise at the top."""
     return stable_edges(pd.read_parquet(path), min_cells)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-cell partial correlation
+# ---------------------------------------------------------------------------------------------
+
+
+@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"json"}, tags={"stage": "network"})
+def gene_universe(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
+                  benchmark: BenchmarkSettings, combined_corpus, tokenized_cells):
+    """The genes every network method is computed and scored on: those the model can pair (among some
+    cell's first ``max_genes_per_cell`` genes with another), at most ``max_universe_genes`` (TFs of
+    ``benchmark.tf_list`` first, then the most variable by log-normalised expression)."""
+    cells, dictionaries, _, symbols = load_tokenized(tokenized_cells)
+    candidates = model_genes(cells, dictionaries, symbols, geneformer.max_genes_per_cell)
+    corpus = read_corpus(combined_corpus)
+    expression = log_normalized(corpus.X[:, corpus.var_names.get_indexer(candidates)],
+                                corpus.obs["n_counts"].to_numpy())
+    transcription_factors = (tree_regulators(benchmark.tf_list, candidates) or []) if benchmark.tf_list else []
+    genes = network_universe(candidates, expression, geneformer.max_universe_genes, transcription_factors)
+    key_of = {symbol: key for key, symbol in symbols.items()}
+    path = artefact_path(storage.layout, "gene_universe", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps({"genes": genes, "keys": [key_of.get(g, g) for g in genes]}))
+    return dg.Output(path, metadata={"n_genes": len(genes), "n_model_genes": len(candidates),
+                                     "n_transcription_factors": len(transcription_factors)})
+
+
+def read_gene_universe(path: Path) -> tuple[list[str], list[str]]:
+    """(symbols, dictionary keys) of the ``gene_universe`` artefact."""
+    universe = json.loads(Path(path).read_text())
+    return universe["genes"], universe["keys"]
+
+
+@dg.asset(partitions_def=study_partitions, group_name="network", io_manager_key="artefact_io_manager",
+          kinds={"pytorch", "numpy"}, pool=GPU_POOL, op_tags=gpu_op_tags(), tags={"stage": "network"})
+def network_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
+                    combined_corpus, tokenized_cells, geneformer_model, gene_universe):
+    """Per study and per feature kind (rank-value tokens, hidden states, log expression), the mergeable
+    sums n, Σx, Σxxᵀ (plus the Ledoit–Wolf fourth-moment sums) over the gene universe."""
+    cells, dictionaries, studies, _ = load_tokenized(tokenized_cells)
+    selected = np.flatnonzero(studies == context.partition_key)
+    genes, keys = read_gene_universe(gene_universe)
+    corpus = read_corpus(combined_corpus)
+    study_cells = cells.subset(selected)
+    model = open_model(geneformer_model, geneformer).model if "hidden_state" in geneformer.network_features else None
+    max_input_length = None if geneformer.pretrained_model_dir else SmallGeneformerConfig().max_train_length
+    folder = artefact_path(storage.layout, "network_moments", context.partition_key)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        for kind in geneformer.network_features:
+            moments = study_feature_moments(
+                kind, genes, keys, cells=study_cells, dictionaries=dictionaries, model=model,
+                values=corpus.X[selected], n_counts=corpus.obs["n_counts"].to_numpy()[selected],
+                columns=corpus.var_names.get_indexer(genes), max_genes=geneformer.max_genes_per_cell,
+                max_input_length=max_input_length, batch_size=geneformer.attention_batch_size,
+                device=geneformer.device,
+                progress=lambda done, total, kind=kind: context.log.info(
+                    f"{context.partition_key} {kind}: {done}/{total} cells"))
+            moments.save_npz(tmp / f"{kind}.npz")
+    return dg.Output(folder, metadata={"n_cells": len(selected), "n_genes": len(genes),
+                                       "features": list(geneformer.network_features)})
+
+
+@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+          ins={"network_moments": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+          tags={"stage": "network"})
+def network_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
+                  network_moments: dict, gene_universe):
+    """Studies merged (each centred on its own mean) → Ledoit–Wolf shrunk covariance → partial correlations,
+    one network per feature kind (``method`` = ``pcorr_<kind>``), with a leave-one-study-out stability;
+    Parquet and DuckDB table ``network_edges``."""
+    moments_by_kind = {kind: {study: FeatureMoments.load_npz(Path(folder) / f"{kind}.npz")
+                              for study, folder in network_moments.items()}
+                       for kind in geneformer.network_features}
+    genes, keys = read_gene_universe(gene_universe)
+    table, shrinkage = cross_cell_tables(moments_by_kind, dict(zip(keys, genes)))
+    path = artefact_path(storage.layout, "network_edges", None)
+    write_parquet(table, path)
+    register_view(storage.layout.duckdb_path, "network_edges", path)
+    metadata = {"n_edges": len(table), "studies": sorted(network_moments),
+                "ledoit_wolf_shrinkage": dg.MetadataValue.json(shrinkage)}
+    for method, group in table.groupby("method"):
+        metadata[f"top_edges_{method}"] = table_preview(group, n_rows=15)
+        metadata[f"pcorr_{method}"] = png_metadata(plot_histogram(group["pcorr"].to_numpy(),
+                                                                  f"{method}: partial correlation"))
+    return dg.Output(path, metadata=metadata)

@@ -1,4 +1,4 @@
-"""Expression-based validation of the attention network: mutual information and conditional MI."""
+"""Expression-based validation of a candidate network: mutual information and conditional MI."""
 
 import dagster as dg
 import numpy as np
@@ -7,12 +7,11 @@ import pandas as pd
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.lib.corpus import read_corpus
-from scgrn_assets.lib.mutual_information import (candidate_edges, cmi_tables, discretize_expression,
-                                                 mi_edge_table)
+from scgrn_assets.lib.grn_pipeline import chosen_networks, network_predictions, union_candidates
+from scgrn_assets.lib.mutual_information import cmi_tables, discretize_expression, mi_edge_table
 from scgrn_assets.lib.plots import plot_histogram
 from scgrn_assets.lib.sql_store import register_view, write_parquet
-from scgrn_assets.assets.network import read_edges
-from scgrn_assets.resources import GeneformerSettings, ScgrnStorage, ValidationSettings
+from scgrn_assets.resources import ScgrnStorage, ValidationSettings
 
 
 def _discretized(combined_corpus, candidates: pd.DataFrame, settings: ValidationSettings):
@@ -25,10 +24,12 @@ def _discretized(combined_corpus, candidates: pd.DataFrame, settings: Validation
 @dg.asset(group_name="validation", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "validation"})
 def mi_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, validation: ValidationSettings,
-             geneformer: GeneformerSettings, combined_corpus, edge_stability):
-    """Each gene's top-K attention neighbours scored by mutual information of discretised
-    log1p-normalised expression (nats), with permutation p-values and BH q-values."""
-    candidates = candidate_edges(read_edges(edge_stability, geneformer.min_cells_per_edge), top_k=validation.top_k)
+             combined_corpus, network_edges, baseline_edges):
+    """Each gene's top-K neighbours in each candidate network (``ValidationSettings.candidates``, default
+    the rank-value partial-correlation network and Pearson, united) scored by mutual information of
+    discretised log1p-normalised expression (nats), with permutation p-values and BH q-values."""
+    networks = network_predictions(None, pd.read_parquet(baseline_edges), network=pd.read_parquet(network_edges))
+    candidates = union_candidates(chosen_networks(networks, validation.candidates), top_k=validation.top_k)
     discretized = _discretized(combined_corpus, candidates, validation)
     table = mi_edge_table(discretized, candidates, n_permutations=validation.n_permutations, alpha=validation.alpha,
                           miller_madow=validation.miller_madow, seed=validation.seed,

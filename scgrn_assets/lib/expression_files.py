@@ -77,6 +77,8 @@ class ExpressionData:
     value_kind: str
     orientation: str
     path: str
+    study: np.ndarray | None = None
+    """Shape (n_cells,), str: each cell's study (AnnData ``obs["study"]``), or None (one study)."""
 
     @property
     def gene_names(self) -> list[str]:
@@ -131,7 +133,7 @@ def read_expression(
         if orientation == "genes-x-cells":
             raise ScgrnInputError("AnnData is cells x genes by definition", file=str(path),
                                   fix="drop --orientation genes-x-cells (or pass auto / cells-x-genes)")
-        matrix, var, library_sizes = _read_anndata(path)
+        matrix, var, library_sizes, study = _read_anndata(path)
         how = "cells-x-genes (AnnData)"
     else:
         row_labels, column_labels, table = _read_delimited(path)
@@ -143,7 +145,7 @@ def read_expression(
         _require_unique_genes(genes, path, how)
         matrix = sp.csr_matrix(table)
         var = pd.DataFrame(index=pd.Index(genes, dtype=object, name="gene_symbol"))
-        library_sizes = None
+        library_sizes = study = None
     matrix = _checked_values(matrix, values, clip_negative, path)
     if values == "counts":
         n_counts = np.asarray(matrix.sum(axis=1)).ravel() if library_sizes is None else library_sizes
@@ -154,7 +156,7 @@ def read_expression(
     else:
         n_counts = np.full(matrix.shape[0], TARGET_SUM)
     return ExpressionData(values=matrix, var=var, n_counts=np.asarray(n_counts, dtype=np.float64),
-                          value_kind=values, orientation=how, path=str(path))
+                          value_kind=values, orientation=how, path=str(path), study=study)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -257,7 +259,7 @@ def _require_unique_genes(genes: list[str], path: Path, how: str) -> None:
                               fix="give every gene a name")
 
 
-def _read_anndata(path: Path) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray | None]:
+def _read_anndata(path: Path) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray | None, np.ndarray | None]:
     import anndata as ad
 
     adata = ad.read_zarr(str(path)) if path.suffix == ".zarr" else ad.read_h5ad(str(path))
@@ -266,7 +268,14 @@ def _read_anndata(path: Path) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray |
         var["ensembl_id"] = adata.var["ensembl_id"].to_numpy()
     library_sizes = adata.obs["n_counts"].to_numpy(dtype=np.float64) if "n_counts" in adata.obs else None
     _require_unique_genes(var.index.tolist(), path, "cells-x-genes (AnnData)")
-    return sp.csr_matrix(adata.X, dtype=np.float64), var, library_sizes
+    study = adata.obs["study"].astype(str).to_numpy() if "study" in adata.obs else None
+    matrix = sp.csr_matrix(adata.X, dtype=np.float64)
+    # A corpus written with int64 indptr and int32 indices reads back mixed, and scipy's compiled
+    # routines (eliminate_zeros) refuse mixed index types: one type for both.
+    index_dtype = np.promote_types(matrix.indptr.dtype, matrix.indices.dtype)
+    matrix = sp.csr_matrix((matrix.data, matrix.indices.astype(index_dtype), matrix.indptr.astype(index_dtype)),
+                           shape=matrix.shape)
+    return matrix, var, library_sizes, study
 
 
 def _checked_values(matrix: sp.csr_matrix, values: str, clip_negative: bool, path: Path) -> sp.csr_matrix:

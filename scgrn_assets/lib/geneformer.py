@@ -226,6 +226,49 @@ def train_small_geneformer(
     return TrainedGeneformer(model.cpu(), dictionaries, loss_curve)
 
 
+def position_only_entropy(cells: TokenizedCells, dictionaries: GeneformerDictionaries, max_length: int) -> float:
+    """Cross-entropy (nats per masked token) of the best predictor that knows only a token's position.
+
+    H(token | position) over the gene tokens the model trains on (each cell's first ``max_length``
+    tokens; masking picks gene tokens uniformly, so positions weigh by how many tokens they hold),
+    the plug-in estimate from these cells. A masked-LM whose loss is not clearly below it has
+    learnt the rank positions of frequent genes, not which genes go together.
+    """
+    is_gene = np.ones(dictionaries.vocab_size, dtype=bool)
+    is_gene[dictionaries.special_token_ids] = False
+    lengths = np.minimum(cells.lengths, max_length)
+    starts = cells.offsets[:-1]
+    cell_of = np.repeat(np.arange(cells.n_cells), lengths)
+    position = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    tokens = cells.token_ids[starts[cell_of] + position].astype(np.int64)
+    keep = is_gene[tokens]
+    if not keep.any():
+        return float("nan")
+    pair_key = position[keep] * dictionaries.vocab_size + tokens[keep]
+    _, pair_counts = np.unique(pair_key, return_counts=True)
+    pair_position = np.unique(pair_key) // dictionaries.vocab_size
+    position_counts = np.bincount(position[keep])
+    total = keep.sum()
+    return float(-(pair_counts / total * np.log(pair_counts / position_counts[pair_position])).sum())
+
+
+def training_report(loss_curve: np.ndarray, position_entropy: float, min_margin: float | None,
+                    window: int = 20) -> dict:
+    """Whether training got past the position-only predictor, in numbers.
+
+    Returns
+    -------
+    dict
+        ``final_loss`` (mean of the last ``window`` steps), ``position_only_entropy``, ``margin`` (their
+        difference, nats), ``required_margin`` and ``beats_position_only`` (None when no margin is required).
+    """
+    final_loss = float(np.nanmean(loss_curve[-window:])) if len(loss_curve) else float("nan")
+    margin = position_entropy - final_loss
+    return {"final_loss": final_loss, "position_only_entropy": float(position_entropy), "margin": float(margin),
+            "required_margin": min_margin, "n_steps": int(len(loss_curve)),
+            "beats_position_only": None if min_margin is None else bool(margin >= min_margin)}
+
+
 def save_geneformer(trained: TrainedGeneformer, directory: str | os.PathLike) -> Path:
     """Write model (``save_pretrained``: config.json + model.safetensors), dictionaries and loss curve.
 

@@ -414,3 +414,59 @@ def test_max_input_length_reads_only_the_top_ranked_tokens():
     assert got.index.equals(want.index)
     np.testing.assert_allclose(got["mean"], want["mean"], atol=1e-6)
     assert len(moments_frame(full)) > len(got)
+
+
+def test_chosen_layers_and_heads_equal_the_eager_weights_averaged():
+    model, cells, dictionaries = tiny_model_and_cells()
+    input_ids, attention_mask = (torch.as_tensor(array) for array in cells.padded(np.arange(cells.n_cells)))
+    positions, valid = first_gene_slots(input_ids, attention_mask, torch.as_tensor(dictionaries.special_token_ids),
+                                        max_genes=8)
+    with torch.no_grad():
+        eager = model.bert(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+        every = last_layer_attention_block(model, input_ids, attention_mask, positions, layers=[0, 1])
+        some = last_layer_attention_block(model, input_ids, attention_mask, positions, layers=[0], heads=[1, 3])
+    expected_every = (eager[0].sum(dim=1) + eager[1].sum(dim=1)) / 2
+    expected_some = eager[0][:, [1, 3]].sum(dim=1)
+    for cell in range(cells.n_cells):
+        kept = positions[cell][valid[cell]]
+        n_kept = len(kept)
+        torch.testing.assert_close(every[cell, :n_kept, :n_kept], expected_every[cell][kept][:, kept],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(some[cell, :n_kept, :n_kept], expected_some[cell][kept][:, kept],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ScgrnInputError, match="layers"):
+        last_layer_attention_block(model, input_ids, attention_mask, positions, layers=[5])
+    with pytest.raises(ScgrnInputError, match="heads"):
+        last_layer_attention_block(model, input_ids, attention_mask, positions, heads=[4])
+
+
+def test_within_cell_standardised_pcorr_matches_numpy_and_its_spread_does_not_depend_on_cell_length():
+    from scgrn_assets.lib.attention_network import standardized_within_cell
+
+    # Against a per-cell numpy computation, with invalid slots.
+    blocks = torch.as_tensor(random_blocks(3, 7, seed=12))
+    valid = torch.ones((3, 7), dtype=torch.bool)
+    valid[1, 5:] = False
+    z = partial_correlation(blocks, valid, method="cosine_shrunk_pinv_cell_z", shrinkage=SHRINKAGE).numpy()
+    for cell in range(3):
+        n = int(valid[cell].sum())
+        raw = numpy_pcorr(blocks[cell, :n, :n].numpy(), shrinkage=SHRINKAGE)
+        off = ~np.eye(n, dtype=bool)
+        expected = (raw - raw[off].mean()) / raw[off].std(ddof=1)
+        np.testing.assert_allclose(z[cell, :n, :n][off], expected[off], rtol=1e-9, atol=1e-10)
+        assert (z[cell, n:, :] == 0).all() and (np.diag(z[cell])[:n] == 1).all()
+    assert (standardized_within_cell(torch.zeros((1, 3, 3)), torch.ones((1, 3), dtype=torch.bool))[0, 0, 1] == 0)
+
+    # Raw per-cell pcorr spreads less in longer cells; the standardised statistic does not.
+    spreads_raw, spreads_z = {}, {}
+    for length in (20, 80):
+        blocks = torch.as_tensor(random_blocks(30, length, seed=length))
+        full_valid = torch.ones((30, length), dtype=torch.bool)
+        raw = partial_correlation(blocks, full_valid, shrinkage=SHRINKAGE).numpy()
+        standardised = partial_correlation(blocks, full_valid, method="cosine_shrunk_pinv_cell_z",
+                                           shrinkage=SHRINKAGE).numpy()
+        off = ~np.eye(length, dtype=bool)
+        spreads_raw[length] = np.median([cell[off].std() for cell in raw])
+        spreads_z[length] = np.median([cell[off].std() for cell in standardised])
+    assert spreads_raw[20] > 1.5 * spreads_raw[80]
+    assert spreads_z[20] == pytest.approx(spreads_z[80], rel=0.05)

@@ -102,3 +102,82 @@ def test_random_baseline_is_seeded_and_tf_rooted():
 def test_expression_shape_must_match_gene_names():
     with pytest.raises(ScgrnInputError, match="expected"):
         pearson_edges(np.zeros((5, 3)), ["a", "b"])
+
+
+# --- within-study baselines, GRNBoost2, RegDiffusion, the gene-level null -------------------------------------
+
+from scgrn_assets.lib.baselines import (gene_level_null_edges, grnboost2_edges, regdiffusion_edges,  # noqa: E402
+                                        within_group_centred)
+
+
+def study_shifted_expression(seed: int = 11):
+    """Two studies whose genes 0 and 1 differ in level between studies but are independent within each."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(300, 5))
+    study = np.repeat(["plate", "droplet"], 150)
+    values[study == "plate", :2] += 3.0  # a study effect shared by genes 0 and 1: pooled, they correlate
+    values[:, 4] += values[:, 2]  # a real dependency inside every study
+    return values, [f"g{i}" for i in range(5)], study
+
+
+def test_within_study_pearson_and_spearman_remove_a_shared_study_shift():
+    values, names, study = study_shifted_expression()
+    pooled = pair_scores(pearson_edges(values, names))
+    within = pair_scores(pearson_edges(values, names, groups=study))
+    centred = np.vstack([values[study == s] - values[study == s].mean(axis=0) for s in ("plate", "droplet")])
+    order = np.r_[np.flatnonzero(study == "plate"), np.flatnonzero(study == "droplet")]
+    assert np.allclose(within_group_centred(values, study)[order], centred)
+    expected = np.corrcoef(centred.T)
+    for (source, target), value in within.items():
+        assert value == pytest.approx(expected[names.index(source), names.index(target)], abs=1e-12)
+    assert abs(pooled[("g0", "g1")]) > 0.5 and abs(within[("g0", "g1")]) < 0.2
+    spearman = pair_scores(spearman_edges(values, names, groups=study))
+    assert abs(spearman[("g0", "g1")]) < 0.2 and spearman[("g2", "g4")] > 0.5
+    # One group: exactly the plain Spearman.
+    one = pair_scores(spearman_edges(values, names, groups=np.zeros(300)))
+    for pair, value in pair_scores(spearman_edges(values, names)).items():
+        assert one[pair] == pytest.approx(value, abs=1e-12)
+
+
+def test_grnboost2_finds_the_regulator_and_equals_a_direct_sklearn_fit(expression_with_ties):
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    counts, names = expression_with_ties
+    predictions = grnboost2_edges(counts, names, max_estimators=300, seed=2)
+    assert predictions.attrs["directed"] and len(predictions) == 8 * 7
+    of_gene3 = predictions[predictions["target"] == "gene3"].sort_values("score", ascending=False)
+    assert of_gene3["source"].iloc[0] == "gene0"
+    # Independent computation for that target: the same booster fitted directly.
+    standardised = (counts - counts.mean(axis=0)) / counts.std(axis=0)
+    regulators = [i for i in range(8) if i != 3]
+    booster = GradientBoostingRegressor(learning_rate=0.01, n_estimators=300, max_features=0.1, subsample=0.9,
+                                        random_state=2 + 3)
+    stopped = []
+
+    def monitor(i, regressor, _):
+        stop = i >= 25 and np.mean(regressor.oob_improvement_[i - 24: i + 1]) < 0
+        stopped.append(stop)
+        return stop
+
+    booster.fit(standardised[:, regulators], standardised[:, 3], monitor=monitor)
+    expected = dict(zip(np.asarray(names)[regulators], booster.feature_importances_ * len(booster.estimators_)))
+    for source, score in zip(of_gene3["source"], of_gene3["score"]):
+        assert score == pytest.approx(expected[source], rel=1e-9)
+
+
+def test_regdiffusion_scores_every_ordered_pair_reproducibly(expression_with_ties):
+    counts, names = expression_with_ties
+    first = regdiffusion_edges(np.log1p(counts), names, n_steps=3, max_cells=150, seed=1)
+    second = regdiffusion_edges(np.log1p(counts), names, n_steps=3, max_cells=150, seed=1)
+    assert first.attrs["directed"] and len(first) == 8 * 7
+    assert (first["source"] != first["target"]).all() and np.isfinite(first["score"]).all()
+    assert first["score"].to_numpy() == pytest.approx(second["score"].to_numpy())
+
+
+def test_gene_level_null_is_the_product_of_the_two_standard_deviations(expression_with_ties):
+    counts, names = expression_with_ties
+    null = gene_level_null_edges(counts, names)
+    sd = counts.std(axis=0)
+    assert len(null) == 28 and not null.attrs["directed"]
+    for source, target, score in zip(null["source"], null["target"], null["score"]):
+        assert score == pytest.approx(sd[names.index(source)] * sd[names.index(target)])

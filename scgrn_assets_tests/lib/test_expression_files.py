@@ -113,3 +113,20 @@ def test_shared_simulations_read_in_their_own_orientation():
     gsd = shared_data("reference", "beeline_example_gsd")
     truth = load_ground_truth(gsd / "GroundTruthNetwork.csv")
     assert len(truth) == 79 and (truth["source"] != truth["target"]).sum() == 76  # SOURCE.md
+
+
+def test_anndata_with_mixed_index_types_reads_with_its_studies(tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    counts = sp.random(30, 6, density=0.5, format="csr", random_state=0)
+    counts.data = np.ceil(counts.data * 5)
+    # How the combined corpus reads back: int64 indptr, int32 indices (scipy's eliminate_zeros refused it).
+    counts.indptr = counts.indptr.astype(np.int64)
+    counts.indices = counts.indices.astype(np.int32)
+    obs = pd.DataFrame({"study": ["A"] * 15 + ["B"] * 15, "n_counts": np.asarray(counts.sum(axis=1)).ravel() + 1},
+                       index=[f"c{i}" for i in range(30)])
+    ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(6)])).write_zarr(tmp_path / "x.zarr")
+    data = read_expression(tmp_path / "x.zarr", values="counts")
+    assert data.study.tolist() == obs["study"].tolist()
+    np.testing.assert_array_equal(data.values.toarray(), counts.toarray())

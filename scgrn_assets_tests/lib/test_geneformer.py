@@ -132,3 +132,31 @@ def test_training_needs_cells():
     empty = TokenizedCells(np.zeros(0, np.int32), np.zeros(1, np.int64), V2)
     with pytest.raises(ScgrnInputError, match="no tokenized cells"):
         train_small_geneformer(empty, dictionaries, TINY)
+
+
+def test_position_only_entropy_equals_a_per_position_scipy_entropy():
+    import scipy.stats
+
+    from scgrn_assets.lib.geneformer import position_only_entropy, training_report
+    from scgrn_assets.lib.tokenize import V2, GeneformerDictionaries, TokenizedCells
+
+    rng = np.random.default_rng(4)
+    dictionaries = GeneformerDictionaries(token_dictionary={"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                            **{f"G{i}": 4 + i for i in range(12)}},
+                                          gene_median={f"G{i}": 1.0 for i in range(12)}, convention=V2)
+    cells = [np.r_[2, 4 + rng.choice(12, size=n, replace=False), 3] for n in rng.integers(1, 10, size=40)]
+    tokenized = TokenizedCells(np.concatenate(cells).astype(np.int32), np.r_[0, np.cumsum([len(c) for c in cells])],
+                               V2)
+    max_length = 6
+    by_position: dict[int, list[int]] = {}
+    for cell in cells:
+        for position, token in enumerate(cell[:max_length]):
+            if token >= 4:
+                by_position.setdefault(position, []).append(token)
+    total = sum(len(tokens) for tokens in by_position.values())
+    expected = sum(len(tokens) / total * scipy.stats.entropy(np.unique(tokens, return_counts=True)[1])
+                   for tokens in by_position.values())
+    assert position_only_entropy(tokenized, dictionaries, max_length) == pytest.approx(expected, rel=1e-12)
+    report = training_report(np.r_[np.full(30, 9.0), np.full(20, expected - 0.5)], expected, min_margin=0.25)
+    assert report["margin"] == pytest.approx(0.5) and report["beats_position_only"] is True
+    assert training_report(np.full(20, expected), expected, min_margin=0.25)["beats_position_only"] is False
