@@ -10,6 +10,8 @@ padded zero from an observed one.
 
 from __future__ import annotations
 
+import warnings
+
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -315,7 +317,13 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
 
     var = _corpus_var(genes, frames, gene_annotation)
     var["n_cells_detected"] = detected[keep_genes]
-    obs = pd.concat([frames[s][0].iloc[keep_rows[s]] for s in study_files], axis=0)
+    # Studies that lost every cell to QC add no rows. A study whose metadata column is all NA (no
+    # condition rule) is still concatenated: pandas' notice about its dtype says nothing to act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The behavior of DataFrame concatenation with empty or all-NA",
+                                category=FutureWarning)
+        obs = pd.concat([frames[s][0].iloc[keep_rows[s]] for s in study_files if len(keep_rows[s])] or
+                        [frames[s][0].iloc[:0] for s in study_files][:1], axis=0)
     obs = _corpus_obs(obs)
     uns = {"qc": {**asdict(qc), "cells_removed": removed_cells,
                   "genes_removed": union[~keep_genes].tolist()},
@@ -532,7 +540,7 @@ def _corpus_var(genes: pd.Index, frames: dict[str, tuple[pd.DataFrame, pd.DataFr
         annotation = gene_annotation.reindex(var.index)
         length = annotation["gene_length_bp"].astype(float)
         if "ensembl_id" in annotation:
-            ensembl = ensembl.fillna(annotation["ensembl_id"].astype(object))
+            ensembl = ensembl.where(ensembl.notna(), annotation["ensembl_id"].astype(object))
     var["ensembl_id"] = pd.Categorical(ensembl)
     var["gene_length_bp"] = length.to_numpy()
     return var

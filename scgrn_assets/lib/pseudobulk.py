@@ -18,8 +18,8 @@ from scgrn_assets.lib.errors import ScgrnInputError
 
 #: Fewest animals per condition a study needs to inform the condition effect.
 MIN_ANIMALS_PER_ARM = 2
-#: Below this median of cells per animal, "animals" are probably single cells (one GSM per cell).
-MIN_MEDIAN_CELLS_PER_ANIMAL = 5
+#: Below this median of cells per animal, "animals" are single cells (one GSM per cell).
+MIN_MEDIAN_CELLS_PER_ANIMAL = 2
 
 
 @dataclass

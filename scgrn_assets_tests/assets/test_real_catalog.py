@@ -124,3 +124,33 @@ def test_real_catalog_refuses_a_file_changed_after_its_pin(http_server, tmp_path
     assert "real.lock.yaml" in message and "delete the entry" in message
     assert not raw_file.exists() and not raw_file.with_name(raw_file.name + ".part").exists()
     assert catalog.lock_path.read_text() == pinned
+
+
+@pytest.mark.slow
+def test_real_catalog_runs_through_the_condition_effects_with_scgrn_materialize(http_server, tmp_path,
+                                                                                real_catalog_copy):
+    """The shipped real.yaml has no gene annotation: the command a user runs must still reach the answer."""
+    import yaml
+
+    full = load_catalog(real_catalog_copy)
+    serve_miniature_geo(http_server, write_miniature_geo(full))
+    mirror = mirror_rules(http_server.base_url, full)
+    # As the README advises, a copy without the two SuperSeries (their cells repeat their subseries'), and
+    # with no QC: any QC would empty a corpus of miniature cells (the thresholds are not under test here).
+    raw = yaml.safe_load(real_catalog_copy.read_text())
+    raw["studies"] = [s for s in raw["studies"] if s["accession"] not in ("GSE98971", "GSE123030")]
+    raw["qc"] = {"min_counts_per_cell": 1, "min_genes_per_cell": 1, "min_cells_per_gene": 1}
+    real_catalog_copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    home = tmp_path / "home"
+    env = {**os.environ, "SCGRN_HOME": str(home), "SCGRN_CATALOG": str(real_catalog_copy),
+           "SCGRN_URL_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, "-m", "scgrn_assets.cli", "materialize", "--quick", "--select",
+                                "group:ingest or group:corpus or group:nb_model"], env=env, capture_output=True,
+                               text=True, timeout=900)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
+    import pandas as pd
+
+    effects = pd.read_parquet(home / "assets" / "condition_effects" / "condition_effects.parquet")
+    assert len(effects) > 0 and effects["log2fc_sd"].gt(0).all()
+    # GSE98969 holds 2 AD and 2 control mice: the one contrast study.
+    assert set(effects["n_samples_case"]) == {2} and set(effects["n_samples_control"]) == {2}
