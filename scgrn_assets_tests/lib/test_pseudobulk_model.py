@@ -48,12 +48,16 @@ def test_gene_log_posterior_equals_scipy():
 @pytest.mark.slow
 def test_importance_sampling_posterior_matches_nuts():
     """The same model in PyMC, sampled with NUTS (numpyro), gives the same beta1 posterior per gene."""
+    import jax
     import pymc as pm
+    import pytensor
 
     pseudobulk, _, _ = _pseudobulk(DesignConfig(n_genes=40, n_animals_per_arm=3, tau=0.3, seed=3,
                                                 cells_per_animal=(100, 200)))
     posterior = fit_pseudobulk_model(pseudobulk, PosteriorConfig(n_draws=1000, n_proposals=4000))
-    with build_pseudobulk_model(pseudobulk, posterior.dispersion_trend):
+    # float64 whatever another test in this process left set: summed counts overflow float32's lgamma.
+    with jax.enable_x64(True), pytensor.config.change_flags(floatX="float64"), \
+            build_pseudobulk_model(pseudobulk, posterior.dispersion_trend):
         nuts = pm.sample(draws=1000, tune=1000, chains=2, nuts_sampler="numpyro", random_seed=1, progressbar=False)
     nuts_beta1 = nuts.posterior["beta1"].values.reshape(-1, pseudobulk.n_genes)
     ours = posterior.idata.posterior["beta1"].values.reshape(-1, pseudobulk.n_genes)
