@@ -35,6 +35,9 @@ scale the caller chose (log-normalised counts are typical).
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -356,7 +359,9 @@ def regdiffusion_edges(expression, gene_names: Sequence[str], *, n_steps: int = 
     trainer = regdiffusion.RegDiffusionTrainer(matrix[:, varying].astype(np.float32), cell_types=cell_types,
                                                n_steps=n_steps, batch_size=min(128, len(matrix)), device="cpu",
                                                seed=seed)
-    trainer.train()
+    # RegDiffusion draws its own per-step progress bar on stderr; the caller reports progress instead.
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer.train()
     adjacency = np.zeros((len(gene_names), len(gene_names)))
     adjacency[np.ix_(varying, varying)] = np.abs(np.asarray(trainer.get_adj(), dtype=np.float64))
     names = np.asarray(gene_names, dtype=object)
