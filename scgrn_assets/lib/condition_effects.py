@@ -191,10 +191,11 @@ def replicated_pseudobulk_from_cells(idata, pseudobulk: Pseudobulk, cell_library
     cell_library_size, cell_sample : np.ndarray, shape (n_cells,)
         Library sizes of the fitted cells and the pseudobulk row each belongs to.
     """
-    def stacked(name):
-        values = np.asarray(idata.posterior[name].values, dtype=np.float64)
-        return values.reshape((-1, *values.shape[2:]))
+    from functools import partial
 
+    from scgrn_assets.lib.pseudobulk_model import stacked_draws
+
+    stacked = partial(stacked_draws, idata)
     beta0, beta1, phi = stacked("beta0"), stacked("beta1"), stacked("phi")
     study_effect, gamma = stacked("b"), stacked("gamma")
     studies = [str(s) for s in idata.posterior["study"].values]

@@ -529,9 +529,10 @@ def nb_log_likelihood(data: NBData, beta0, beta1, study_effect, gamma, phi) -> f
 
 
 def _stacked_draws(idata, name: str) -> np.ndarray:
-    """Posterior draws of one variable with chain and draw merged: shape (n_draws, *variable_shape)."""
-    values = np.asarray(idata.posterior[name].values, dtype=np.float64)
-    return values.reshape((-1, *values.shape[2:]))
+    """Posterior draws of one variable with chain and draw merged (one implementation, in pseudobulk_model)."""
+    from scgrn_assets.lib.pseudobulk_model import stacked_draws
+
+    return stacked_draws(idata, name)
 
 
 def highest_density_interval(draws: np.ndarray, probability: float = 0.94) -> tuple[np.ndarray, np.ndarray]:
