@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def simulate(out: Path, n_cells: int, n_genes: int) -> Path:
-    from scgrn_assets.lib.demo_geo import demo_catalog, write_catalog_yaml, write_demo_geo
-    from scgrn_assets.lib.simulate import DemoConfig
+    from scgrn_assets.lib.demo.geo_layouts import demo_catalog, write_catalog_yaml, write_demo_geo
+    from scgrn_assets.lib.demo.simulator import DemoConfig
 
     config = DemoConfig.scaled(n_cells=n_cells, n_genes=n_genes)
     _, written = write_demo_geo(out / "demo_geo", config)
@@ -42,7 +42,7 @@ def simulate(out: Path, n_cells: int, n_genes: int) -> Path:
 
 
 def count_files(catalog_path: Path, home: Path) -> list[Path]:
-    from scgrn_assets.lib.catalog import load_catalog
+    from scgrn_assets.lib.ingest.catalog import load_catalog
 
     catalog = load_catalog(catalog_path, variables={"SCGRN_HOME": str(home)})
     return [home / "demo_geo" / s.accession / f.name for s in catalog.studies for f in s.files_with_role("counts")]
@@ -79,9 +79,9 @@ def ours_once(catalog: Path, home: Path) -> dict:
 
 def ours_child(catalog_path: str, home: str) -> None:
     """Runs in a fresh process so its peak RSS is the ingest's alone."""
-    from scgrn_assets.lib.catalog import load_catalog
-    from scgrn_assets.lib.corpus import combine_studies
-    from scgrn_assets.lib.study_anndata import write_study_h5ad
+    from scgrn_assets.lib.ingest.catalog import load_catalog
+    from scgrn_assets.lib.corpus.build import combine_studies
+    from scgrn_assets.lib.ingest.study_anndata import write_study_h5ad
 
     home_path = Path(home)
     catalog = load_catalog(catalog_path, variables={"SCGRN_HOME": home})

@@ -1,7 +1,7 @@
 """Benchmark: MI + CMI edge tables, ours vs per-edge Python loops with np.histogram2d.
 
 Both run in the same process on the same discretised codes of a corpus drawn by the demo
-simulator (``scgrn_assets.lib.simulate``): by default the demo's own size (6,000 cells x
+simulator (``scgrn_assets.lib.demo.simulator``): by default the demo's own size (6,000 cells x
 600 genes), with ``--full`` 186,000 cells x 3,000 genes. The candidate set is every gene's
 top-15 neighbours; as a stand-in for the attention ``edge_stability`` table (which needs
 a trained model) the stability of a pair is the Pearson correlation of log1p-normalised
@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgrn_assets.lib import mutual_information as mi_lib
-from scgrn_assets.lib.simulate import DemoConfig, simulate_sample_counts, simulate_truth
+from scgrn_assets.lib.validation import mutual_information as mi_lib
+from scgrn_assets.lib.demo.simulator import DemoConfig, simulate_sample_counts, simulate_truth
 
 FULL_CELLS = 186_000
 FULL_GENES = 3_000

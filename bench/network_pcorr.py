@@ -1,6 +1,6 @@
 """Cells/s of the cross-cell moment accumulation: ours vs a dense numpy covariance, same cells, same run.
 
-Ours is the production step (:class:`scgrn_assets.lib.cross_cell_network.FeatureMomentAccumulator`):
+Ours is the production step (:class:`scgrn_assets.lib.network.cross_cell.FeatureMomentAccumulator`):
 sparse per-cell rank-value features (256 genes per cell out of the universe), each chunk made dense
 and added to Σxxᵀ by BLAS ``dsyrk``, plus the sums Ledoit–Wolf needs. The baseline is what one would
 write without it: the cells' features as one dense float64 matrix and ``numpy.cov`` (centring copy and
@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from scgrn_assets.lib.cross_cell_network import (FeatureMoments, accumulate_feature_moments, rank_value_features)
+from scgrn_assets.lib.network.cross_cell import (FeatureMoments, accumulate_feature_moments, rank_value_features)
 
 GOAL = 5
 

@@ -2,7 +2,7 @@
 
 Runs, in this process, with pytest:
 
-* download faults against a real HTTP server on 127.0.0.1 (``scgrn_assets_tests/lib/test_download.py``:
+* download faults against a real HTTP server on 127.0.0.1 (``scgrn_assets_tests/lib/ingest/test_download.py``:
   dropped connections, 5xx then success, wrong Content-Length, slow server, redirect loop, ...);
 * hostile archives and catalogs (``test_archive.py``, ``test_catalog.py``);
 * the reader suites' hostile cases (``test_readers.py``, ``test_mtx_text.py``: well/plate quirks,
@@ -38,12 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FAULT_SUITES = ["scgrn_assets_tests/lib/test_download.py"]
-HOSTILE_SUITES = ["scgrn_assets_tests/lib/test_archive.py", "scgrn_assets_tests/lib/test_catalog.py"]
+FAULT_SUITES = ["scgrn_assets_tests/lib/ingest/test_download.py"]
+HOSTILE_SUITES = ["scgrn_assets_tests/lib/ingest/test_archive.py", "scgrn_assets_tests/lib/ingest/test_catalog.py"]
 RELIABILITY_SUITE = "scgrn_assets_tests/reliability"
 # Reader suites whose hostile cases (issue #15: well/plate quirks, quoted names, BOM, NUL, CR-only
 # files, gene id types, MTX headers) record themselves in the ledger; their other tests are not counted.
-LEDGER_SUITES = ["scgrn_assets_tests/lib/test_readers.py", "scgrn_assets_tests/lib/test_mtx_text.py"]
+LEDGER_SUITES = ["scgrn_assets_tests/lib/ingest/test_readers.py", "scgrn_assets_tests/lib/ingest/test_mtx_text.py"]
 
 
 class Tally:

@@ -77,9 +77,9 @@ def release_runs_of_killed_cli_processes(instance) -> int:
 
 def ensure_demo_data(layout: StorageLayout, catalog, *, echo=print) -> None:
     """Simulate the demo's GEO files unless every file the catalog names is present and intact."""
-    from scgrn_assets.lib.demo_geo import write_demo_geo
-    from scgrn_assets.lib.download import sha256_of
-    from scgrn_assets.lib.simulate import DemoConfig
+    from scgrn_assets.lib.demo.geo_layouts import write_demo_geo
+    from scgrn_assets.lib.ingest.download import sha256_of
+    from scgrn_assets.lib.demo.simulator import DemoConfig
 
     files = [(layout.demo_data / s.accession / f.name, f.sha256) for s in catalog.studies for f in s.files]
     if catalog.gene_annotation is not None:
@@ -274,8 +274,8 @@ def _materialise_and_report(layout: StorageLayout, quick: bool, selection: str |
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from scgrn_assets.lib.demo_geo import demo_catalog, write_catalog_yaml, write_demo_geo
-    from scgrn_assets.lib.simulate import DemoConfig
+    from scgrn_assets.lib.demo.geo_layouts import demo_catalog, write_catalog_yaml, write_demo_geo
+    from scgrn_assets.lib.demo.simulator import DemoConfig
 
     config = DemoConfig(seed=args.seed) if args.n_cells is None else \
         DemoConfig.scaled(n_cells=args.n_cells, n_genes=args.n_genes, seed=args.seed)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from scgrn_assets.lib.catalog import Catalog, load_catalog
-from scgrn_assets.lib.download import DownloadPolicy, parse_url_mirrors
+from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
+from scgrn_assets.lib.ingest.download import DownloadPolicy, parse_url_mirrors
 from scgrn_assets.lib.storage import StorageLayout
 
 

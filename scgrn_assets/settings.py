@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from scgrn_assets.lib.catalog import Catalog, load_catalog
+from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
 from scgrn_assets.lib.storage import StorageLayout, scgrn_home
 
 DEFAULT_CATALOG = "demo"

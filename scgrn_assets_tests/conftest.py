@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from scgrn_assets.lib.catalog import Catalog, load_catalog
-from scgrn_assets.lib.demo_geo import WrittenFile, demo_catalog, write_catalog_yaml, write_demo_geo
-from scgrn_assets.lib.simulate import DemoConfig, DemoTruth
+from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
+from scgrn_assets.lib.demo.geo_layouts import WrittenFile, demo_catalog, write_catalog_yaml, write_demo_geo
+from scgrn_assets.lib.demo.simulator import DemoConfig, DemoTruth
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from scgrn_assets.lib.catalog import Catalog
+from scgrn_assets.lib.ingest.catalog import Catalog
 from scgrn_assets_tests.archives import tar_bytes
 
 # Mouse genes (symbol, NCBI GeneID) the miniature studies draw from.

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from scgrn_assets.lib.catalog import builtin_catalog_path
+from scgrn_assets.lib.ingest.catalog import builtin_catalog_path
 
 
 def run_scgrn(*args: str, home: Path, catalog: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

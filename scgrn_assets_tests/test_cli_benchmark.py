@@ -10,9 +10,9 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from scgrn_assets.cli import main
-from scgrn_assets.lib.grn_metrics import evaluation_pairs, ranking_metrics
-from scgrn_assets.lib.grn_pipeline import METHOD_LABELS, predictions_from_long
-from scgrn_assets.lib.references import load_ground_truth
+from scgrn_assets.lib.benchmark.metrics import evaluation_pairs, ranking_metrics
+from scgrn_assets.lib.benchmark.pipeline import METHOD_LABELS, predictions_from_long
+from scgrn_assets.lib.benchmark.references import load_ground_truth
 from scgrn_assets_tests.conftest import shared_data
 
 TRUTH = [("G0", "G1", "+"), ("G0", "G2", "+"), ("G1", "G3", "-"), ("G2", "G4", "+"), ("G5", "G6", "+"),
@@ -116,7 +116,7 @@ def test_benchmark_is_reproducible_for_a_seed(small_benchmark_files, tmp_path):
 
 
 def test_the_cli_path_has_the_assets_settings():
-    from scgrn_assets.lib.grn_pipeline import GrnPathSettings
+    from scgrn_assets.lib.benchmark.pipeline import GrnPathSettings
     from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ValidationSettings
 
     settings, geneformer = GrnPathSettings(), GeneformerSettings()
@@ -285,7 +285,7 @@ def test_tree_regulators_come_from_a_tf_list_file_never_from_a_reference():
     import inspect
 
     from scgrn_assets.lib.errors import ScgrnInputError
-    from scgrn_assets.lib.grn_pipeline import tree_regulators
+    from scgrn_assets.lib.benchmark.pipeline import tree_regulators
 
     assert "reference" not in inspect.signature(tree_regulators).parameters
     genes = ["Sox2", "Pou5f1", "Actb", "Gapdh", "Nanog"]

@@ -5,12 +5,12 @@ import pandas as pd
 
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.corpus import read_corpus
-from scgrn_assets.lib.download import fetch_file
-from scgrn_assets.lib.expression import log_normalized
-from scgrn_assets.lib.grn_metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
-from scgrn_assets.lib.grn_pipeline import baseline_predictions, baseline_table, prediction_tables, tree_regulators
-from scgrn_assets.lib.references import ReferenceSource, load_reference
+from scgrn_assets.lib.corpus.build import read_corpus
+from scgrn_assets.lib.ingest.download import fetch_file
+from scgrn_assets.lib.benchmark.expression import log_normalized
+from scgrn_assets.lib.benchmark.metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
+from scgrn_assets.lib.benchmark.pipeline import baseline_predictions, baseline_table, prediction_tables, tree_regulators
+from scgrn_assets.lib.benchmark.references import ReferenceSource, load_reference
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.assets.network import read_edges, read_gene_universe
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage

@@ -9,11 +9,11 @@ from anndata.io import read_elem, sparse_dataset
 
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.corpus import QCThresholds, combine_studies, measured_column, study_gene_names
-from scgrn_assets.lib.checksum_lock import ChecksumLock, fetch_pinned
-from scgrn_assets.lib.gene_annotation import empty_gene_annotation, read_gene_annotation
-from scgrn_assets.lib.plots import plot_cells_by_condition, plot_library_sizes
-from scgrn_assets.lib.qc_checks import cells_repeated_across_studies, row_fingerprints, scan_counts
+from scgrn_assets.lib.corpus.build import QCThresholds, combine_studies, measured_column, study_gene_names
+from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock, fetch_pinned
+from scgrn_assets.lib.ingest.gene_annotation import empty_gene_annotation, read_gene_annotation
+from scgrn_assets.lib.plotting import plot_cells_by_condition, plot_library_sizes
+from scgrn_assets.lib.corpus.qc_checks import cells_repeated_across_studies, row_fingerprints, scan_counts
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 

@@ -11,19 +11,19 @@ import pandas as pd
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.attention_network import attention_edge_moments, edge_table, merge_edge_moments, EdgeMoments
-from scgrn_assets.lib.corpus import read_corpus
-from scgrn_assets.lib.cross_cell_network import FeatureMoments
-from scgrn_assets.lib.expression import log_normalized
-from scgrn_assets.lib.geneformer import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
+from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table, merge_edge_moments, EdgeMoments
+from scgrn_assets.lib.corpus.build import read_corpus
+from scgrn_assets.lib.network.cross_cell import FeatureMoments
+from scgrn_assets.lib.benchmark.expression import log_normalized
+from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
                                          position_only_entropy, save_geneformer, train_small_geneformer,
                                          training_report)
-from scgrn_assets.lib.grn_pipeline import (cross_cell_tables, model_genes, network_universe, stable_edges,
+from scgrn_assets.lib.benchmark.pipeline import (cross_cell_tables, model_genes, network_universe, stable_edges,
                                            study_feature_moments, tree_regulators)
-from scgrn_assets.lib.plots import plot_histogram, plot_loss_curve
+from scgrn_assets.lib.plotting import plot_histogram, plot_loss_curve
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.tokenize import (TokenizedCells, build_corpus_dictionaries, convention_named, corpus_gene_keys,
+from scgrn_assets.lib.network.tokens import (TokenizedCells, build_corpus_dictionaries, convention_named, corpus_gene_keys,
                                        load_geneformer_dictionaries, tokenize_cells)
 from scgrn_assets.partitions import study_partitions
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
@@ -112,7 +112,7 @@ def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, g
 
 
 TRAINING_REPORT = "training_report.json"
-"""In a trained model's folder: :func:`scgrn_assets.lib.geneformer.training_report`."""
+"""In a trained model's folder: :func:`scgrn_assets.lib.network.model.training_report`."""
 
 
 def open_model(folder: Path, geneformer: GeneformerSettings):

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from scgrn_assets import definitions
-from scgrn_assets.lib.catalog import builtin_catalog_path
-from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.ingest.catalog import builtin_catalog_path
+from scgrn_assets.lib.corpus.build import read_corpus
 from scgrn_assets_tests.archives import tar_bytes
 
 def materialise(home: Path, catalog: str, instance, *, partition: str | None = None, selection=None):

@@ -21,9 +21,9 @@ from pathlib import Path
 import anndata as ad
 import pytest
 
-from scgrn_assets.lib.catalog import builtin_catalog_path, load_catalog
-from scgrn_assets.lib.checksum_lock import ChecksumLock
-from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.ingest.catalog import builtin_catalog_path, load_catalog
+from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock
+from scgrn_assets.lib.corpus.build import read_corpus
 from scgrn_assets_tests.archives import tar_bytes
 from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
 from scgrn_assets_tests.real_geo_miniature import (BAD_MARS_SEQ_SAMPLE, mirror_rules, serve_miniature_geo,

@@ -180,7 +180,7 @@ def _read_h5ad(path: Path) -> str:
 
 
 def _read_zarr(path: Path) -> str:
-    from scgrn_assets.lib.corpus import read_corpus
+    from scgrn_assets.lib.corpus.build import read_corpus
 
     adata = read_corpus(path)
     return _digest(_anndata_digest(adata), repr(sorted(adata.uns["qc"]["cells_removed"].items())),
@@ -194,7 +194,7 @@ def _read_parquet(path: Path) -> str:
 
 
 def _read_bytes(path: Path) -> str:
-    from scgrn_assets.lib.download import sha256_of
+    from scgrn_assets.lib.ingest.download import sha256_of
 
     return sha256_of(path)
 
@@ -221,7 +221,7 @@ def _read_file_content(path: Path) -> str:
         tensors = load_file(str(path))
         return _digest(*(name.encode() + tensors[name].tobytes() for name in sorted(tensors)))
     if path.suffix == ".pkl":
-        from scgrn_assets.lib.tokenize import load_pickle_restricted
+        from scgrn_assets.lib.network.tokens import load_pickle_restricted
 
         return _digest(repr(sorted(load_pickle_restricted(path).items())))
     return _read_bytes(path)

@@ -160,7 +160,7 @@ MATERIALISE_PARTITION = """
 
 @pytest.mark.slow
 def test_study_partitions_materialised_in_parallel_processes(demo_files, tmp_path):
-    from scgrn_assets.lib.study_anndata import build_study_anndata
+    from scgrn_assets.lib.ingest.study_anndata import build_study_anndata
 
     home = tmp_path / "home"
     catalog_path = scenarios.prepare_home(home, demo_files.home / "demo_geo", demo_files.catalog_path)

@@ -74,7 +74,7 @@ def test_a_disk_that_fills_up_during_a_write_is_a_named_error_leaving_nothing(sm
 
 
 def test_a_download_larger_than_the_free_space_is_refused_before_any_byte(small_disk, tmp_path, monkeypatch):
-    from scgrn_assets.lib.download import fetch_file
+    from scgrn_assets.lib.ingest.download import fetch_file
 
     ledger.record("fault")
     monkeypatch.setenv("SCGRN_MIN_FREE_BYTES", "0")

@@ -24,13 +24,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scgrn_assets.lib import dense_text
-from scgrn_assets.lib.archive import read_guard
-from scgrn_assets.lib.catalog import ConditionRule, MetadataJoin, Study, StudyFile, load_catalog
-from scgrn_assets.lib.dense_text import DenseTextMatrix, read_dense_text_matrix
+from scgrn_assets.lib.ingest import dense_text
+from scgrn_assets.lib.ingest.archive import read_guard
+from scgrn_assets.lib.ingest.catalog import ConditionRule, MetadataJoin, Study, StudyFile, load_catalog
+from scgrn_assets.lib.ingest.dense_text import DenseTextMatrix, read_dense_text_matrix
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.readers import read_metadata_table
-from scgrn_assets.lib.study_anndata import build_study_anndata
+from scgrn_assets.lib.ingest.readers import read_metadata_table
+from scgrn_assets.lib.ingest.study_anndata import build_study_anndata
 from scgrn_assets_tests.reliability import ledger
 from scgrn_assets_tests.archives import tar_bytes
 

@@ -22,14 +22,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from scgrn_assets.lib import dense_text
-from scgrn_assets.lib.archive import ExtractionLimits
-from scgrn_assets.lib.catalog import ConditionRule, MetadataJoin, Study, StudyFile, load_catalog
-from scgrn_assets.lib.dense_text import read_dense_text_matrix
+from scgrn_assets.lib.ingest import dense_text
+from scgrn_assets.lib.ingest.archive import ExtractionLimits
+from scgrn_assets.lib.ingest.catalog import ConditionRule, MetadataJoin, Study, StudyFile, load_catalog
+from scgrn_assets.lib.ingest.dense_text import read_dense_text_matrix
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.readers import read_metadata_table
+from scgrn_assets.lib.ingest.readers import read_metadata_table
 from scgrn_assets.lib.sql_store import register_view, write_parquet
-from scgrn_assets.lib.study_anndata import build_study_anndata, write_study_h5ad
+from scgrn_assets.lib.ingest.study_anndata import build_study_anndata, write_study_h5ad
 from scgrn_assets_tests.reliability import ledger
 from scgrn_assets_tests.archives import tar_bytes
 from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
@@ -163,7 +163,7 @@ class _RunsCode:
 
 
 def test_restricted_unpickler_refuses_code_and_loads_plain_dictionaries(tmp_path):
-    tokenize = pytest.importorskip("scgrn_assets.lib.tokenize")
+    tokenize = pytest.importorskip("scgrn_assets.lib.network.tokens")
     ledger.record("bad_input", 3)
     marker = tmp_path / "pwned"
     hostile = tmp_path / "token_dictionary.pkl"
@@ -186,8 +186,8 @@ def test_restricted_unpickler_refuses_code_and_loads_plain_dictionaries(tmp_path
 
 def _checkpoint_folder(folder: Path) -> Path:
     """config.json and dictionaries of a 3-token model, no weights yet."""
-    geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
-    tokenize = pytest.importorskip("scgrn_assets.lib.tokenize")
+    geneformer = pytest.importorskip("scgrn_assets.lib.network.model")
+    tokenize = pytest.importorskip("scgrn_assets.lib.network.tokens")
     folder.mkdir()
     tokenize.save_pickle_atomic({"<pad>": 0, "<mask>": 1, "Apoe": 2}, folder / "token_dictionary.pkl")
     tokenize.save_pickle_atomic({"Apoe": 1.0}, folder / "gene_median_dictionary.pkl")
@@ -229,7 +229,7 @@ WEIGHT_CASES = {
 @pytest.mark.slow  # importing transformers takes ~30 s on a loaded machine
 @pytest.mark.parametrize("case", list(WEIGHT_CASES))
 def test_hostile_geneformer_weights_are_refused_naming_the_file_and_the_fix(tmp_path, case):
-    geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
+    geneformer = pytest.importorskip("scgrn_assets.lib.network.model")
     ledger.record("bad_input")
     folder = _checkpoint_folder(tmp_path / "checkpoint")
     marker = tmp_path / "pwned"
@@ -248,7 +248,7 @@ def test_hostile_geneformer_weights_are_refused_naming_the_file_and_the_fix(tmp_
 @pytest.mark.slow
 def test_a_plain_tensor_bin_checkpoint_still_loads_through_weights_only(tmp_path):
     """The safe path is not a refusal of every .bin: plain tensors load, equal to what was saved."""
-    geneformer = pytest.importorskip("scgrn_assets.lib.geneformer")
+    geneformer = pytest.importorskip("scgrn_assets.lib.network.model")
     torch = pytest.importorskip("torch")
     from transformers import BertForMaskedLM
 
@@ -511,7 +511,7 @@ def test_file_urls_inside_scgrn_home_still_load(tmp_path, monkeypatch):
 def test_url_query_strings_never_reach_logs_or_errors(http_server, tmp_path, caplog):
     import logging
 
-    from scgrn_assets.lib.download import DownloadPolicy, fetch_file
+    from scgrn_assets.lib.ingest.download import DownloadPolicy, fetch_file
     from scgrn_assets_tests.http_server import Reply
 
     ledger.record("bad_input")

@@ -85,9 +85,9 @@ def test_kill_at_a_random_time_then_rerun_equals_an_uninterrupted_run(demo_files
 WRITER_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from scgrn_assets.lib.catalog import load_catalog
-    from scgrn_assets.lib.corpus import combine_studies
-    from scgrn_assets.lib.study_anndata import write_study_h5ad
+    from scgrn_assets.lib.ingest.catalog import load_catalog
+    from scgrn_assets.lib.corpus.build import combine_studies
+    from scgrn_assets.lib.ingest.study_anndata import write_study_h5ad
 
     catalog_path, home, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     catalog = load_catalog(catalog_path, variables={"SCGRN_HOME": home})
@@ -103,9 +103,9 @@ WRITER_SCRIPT = textwrap.dedent("""
 
 
 def _write_reference(catalog_path: Path, home: Path, out: Path) -> None:
-    from scgrn_assets.lib.catalog import load_catalog
-    from scgrn_assets.lib.corpus import combine_studies
-    from scgrn_assets.lib.study_anndata import write_study_h5ad
+    from scgrn_assets.lib.ingest.catalog import load_catalog
+    from scgrn_assets.lib.corpus.build import combine_studies
+    from scgrn_assets.lib.ingest.study_anndata import write_study_h5ad
 
     catalog = load_catalog(catalog_path, variables={"SCGRN_HOME": str(home)})
     files = {}

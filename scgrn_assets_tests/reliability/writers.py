@@ -37,7 +37,7 @@ def prepare_inputs(inputs: Path) -> None:
 
 
 def _edge_moments(out: Path, _inputs: Path) -> None:
-    from scgrn_assets.lib.attention_network import EdgeMoments
+    from scgrn_assets.lib.network.attention import EdgeMoments
 
     rng = np.random.default_rng(1)
     n_edges = 600_000
@@ -49,7 +49,7 @@ def _edge_moments(out: Path, _inputs: Path) -> None:
 
 
 def _tokenized_cells(out: Path, _inputs: Path) -> None:
-    from scgrn_assets.lib.tokenize import V2, TokenizedCells
+    from scgrn_assets.lib.network.tokens import V2, TokenizedCells
 
     rng = np.random.default_rng(2)
     lengths = rng.integers(50, 2048, 2000)
@@ -69,13 +69,13 @@ def _parquet(out: Path, _inputs: Path) -> None:
 
 
 def _pickle(out: Path, _inputs: Path) -> None:
-    from scgrn_assets.lib.tokenize import save_pickle_atomic
+    from scgrn_assets.lib.network.tokens import save_pickle_atomic
 
     save_pickle_atomic({f"ENSMUSG{index:011d}": index for index in range(300_000)}, out / "token_dictionary.pkl")
 
 
 def _extraction(out: Path, inputs: Path) -> None:
-    from scgrn_assets.lib.archive import extract_tar_safely
+    from scgrn_assets.lib.ingest.archive import extract_tar_safely
 
     extract_tar_safely(inputs / "GSE1_RAW.tar", out / "GSE1", study="GSE1")
 
@@ -83,8 +83,8 @@ def _extraction(out: Path, inputs: Path) -> None:
 def _geneformer_model(out: Path, _inputs: Path) -> None:
     import torch
 
-    from scgrn_assets.lib.geneformer import SmallGeneformerConfig, TrainedGeneformer, build_masked_lm, save_geneformer
-    from scgrn_assets.lib.tokenize import V2, GeneformerDictionaries
+    from scgrn_assets.lib.network.model import SmallGeneformerConfig, TrainedGeneformer, build_masked_lm, save_geneformer
+    from scgrn_assets.lib.network.tokens import V2, GeneformerDictionaries
 
     torch.manual_seed(0)
     tokens = {name: index for index, name in enumerate(V2.special_tokens)}

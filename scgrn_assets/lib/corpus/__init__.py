@@ -1,0 +1,31 @@
+"""Corpus: every study's cells over the union of genes, QC-filtered, as one AnnData Zarr; the integrity scans behind the checks.
+
+Modules:
+
+- ``build``: The combined corpus: every study's cells over the union of genes, QC-filtered, as AnnData Zarr.
+- ``qc_checks``: Integrity scans behind the asset checks: counts are finite non-negative integers, no sentinels.
+
+Public names are importable from the package (``from scgrn_assets.lib.corpus import X``); each
+module loads on first use, so importing the package stays cheap.
+"""
+
+import importlib
+
+# Each module and the public names it holds.
+_PUBLIC = {
+    "build": ("QCThresholds", "CorpusSummary", "measured_column", "read_study_frames", "read_study_obs",
+        "study_gene_names", "iter_row_chunks", "combine_studies", "align_csr", "read_corpus"),
+    "qc_checks": ("CountScan", "scan_counts", "row_fingerprints", "cells_repeated_across_studies"),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

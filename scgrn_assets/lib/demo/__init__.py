@@ -1,0 +1,32 @@
+"""The demo: a simulated gene regulatory network and the counts it drives, written in real GEO layouts.
+
+Modules:
+
+- ``geo_layouts``: Writes the simulated demo studies in real GEO layouts, plus the truth and the demo catalog.
+- ``simulator``: The demo simulator: a known gene regulatory network and the single-cell counts it drives.
+
+Public names are importable from the package (``from scgrn_assets.lib.demo import X``); each
+module loads on first use, so importing the package stays cheap.
+"""
+
+import importlib
+
+# Each module and the public names it holds.
+_PUBLIC = {
+    "geo_layouts": ("WrittenFile", "write_demo_geo", "write_truth_files", "demo_catalog",
+        "write_catalog_yaml"),
+    "simulator": ("StudyDesign", "DemoConfig", "DemoTruth", "simulate_truth", "measured_gene_indices",
+        "simulate_sample_counts", "cell_state_term", "sample_negative_binomial_outer"),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
