@@ -137,20 +137,53 @@ class FeatureMoments:
                        float(data["norm4_sum"]))
 
 
+# Output rows per tile of the sparse loop: 16 rows of a 3,000-gene universe (384 kB) stay in L2 while
+# every cell of the chunk streams past; measured best of 8-128 (CPU time, 2,048-cell chunks).
+SPARSE_TILE_ROWS = 16
+
+
 @numba.njit(cache=True, nogil=True)
-def _add_sparse_outer_products(indptr, indices, data, cross_upper, shard, n_shards):
-    """Σ_c x_c x_cᵀ (upper triangle) over CSR rows with sorted column indices, for the matrix columns
-    ``j`` with ``j % n_shards == shard``: shards write disjoint columns, so threads never collide.
-    ``cross_upper`` is Fortran-ordered: a column is contiguous, and the inner loop walks down it."""
-    for cell in range(len(indptr) - 1):
-        start, stop = indptr[cell], indptr[cell + 1]
-        for b in range(start, stop):
-            column = indices[b]
-            if column % n_shards != shard:
-                continue
-            value = data[b]
-            for a in range(start, b + 1):
-                cross_upper[indices[a], column] += data[a] * value
+def _add_sparse_outer_products(indptr, indices, data, cross_rows, tile_rows, shard, n_shards):
+    """Σ_c x_c x_cᵀ, the upper triangle, over CSR rows with sorted column indices, one tile of output rows at a time.
+
+    For each tile of ``tile_rows`` output rows (tiles ``t % n_shards == shard``: shards write
+    disjoint rows, so threads never collide), every cell adds, for each of its genes ``i`` in the
+    tile, ``x_ci · x_cj`` for its genes ``j ≥ i`` (the rest of its sorted CSR row). A per-cell
+    cursor walks each row once over all tiles. The tile stays in cache while the cells stream past,
+    and a cell's row is read once per tile rather than once per gene: walking cell by cell instead
+    scatters nnz²/2 adds per cell over the whole n_genes² matrix (measured 4-10x slower).
+    """
+    n_genes = cross_rows.shape[0]
+    n_cells = len(indptr) - 1
+    cursor = indptr[:-1].copy()
+    n_tiles = (n_genes + tile_rows - 1) // tile_rows
+    for tile in range(n_tiles):
+        row_stop = min((tile + 1) * tile_rows, n_genes)
+        mine = tile % n_shards == shard
+        for cell in range(n_cells):
+            stop = indptr[cell + 1]
+            b = cursor[cell]
+            while b < stop and indices[b] < row_stop:
+                if mine:
+                    value = data[b]
+                    row = indices[b]
+                    for a in range(b, stop):
+                        cross_rows[row, indices[a]] += value * data[a]
+                b += 1
+            cursor[cell] = b
+
+
+@numba.njit(cache=True, nogil=True)
+def _symmetrised_from_upper(upper):
+    """A new C-ordered symmetric matrix from the upper triangle of ``upper`` (any memory order)."""
+    n = upper.shape[0]
+    full = np.empty((n, n))
+    for i in range(n):
+        full[i, i] = upper[i, i]
+        for j in range(i + 1, n):
+            full[i, j] = upper[i, j]
+            full[j, i] = upper[i, j]
+    return full
 
 
 class FeatureMomentAccumulator:
@@ -158,9 +191,10 @@ class FeatureMomentAccumulator:
 
     Σxxᵀ is updated one of two ways, chosen per chunk by its density: a sparse chunk (rank-value
     scores: 256 genes of a 3,000-gene universe per cell) adds each cell's nnz² / 2 products
-    straight into the upper triangle (a numba loop, rows sharded over ``threads``: the cost per
-    cell is nnz², not n_genes²); a dense one becomes a float64 block added by BLAS ``dsyrk`` (half
-    the flops of ``X.T @ X``, no centred copy).
+    straight into the upper triangle (a numba loop over tiles of output rows, sharded over
+    ``threads``: the cost per cell is nnz², not n_genes²); a dense one becomes a float64 block added by BLAS
+    ``dsyrk`` (half the flops of ``X.T @ X``, no centred copy). Each way has its own accumulator,
+    made on first use (one n_genes² matrix for a feature that is always sparse or always dense).
     """
 
     def __init__(self, genes: Sequence[str], threads: int | None = None):
@@ -170,7 +204,9 @@ class FeatureMomentAccumulator:
         self.n_cells = 0
         self.feature_sum = np.zeros(n_genes)
         # Fortran order: dsyrk updates it in place (upper triangle) without a copy.
-        self._cross_upper = np.zeros((n_genes, n_genes), order="F")
+        self._cross_dense: np.ndarray | None = None
+        # C order: the sparse loop writes one contiguous row at a time.
+        self._cross_sparse: np.ndarray | None = None
         self.norm2_weighted_sum = np.zeros(n_genes)
         self.norm4_sum = 0.0
 
@@ -196,7 +232,9 @@ class FeatureMomentAccumulator:
             dense = np.asarray(features, dtype=np.float64)
         dense = np.ascontiguousarray(dense)
         # dense is C-ordered (cells x genes), so dense.T is Fortran-ordered: dsyrk reads it without copying.
-        self._cross_upper = dsyrk(1.0, dense.T, beta=1.0, c=self._cross_upper, trans=0, lower=0, overwrite_c=1)
+        if self._cross_dense is None:
+            self._cross_dense = np.zeros((n_genes, n_genes), order="F")
+        self._cross_dense = dsyrk(1.0, dense.T, beta=1.0, c=self._cross_dense, trans=0, lower=0, overwrite_c=1)
         norm2 = np.einsum("ij,ij->i", dense, dense)
         self.n_cells += n_cells
         self.feature_sum += dense.sum(axis=0)
@@ -204,7 +242,11 @@ class FeatureMomentAccumulator:
         self.norm4_sum += float(norm2 @ norm2)
 
     def _add_sparse(self, chunk: sp.csr_matrix) -> None:
-        arguments = (chunk.indptr.astype(np.int64), chunk.indices.astype(np.int64), chunk.data, self._cross_upper)
+        n_genes = len(self.genes)
+        if self._cross_sparse is None:
+            self._cross_sparse = np.zeros((n_genes, n_genes))
+        arguments = (chunk.indptr.astype(np.int64), chunk.indices.astype(np.int32), chunk.data, self._cross_sparse,
+                     SPARSE_TILE_ROWS)
         if self.threads == 1:
             _add_sparse_outer_products(*arguments, 0, 1)
         else:
@@ -218,10 +260,13 @@ class FeatureMomentAccumulator:
         self.norm4_sum += float(norm2 @ norm2)
 
     def result(self) -> FeatureMoments:
-        upper = np.triu(self._cross_upper)
-        cross = upper + np.triu(upper, 1).T
-        return FeatureMoments(self.genes.copy(), self.n_cells, self.feature_sum.copy(), cross,
-                              self.norm2_weighted_sum.copy(), self.norm4_sum)
+        parts = [part for part in (self._cross_dense, self._cross_sparse) if part is not None]
+        if not parts:
+            parts = [np.zeros((len(self.genes), len(self.genes)))]
+        # Both ways write only the upper triangle (their lower ones hold zeros or dsyrk's leftovers).
+        upper = parts[0] if len(parts) == 1 else np.triu(parts[0]) + np.triu(parts[1])
+        return FeatureMoments(self.genes.copy(), self.n_cells, self.feature_sum.copy(),
+                              _symmetrised_from_upper(upper), self.norm2_weighted_sum.copy(), self.norm4_sum)
 
 
 def accumulate_feature_moments(chunks: Iterable, genes: Sequence[str], threads: int | None = None) -> FeatureMoments:

@@ -229,3 +229,25 @@ def test_sparse_and_dense_accumulation_paths_agree_with_numpy(threads):
     norm2 = (dense ** 2).sum(axis=1)
     np.testing.assert_allclose(sparse_path.norm2_weighted_sum, norm2 @ dense, rtol=1e-12)
     assert sparse_path.norm4_sum == pytest.approx((norm2 ** 2).sum(), rel=1e-12)
+
+
+def test_one_accumulator_fed_sparse_dense_and_unsorted_chunks_equals_numpy():
+    # Sparse and dense chunks land in two different accumulators inside; CSR rows whose column
+    # indices are out of order (as a hand-built matrix may be) must still reach the upper triangle.
+    matrix = sparse_features(200, 30, 0.08, seed=21)
+    genes = [f"g{i}" for i in range(30)]
+    chunks = chunks_of(matrix, 50)
+    shuffled = chunks[1].copy()
+    rng = np.random.default_rng(0)
+    for row in range(shuffled.shape[0]):
+        start, stop = shuffled.indptr[row], shuffled.indptr[row + 1]
+        order = rng.permutation(stop - start)
+        shuffled.indices[start:stop] = shuffled.indices[start:stop][order]
+        shuffled.data[start:stop] = shuffled.data[start:stop][order]
+    shuffled.has_sorted_indices = False
+    mixed = [chunks[0], shuffled, chunks[2].toarray(), chunks[3]]
+    moments = accumulate_feature_moments(mixed, genes, threads=2)
+    dense = matrix.toarray()
+    np.testing.assert_allclose(moments.cross_product, dense.T @ dense, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.feature_sum, dense.sum(axis=0), rtol=1e-12)
+    assert moments.n_cells == 200
