@@ -10,15 +10,15 @@ from sklearn.metrics.pairwise import cosine_similarity
 
 from scgrn_assets.lib.network.attention import (
     EDGE_COLUMNS,
-    PCORR_METHODS,
-    EdgeMomentAccumulator,
-    EdgeMoments,
     add_attention_blocks,
     attention_edge_moments,
     edge_table,
     first_gene_slots,
     last_layer_attention_block,
-    merge_edge_moments,
+)
+from scgrn_assets.lib.network.edge_moments import EdgeMomentAccumulator, EdgeMoments, merge_edge_moments
+from scgrn_assets.lib.network.partial_correlation import (
+    PCORR_METHODS,
     partial_correlation,
     partial_correlation_triangle,
     triangle_pairs,
@@ -441,7 +441,7 @@ def test_chosen_layers_and_heads_equal_the_eager_weights_averaged():
 
 
 def test_within_cell_standardised_pcorr_matches_numpy_and_its_spread_does_not_depend_on_cell_length():
-    from scgrn_assets.lib.network.attention import standardized_within_cell
+    from scgrn_assets.lib.network.partial_correlation import standardized_within_cell
 
     # Against a per-cell numpy computation, with invalid slots.
     blocks = torch.as_tensor(random_blocks(3, 7, seed=12))

@@ -9,14 +9,8 @@ import threadpoolctl
 import torch
 
 import scgrn_assets.lib.network.attention as attention_network
-from scgrn_assets.lib.network.attention import (
-    EdgeMomentAccumulator,
-    EdgeMoments,
-    add_attention_blocks,
-    attention_edge_moments,
-    edge_table,
-    merge_edge_moments,
-)
+from scgrn_assets.lib.network.attention import add_attention_blocks, attention_edge_moments, edge_table
+from scgrn_assets.lib.network.edge_moments import EdgeMomentAccumulator, EdgeMoments, merge_edge_moments
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.pair_moments import PairMomentHashMap
 from scgrn_assets_tests.lib.network.test_attention import (
