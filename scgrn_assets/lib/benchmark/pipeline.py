@@ -37,8 +37,8 @@ from scgrn_assets.lib.benchmark.expression_files import ExpressionData
 from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, position_only_entropy,
                                          train_small_geneformer, training_report)
 from scgrn_assets.lib.benchmark.metrics import benchmark_table
-from scgrn_assets.lib.validation.mutual_information import (candidate_edges, cmi_tables, discretize_expression,
-                                                 mi_edge_table)
+from scgrn_assets.lib.validation.discretization import discretize_expression
+from scgrn_assets.lib.validation.mutual_information import candidate_edges, cmi_tables, mi_edge_table
 from scgrn_assets.lib.benchmark.references import load_tf_list
 from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.network.tokens import (GeneformerDictionaries, TokenizedCells, build_corpus_dictionaries,
