@@ -10,7 +10,8 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from scgrn_assets.cli import main
-from scgrn_assets.lib.benchmark.metrics import evaluation_pairs, ranking_metrics
+from scgrn_assets.lib.benchmark.metrics import ranking_metrics
+from scgrn_assets.lib.benchmark.universes import evaluation_pairs
 from scgrn_assets.lib.benchmark.pipeline import METHOD_LABELS, predictions_from_long
 from scgrn_assets.lib.benchmark.references import load_ground_truth
 from scgrn_assets_tests.conftest import shared_data

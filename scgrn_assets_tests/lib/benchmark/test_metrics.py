@@ -11,6 +11,7 @@ import scipy.stats
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from scgrn_assets.lib.benchmark import metrics as grn_metrics
+from scgrn_assets.lib.benchmark import network_metrics, ranking, universes
 from scgrn_assets.lib.benchmark.references import normalise_reference
 
 
@@ -25,19 +26,19 @@ def tied_scores(seed: int, n_pairs: int = 300):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_auroc_matches_sklearn_with_ties_and_weights(seed):
     labels, scores, weights = tied_scores(seed)
-    assert grn_metrics.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-    assert grn_metrics.auroc(labels, scores, weights) == pytest.approx(
+    assert ranking.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert ranking.auroc(labels, scores, weights) == pytest.approx(
         roc_auc_score(labels, scores, sample_weight=weights), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_average_precision_matches_sklearn_with_ties_and_weights(seed):
     labels, scores, weights = tied_scores(seed)
-    assert grn_metrics.average_precision(labels, scores) == pytest.approx(
+    assert ranking.average_precision(labels, scores) == pytest.approx(
         average_precision_score(labels, scores), abs=1e-12)
     # integer weights are the same as repeated rows
     repeated = np.repeat(np.arange(len(labels)), weights.astype(int))
-    assert grn_metrics.average_precision(labels, scores, weights) == pytest.approx(
+    assert ranking.average_precision(labels, scores, weights) == pytest.approx(
         average_precision_score(labels[repeated], scores[repeated]), abs=1e-12)
 
 
@@ -45,13 +46,27 @@ def test_average_precision_matches_sklearn_with_ties_and_weights(seed):
 def test_trapezoid_auprc_matches_sklearn_auc_of_pr_curve(seed):
     labels, scores, _ = tied_scores(seed)
     precision, recall, _ = precision_recall_curve(labels, scores)
-    assert grn_metrics.auprc_trapezoid(labels, scores) == pytest.approx(auc(recall, precision), abs=1e-12)
+    assert ranking.auprc_trapezoid(labels, scores) == pytest.approx(auc(recall, precision), abs=1e-12)
+
+
+def test_ranking_metrics_by_hand_with_a_tie_and_a_weight():
+    # Positives score 0.9 and 0.8, negatives 0.8 and 0.1: the tie at 0.8 counts half.
+    labels = np.array([True, False, True, False])
+    scores = np.array([0.9, 0.8, 0.8, 0.1])
+    assert ranking.auroc(labels, scores) == pytest.approx(3.5 / 4)
+    # Thresholds 0.9 (precision 1, recall 1/2), 0.8 (2/3, 1), 0.1 (1/2, 1).
+    assert ranking.average_precision(labels, scores) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert ranking.auprc_trapezoid(labels, scores) == pytest.approx(0.5 * 1 + 0.5 * (1 + 2 / 3) / 2)
+    # The negative at 0.8 counted twice: 0.9 beats 3 negative units, 0.8 ties 2 and beats 1.
+    assert ranking.auroc(labels, scores, np.array([1.0, 2.0, 1.0, 1.0])) == pytest.approx(5 / 6)
+    assert np.isnan(ranking.auroc(labels[[0, 2]], scores[[0, 2]]))
+    assert np.isnan(ranking.average_precision(labels[[1, 3]], scores[[1, 3]]))
 
 
 def test_metrics_rank_by_absolute_score():
     labels = np.array([True, False, True, False])
     scores = np.array([-0.9, 0.1, 0.8, -0.2])
-    assert grn_metrics.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, np.abs(scores)))
+    assert ranking.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, np.abs(scores)))
 
 
 def brute_force_early_precision(labels, scores):
@@ -68,7 +83,7 @@ def brute_force_early_precision(labels, scores):
 @pytest.mark.parametrize("seed", range(5))
 def test_early_precision_matches_a_brute_force_count_with_ties(seed):
     labels, scores, _ = tied_scores(seed, n_pairs=60)
-    assert grn_metrics.early_precision(labels, scores) == pytest.approx(brute_force_early_precision(labels, scores))
+    assert ranking.early_precision(labels, scores) == pytest.approx(brute_force_early_precision(labels, scores))
 
 
 def test_epr_on_a_hand_made_case_with_ties_at_the_kth_score():
@@ -81,7 +96,7 @@ def test_epr_on_a_hand_made_case_with_ties_at_the_kth_score():
         # third-best score 0.5 is shared by B->D (true), C->A and D->A: all three are kept
         "score": [0.9, 0.8, 0.5, 0.5, -0.5, 0.0, 5.0],  # A->C (true) scores 0: never counted; C->C is a self-loop
     })
-    pairs = grn_metrics.evaluation_pairs(prediction, reference, ["A", "B", "C", "D"])
+    pairs = universes.evaluation_pairs(prediction, reference, ["A", "B", "C", "D"])
     assert pairs.n_pairs == 12 and pairs.n_true == 3
     metrics = grn_metrics.ranking_metrics(pairs)
     assert metrics["early_precision"] == pytest.approx(2 / 5)
@@ -89,7 +104,7 @@ def test_epr_on_a_hand_made_case_with_ties_at_the_kth_score():
     # with fewer non-zero scores than true edges, every non-zero pair is the prediction
     sparse = prediction.iloc[:2]
     assert grn_metrics.ranking_metrics(
-        grn_metrics.evaluation_pairs(sparse, reference, ["A", "B", "C", "D"]))["early_precision"] == pytest.approx(1 / 2)
+        universes.evaluation_pairs(sparse, reference, ["A", "B", "C", "D"]))["early_precision"] == pytest.approx(1 / 2)
 
 
 def random_problem(seed: int, n_genes: int = 9, directed_reference: bool = True):
@@ -139,13 +154,13 @@ def brute_force_pairs(reference, prediction, data_genes, universe, directed, tf_
     return labels, values
 
 
-@pytest.mark.parametrize("universe", grn_metrics.UNIVERSES)
+@pytest.mark.parametrize("universe", universes.UNIVERSES)
 @pytest.mark.parametrize(("prediction_directed", "reference_directed"), [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("use_tf_list", [False, True])
 def test_universes_match_a_brute_force_enumeration(universe, prediction_directed, reference_directed, use_tf_list):
     reference, prediction, data_genes = random_problem(11, directed_reference=reference_directed)
     tf_list = ["g0", "g2", "g5", "elsewhere"] if use_tf_list else None
-    pairs = grn_metrics.evaluation_pairs(prediction, reference, data_genes, universe=universe, tf_list=tf_list,
+    pairs = universes.evaluation_pairs(prediction, reference, data_genes, universe=universe, tf_list=tf_list,
                                          prediction_directed=prediction_directed)
     directed = prediction_directed and reference_directed
     assert pairs.directed == directed
@@ -156,17 +171,17 @@ def test_universes_match_a_brute_force_enumeration(universe, prediction_directed
         return
     assert pairs.n_pairs == len(labels)
     assert pairs.n_true == labels.sum()
-    assert grn_metrics.auroc(*pairs.ranking()) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-    assert grn_metrics.average_precision(*pairs.ranking()) == pytest.approx(
+    assert ranking.auroc(*pairs.ranking()) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert ranking.average_precision(*pairs.ranking()) == pytest.approx(
         average_precision_score(labels, scores), abs=1e-12)
-    assert grn_metrics.early_precision(*pairs.ranking()) == pytest.approx(brute_force_early_precision(labels, scores))
+    assert ranking.early_precision(*pairs.ranking()) == pytest.approx(brute_force_early_precision(labels, scores))
 
 
 def test_degree_correlation_matches_scipy_on_brute_force_degrees():
     reference, prediction, data_genes = random_problem(5)
-    pairs = grn_metrics.evaluation_pairs(prediction, reference, data_genes)
+    pairs = universes.evaluation_pairs(prediction, reference, data_genes)
     labels, scores, weights = pairs.ranking()
-    selected = grn_metrics.early_selection(labels, scores, weights)[: len(pairs.scores)]
+    selected = ranking.early_selection(labels, scores, weights)[: len(pairs.scores)]
     genes = list(pairs.genes)
     predicted_degree = dict.fromkeys(genes, 0)
     true_degree = dict.fromkeys(genes, 0)
@@ -179,7 +194,7 @@ def test_degree_correlation_matches_scipy_on_brute_force_degrees():
         true_degree[source] += 1
         true_degree[target] += 1
     expected = scipy.stats.spearmanr([predicted_degree[g] for g in genes], [true_degree[g] for g in genes]).statistic
-    assert grn_metrics.degree_correlation(pairs) == pytest.approx(expected)
+    assert network_metrics.degree_correlation(pairs) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("directed", [True, False])
@@ -190,7 +205,7 @@ def test_rewiring_preserves_every_in_and_out_degree(directed):
     chosen = generator.choice(len(all_pairs), size=120, replace=False)
     sources = np.array([all_pairs[index][0] for index in chosen])
     targets = np.array([all_pairs[index][1] for index in chosen])
-    new_sources, new_targets = grn_metrics.rewire_network(sources, targets, n_genes=n_genes, directed=directed, seed=3)
+    new_sources, new_targets = network_metrics.rewire_network(sources, targets, n_genes=n_genes, directed=directed, seed=3)
     assert np.array_equal(np.bincount(new_sources, minlength=n_genes), np.bincount(sources, minlength=n_genes))
     assert np.array_equal(np.bincount(new_targets, minlength=n_genes), np.bincount(targets, minlength=n_genes))
     assert not (new_sources == new_targets).any()
@@ -208,9 +223,9 @@ def test_in_degree_null_draws_without_replacement_proportional_to_in_degree():
     }), name="toy", directed=True)
     prediction = pd.DataFrame({"source": ["g0", "g0"], "target": ["g2", "g4"], "score": [1.0, 0.5]})
     genes = ["g0", "g1", "g2", "g3", "g4", "g5", "g6"]
-    pairs = grn_metrics.evaluation_pairs(prediction, reference, genes)
+    pairs = universes.evaluation_pairs(prediction, reference, genes)
     n_null = 20000
-    sources, hits = grn_metrics.in_degree_null_hits(pairs, grn_metrics.top_k_network(pairs, 2), n_null=n_null, seed=1)
+    sources, hits = network_metrics.in_degree_null_hits(pairs, network_metrics.top_k_network(pairs, 2), n_null=n_null, seed=1)
     assert list(pairs.genes[sources]) == ["g0"]
     # exact expectation of successive weighted sampling without replacement; g0's only true target is g1
     weights = {"g1": 3, "g2": 1, "g3": 2, "g6": 1}
@@ -225,14 +240,14 @@ def test_in_degree_null_draws_without_replacement_proportional_to_in_degree():
 
 
 def test_empirical_p_value_formula():
-    assert grn_metrics.empirical_p_value(3, np.array([1, 3, 5, 2])) == pytest.approx((1 + 2) / (1 + 4))
-    assert grn_metrics.empirical_p_value(10, np.zeros(99)) == pytest.approx(1 / 100)
+    assert network_metrics.empirical_p_value(3, np.array([1, 3, 5, 2])) == pytest.approx((1 + 2) / (1 + 4))
+    assert network_metrics.empirical_p_value(10, np.zeros(99)) == pytest.approx(1 / 100)
 
 
 def test_top_k_enrichment_counts_match_a_brute_force_count():
     reference, prediction, data_genes = random_problem(8)
-    pairs = grn_metrics.evaluation_pairs(prediction, reference, data_genes)
-    global_metrics, per_source = grn_metrics.top_k_enrichment(pairs, top_k=6, n_null=50)
+    pairs = universes.evaluation_pairs(prediction, reference, data_genes)
+    global_metrics, per_source = network_metrics.top_k_enrichment(pairs, top_k=6, n_null=50)
     positive = prediction[prediction["score"] != 0].copy()
     positive = positive[positive["source"].isin(pairs.genes) & positive["target"].isin(pairs.genes)
                         & (positive["source"] != positive["target"])]
@@ -272,7 +287,7 @@ def test_a_perfect_predictor_beats_both_nulls():
 
 def test_cutoff_sweep_matches_a_brute_force_threshold():
     reference, prediction, data_genes = random_problem(4)
-    pairs = grn_metrics.evaluation_pairs(prediction, reference, data_genes)
+    pairs = universes.evaluation_pairs(prediction, reference, data_genes)
     labels, scores = brute_force_pairs(reference, prediction, data_genes, "all_pairs", True, None)
     sweep = grn_metrics.cutoff_sweep(pairs, [0.3, 0.7])
     for row in sweep.itertuples():
@@ -308,11 +323,8 @@ def test_benchmark_table_shape_directedness_and_values():
     assert table.loc[table["metric"] == "auroc", "cutoff"].isna().all()
 
 
-def test_per_tf_enrichment_table_and_pictures():
+def test_pr_curves_and_epr_chart_are_png():
     reference, prediction, data_genes = random_problem(6)
-    per_tf = grn_metrics.per_tf_enrichment({"ours": prediction}, {"ref": reference}, data_genes, n_null=20)
-    assert {"method", "reference", "tf", "precision", "p_in_degree", "p_rewired"} <= set(per_tf.columns)
-    assert (per_tf["p_in_degree"].between(1 / 21, 1)).all()
     table = grn_metrics.benchmark_table({"ours": prediction}, {"ref": reference}, data_genes, n_null=0)
     for picture in (
         grn_metrics.pr_curves_png({"ours": prediction}, reference, data_genes, reference_name="ref"),
