@@ -17,7 +17,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.progress import Progress, report
 
 PAD_TOKEN = "<pad>"
 MASK_TOKEN = "<mask>"
@@ -432,7 +433,7 @@ def tokenize_cells(
     dictionaries: GeneformerDictionaries,
     *,
     chunk_size: int = 10_000,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> TokenizedCells:
     """Rank-value encode each cell (Geneformer's tokenizer).
 
@@ -501,8 +502,7 @@ def tokenize_cells(
             tokens, gene_lengths = _wrap_cls_eos(tokens, gene_lengths, cls_id, eos_id)
         token_chunks.append(tokens)
         length_chunks.append(gene_lengths)
-        if progress is not None:
-            progress(stop, n_cells)
+        report(progress, stop, n_cells)
     lengths = np.concatenate(length_chunks) if length_chunks else np.zeros(0, dtype=np.int64)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
