@@ -23,7 +23,6 @@ first through :func:`scgrn_assets.lib.ingest.download.fetch_file` when a URL is 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.text_files import open_text
 
 REFERENCE_COLUMNS = ["source", "target", "sign", "directed", "reference"]
 
@@ -96,13 +96,6 @@ def normalise_reference(
     return result[REFERENCE_COLUMNS].reset_index(drop=True)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    """Open a plain or gzip-compressed text file (STRING ships ``.txt.gz``)."""
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _require_file(path: str | Path, *, study: str | None) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -125,7 +118,7 @@ def load_trrust(path: str | Path, *, name: str = "TRRUST", study: str | None = N
         Normalised directed reference, one row per unique TF -> target pair.
     """
     path = _require_file(path, study=study)
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         table = pd.read_csv(handle, sep="\t", header=None, dtype=str, keep_default_na=False, quoting=3)
     if table.shape[1] != 4:
         raise ScgrnInputError(
@@ -168,7 +161,7 @@ def load_regulon_table(
         Normalised directed reference.
     """
     path = _require_file(path, study=study)
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         table = pd.read_csv(handle, sep=None, engine="python", dtype=str, keep_default_na=False)
     columns = {column.lower(): column for column in table.columns}
     regulator_column = columns.get("tf", columns.get("source"))
@@ -231,7 +224,7 @@ def load_edge_list(
         Normalised reference.
     """
     path = _require_file(path, study=study)
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         text = handle.read()
     first_line = text.split("\n", 1)[0]
     separator = "," if "," in first_line else ("\t" if "\t" in first_line else r"\s+")
@@ -330,7 +323,7 @@ def load_string_v12(
 
 def _read_string_table(path: Path, required: list[str], *, study: str | None) -> pd.DataFrame:
     """STRING tables: a header line (``#string_protein_id ...``), tab- or space-separated."""
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         header_line = handle.readline()
         separator = "\t" if "\t" in header_line else " "  # info / aliases use tabs, links use spaces
         table = pd.read_csv(handle, sep=separator, header=None, dtype=str, keep_default_na=False, quoting=3)
@@ -498,7 +491,7 @@ def load_ground_truth(path: str | Path, *, format: str = "auto", name: str | Non
     if format not in TRUTH_FORMATS:
         raise ScgrnInputError(f"unknown truth format {format!r}", file=str(path),
                               fix=f"use one of {', '.join(TRUTH_FORMATS)}")
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         first_line = next((line.rstrip("\r\n") for line in handle if line.strip()), "")
     tab_fields = first_line.split("\t")
     if format == "trrust" or (format == "auto" and len(tab_fields) == 4 and tab_fields[2] in _TRRUST_MODE_SIGN):
@@ -524,7 +517,7 @@ def load_tf_list(path: str | Path, *, study: str | None = None) -> list[str]:
         TF symbols in file order, deduplicated.
     """
     path = _require_file(path, study=study)
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         lines = [line.strip() for line in handle if line.strip()]
     symbols = [line.split(",")[0].split("\t")[0].strip() for line in lines]
     if symbols and symbols[0].upper() in {"TF", "GENE", "SYMBOL"}:
