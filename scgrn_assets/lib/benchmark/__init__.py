@@ -11,7 +11,8 @@ Modules:
 - ``outputs``: The files a benchmark run writes: the long metric table, the headline summary, every method's
 - ``pipeline``: The GRN path's settings and the steps the Dagster assets and ``scgrn benchmark`` share.
 - ``ranking``: Ranking metrics on (labels, scores, weights): AUROC, both AUPRCs, early precision.
-- ``references``: Reference gene networks (STRING, TRRUST, DoRothEA / CollecTRI, plain edge lists) in one normalised form.
+- ``reference_files``: Readers of reference network files (TRRUST, DoRothEA / CollecTRI regulon tables, plain edge lists,
+- ``references``: Which reference networks apply, read through the configuration; ground truths and TF lists for a run.
 - ``universes``: Universes of gene pairs for the GRN metrics: which pairs are ranked, with which labels and directions.
 
 Public names are importable from the package (``from scgrn_assets.lib.benchmark import X``); each
@@ -39,9 +40,10 @@ _PUBLIC = {
         "chosen_networks"),
     "ranking": ("auroc", "precision_recall_points", "average_precision", "auprc_trapezoid",
         "early_selection", "early_precision"),
-    "references": ("normalise_reference", "load_trrust", "load_regulon_table", "load_edge_list",
-        "load_string_v12", "ReferenceSource", "references_for_species", "load_reference",
-        "load_ground_truth", "load_tf_list"),
+    "reference_files": ("normalise_reference", "load_trrust", "load_regulon_table", "load_edge_list",
+        "load_string_v12"),
+    "references": ("ReferenceSource", "references_for_species", "load_reference", "load_ground_truth",
+        "load_tf_list"),
     "universes": ("EvaluationPairs", "method_is_directed", "evaluation_pairs"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}

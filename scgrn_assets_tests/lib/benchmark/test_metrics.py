@@ -12,7 +12,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
 from scgrn_assets.lib.benchmark import metrics as grn_metrics
 from scgrn_assets.lib.benchmark import network_metrics, ranking, universes
-from scgrn_assets.lib.benchmark.references import normalise_reference
+from scgrn_assets.lib.benchmark.reference_files import normalise_reference
 
 
 def tied_scores(seed: int, n_pairs: int = 300):

@@ -9,18 +9,15 @@ import pandas as pd
 import pytest
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.benchmark.references import (
+from scgrn_assets.lib.benchmark.reference_files import (
     REFERENCE_COLUMNS,
-    ReferenceSource,
     load_edge_list,
-    load_reference,
     load_regulon_table,
     load_string_v12,
-    load_tf_list,
     load_trrust,
     normalise_reference,
-    references_for_species,
 )
+from scgrn_assets.lib.benchmark.references import ReferenceSource, load_reference, load_tf_list, references_for_species
 
 REFERENCE_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "reference"
 
