@@ -49,7 +49,8 @@ from threadpoolctl import threadpool_limits
 from scgrn_assets.lib.network.attention import add_attention_blocks, attention_edge_moments
 from scgrn_assets.lib.network.edge_moments import DEFAULT_MAX_DENSE_PAIRS, EdgeMomentAccumulator
 from scgrn_assets.lib.network.model import SmallGeneformerConfig, build_masked_lm
-from scgrn_assets.lib.network.tokens import V1, GeneformerDictionaries, TokenizedCells
+from scgrn_assets.lib.network.dictionaries import V1, GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
 
 GOAL = 20
 SHRINKAGE = 1e-3

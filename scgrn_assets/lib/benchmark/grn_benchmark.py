@@ -20,8 +20,9 @@ from scgrn_assets.lib.network.attention import attention_edge_moments, edge_tabl
 from scgrn_assets.lib.network.cross_cell import FeatureMoments
 from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, position_only_entropy,
                                             train_small_geneformer, training_report)
-from scgrn_assets.lib.network.tokens import (GeneformerDictionaries, TokenizedCells, build_corpus_dictionaries,
-                                             convention_named, corpus_gene_keys, tokenize_cells)
+from scgrn_assets.lib.network.dictionaries import (GeneformerDictionaries, build_corpus_dictionaries,
+                                                   convention_named, corpus_gene_keys)
+from scgrn_assets.lib.network.tokens import TokenizedCells, tokenize_cells
 from scgrn_assets.lib.progress import Progress, for_stage
 from scgrn_assets.lib.validation.discretization import discretize_expression
 from scgrn_assets.lib.validation.mutual_information import cmi_tables, mi_edge_table

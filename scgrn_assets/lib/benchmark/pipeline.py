@@ -33,7 +33,8 @@ from scgrn_assets.lib.network.cross_cell import (COMPOSITIONAL_FEATURES, FEATURE
                                                  accumulate_feature_moments, cross_cell_network,
                                                  genes_seen_with_others, hidden_state_chunks, log_expression_chunks,
                                                  rank_value_chunks, select_gene_universe)
-from scgrn_assets.lib.network.tokens import GeneformerDictionaries, TokenizedCells
+from scgrn_assets.lib.network.dictionaries import GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
 from scgrn_assets.lib.progress import Progress, for_stage
 from scgrn_assets.lib.validation.mutual_information import candidate_edges
 

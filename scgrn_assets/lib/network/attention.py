@@ -26,7 +26,8 @@ from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.edge_moments import DEFAULT_MAX_DENSE_PAIRS, EdgeMomentAccumulator, EdgeMoments
 from scgrn_assets.lib.network.model import pick_device
 from scgrn_assets.lib.network.partial_correlation import partial_correlation_triangle
-from scgrn_assets.lib.network.tokens import GeneformerDictionaries, TokenizedCells
+from scgrn_assets.lib.network.dictionaries import GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
 from scgrn_assets.lib.progress import Progress, report
 
 DEFAULT_MAX_GENES = 256

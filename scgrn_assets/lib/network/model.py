@@ -20,14 +20,9 @@ from transformers import BertConfig, BertForMaskedLM
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.network.tokens import (
-    MASK_TOKEN,
-    PAD_TOKEN,
-    GeneformerDictionaries,
-    TokenizedCells,
-    convention_named,
-    load_geneformer_dictionaries,
-)
+from scgrn_assets.lib.network.dictionaries import (MASK_TOKEN, PAD_TOKEN, GeneformerDictionaries, convention_named,
+                                                   load_geneformer_dictionaries)
+from scgrn_assets.lib.network.tokens import TokenizedCells
 from scgrn_assets.lib.progress import Progress, report
 
 IGNORE_LABEL = -100

@@ -25,7 +25,8 @@ from scgrn_assets.lib.network.partial_correlation import (
 )
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.model import SmallGeneformerConfig, build_masked_lm
-from scgrn_assets.lib.network.tokens import V2, GeneformerDictionaries, TokenizedCells
+from scgrn_assets.lib.network.dictionaries import V2, GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
 
 SHRINKAGE = 1e-3
 # Both backends compute in float64 (Cholesky of the SPD shrunk matrix); against the float64

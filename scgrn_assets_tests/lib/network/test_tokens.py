@@ -12,19 +12,11 @@ import pytest
 import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.network.tokens import (
-    V1,
-    V2,
-    GeneformerDictionaries,
-    TokenizedCells,
-    TokenizerConvention,
-    build_corpus_dictionaries,
-    corpus_gene_keys,
-    gene_nonzero_medians,
-    load_geneformer_dictionaries,
-    load_pickle_restricted,
-    tokenize_cells,
-)
+from scgrn_assets.lib.network.dictionaries import (V1, V2, GeneformerDictionaries, TokenizerConvention,
+                                                   build_corpus_dictionaries, corpus_gene_keys,
+                                                   gene_nonzero_medians, load_geneformer_dictionaries,
+                                                   load_pickle_restricted)
+from scgrn_assets.lib.network.tokens import TokenizedCells, tokenize_cells
 
 SHARED_GENEFORMER = Path(__file__).resolve().parents[3] / "shared" / "data" / "geneformer"
 
