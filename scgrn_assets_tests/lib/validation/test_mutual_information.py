@@ -12,27 +12,9 @@ from sklearn.metrics import mutual_info_score
 from scgrn_assets.lib.validation import _kernels, discretization, estimators
 from scgrn_assets.lib.validation import mutual_information as mi_lib
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets_tests.lib.validation.test_estimators import sparse_like_codes
 
 N_BINS = 5
-
-
-def sparse_like_codes(rng: np.random.Generator, n_genes: int, n_cells: int) -> np.ndarray:
-    """Codes with many zeros (as after discretising single-cell data) plus one gene without zeros."""
-    codes = rng.integers(0, N_BINS, size=(n_genes, n_cells))
-    codes[rng.random((n_genes, n_cells)) < 0.6] = 0
-    codes[0] = rng.integers(1, N_BINS, size=n_cells)
-    return codes.astype(np.uint8)
-
-
-def brute_force_codes(column: np.ndarray, n_bins: int) -> np.ndarray:
-    """The documented rule, cell by cell: zeros -> 0, positives by lowest tie rank."""
-    codes = np.zeros(column.shape[0], dtype=np.int64)
-    positive = column > 0
-    has_zeros = not positive.all()
-    n_positive_bins = n_bins - 1 if has_zeros else n_bins
-    lowest_rank = stats.rankdata(column[positive], method="min") - 1
-    codes[positive] = int(has_zeros) + (lowest_rank * n_positive_bins) // positive.sum()
-    return codes
 
 
 # ------------------------------------------------------------------ candidate edges
@@ -64,101 +46,7 @@ def test_candidate_edges_names_missing_columns():
         mi_lib.candidate_edges(pd.DataFrame({"gene_i": ["A"], "gene_j": ["B"]}))
 
 
-# ------------------------------------------------------------------ discretisation
-
-
-def test_discretize_quantiles_follows_the_zero_bin_rule():
-    rng = np.random.default_rng(1)
-    values = rng.poisson(0.7, size=(400, 6)).astype(float) * rng.gamma(2.0, size=(400, 1))
-    values[:, 1] = rng.poisson(2.0, size=400)  # integers: many ties among positives
-    values[:, 2] = rng.gamma(2.0, size=400) + 0.1  # no zeros: all bins for values
-    values[:, 3] = 0.0  # all zero
-    codes = discretization.discretize_quantiles(values, n_bins=N_BINS)
-    assert codes.shape == values.shape and codes.dtype == np.uint8
-    for gene in range(values.shape[1]):
-        np.testing.assert_array_equal(codes[:, gene], brute_force_codes(values[:, gene], N_BINS))
-    assert set(np.unique(codes[:, 2])) == set(range(N_BINS))
-    assert (codes[values[:, 0] == 0, 0] == 0).all() and (codes[values[:, 0] > 0, 0] > 0).all()
-    # Equal values never straddle two bins.
-    for value in np.unique(values[:, 1]):
-        assert np.unique(codes[values[:, 1] == value, 1]).size == 1
-
-
-def test_discretize_quantiles_of_one_column_and_sparse_input_agree():
-    rng = np.random.default_rng(2)
-    values = rng.poisson(0.5, size=(300, 4)).astype(float)
-    dense_codes = discretization.discretize_quantiles(values)
-    np.testing.assert_array_equal(discretization.discretize_quantiles(sp.csr_matrix(values)), dense_codes)
-    np.testing.assert_array_equal(discretization.discretize_quantiles(values[:, 2]), dense_codes[:, 2])
-
-
-def test_discretize_expression_uses_log1p_normalised_counts():
-    rng = np.random.default_rng(3)
-    counts = rng.poisson(0.8, size=(250, 7)).astype(np.float32)
-    n_counts = counts.sum(axis=1) + rng.integers(100, 1000, size=250)
-    gene_names = np.array([f"g{i}" for i in range(7)])
-    discretized = discretization.discretize_expression(sp.csr_matrix(counts), n_counts, gene_names, genes=["g5", "g1"])
-    expression = np.log1p(counts / n_counts[:, None] * 1e4)
-    np.testing.assert_array_equal(discretized.codes[0], brute_force_codes(expression[:, 5], N_BINS))
-    np.testing.assert_array_equal(discretized.codes[1], brute_force_codes(expression[:, 1], N_BINS))
-    assert list(discretized.gene_names) == ["g5", "g1"]
-
-
-def test_discretize_expression_rejects_empty_cells_and_unknown_genes():
-    counts = sp.csr_matrix(np.ones((3, 2), dtype=np.float32))
-    with pytest.raises(ScgrnInputError, match="n_counts <= 0"):
-        discretization.discretize_expression(counts, np.array([2.0, 0.0, 2.0]), np.array(["a", "b"]))
-    with pytest.raises(ScgrnInputError, match="not in the corpus"):
-        discretization.discretize_expression(counts, np.full(3, 2.0), np.array(["a", "b"]), genes=["zz"])
-
-
-# ------------------------------------------------------------------ estimators
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mutual_information_equals_sklearn(seed):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, N_BINS, size=500)
-    y = np.where(rng.random(500) < 0.4, x, rng.integers(0, N_BINS, size=500))
-    assert estimators.pair_mutual_information(x, y, N_BINS) == pytest.approx(mutual_info_score(x, y), abs=1e-12)
-
-
-def test_miller_madow_adds_the_bin_count_correction():
-    rng = np.random.default_rng(4)
-    x = rng.integers(0, 4, size=60)
-    y = rng.integers(0, 3, size=60)
-    n_joint = len(set(zip(x.tolist(), y.tolist())))
-    correction = (len(set(x)) + len(set(y)) - n_joint - 1) / (2 * 60)
-    assert estimators.pair_mutual_information(x, y, N_BINS, miller_madow=True) == pytest.approx(mutual_info_score(x, y) + correction)
-
-
-@pytest.mark.parametrize("seed", [5, 6])
-def test_cmi_satisfies_the_chain_rule(seed):
-    rng = np.random.default_rng(seed)
-    z = rng.integers(0, N_BINS, size=800)
-    x = np.where(rng.random(800) < 0.5, z, rng.integers(0, N_BINS, size=800))
-    y = np.where(rng.random(800) < 0.5, x, rng.integers(0, N_BINS, size=800))
-    joint_yz = y * N_BINS + z
-    # I(X;Y,Z) = I(X;Z) + I(X;Y|Z), the left side and I(X;Z) from sklearn.
-    cmi = estimators.triplet_conditional_mutual_information(x, y, z, N_BINS)
-    assert mutual_info_score(x, joint_yz) == pytest.approx(mutual_info_score(x, z) + cmi, abs=1e-12)
-    assert cmi > 0
-
-
-def test_batch_estimators_match_the_single_edge_ones():
-    rng = np.random.default_rng(7)
-    codes = sparse_like_codes(rng, n_genes=8, n_cells=700)
-    first, second, third = rng.integers(0, 8, size=(3, 30))
-    for miller_madow in (False, True):
-        batch = estimators.mutual_information_batch(codes, first, second, N_BINS, miller_madow)
-        loop = [estimators.pair_mutual_information(codes[a], codes[b], N_BINS, miller_madow) for a, b in zip(first, second)]
-        np.testing.assert_allclose(batch, loop, atol=1e-12)
-        batch = estimators.conditional_mutual_information_batch(codes, first, second, third, N_BINS, miller_madow)
-        loop = [
-            estimators.triplet_conditional_mutual_information(codes[a], codes[b], codes[c], N_BINS, miller_madow)
-            for a, b, c in zip(first, second, third)
-        ]
-        np.testing.assert_allclose(batch, loop, atol=1e-12)
+# ------------------------------------------------------------------ multiple testing
 
 
 def test_benjamini_hochberg_equals_scipy():
