@@ -14,6 +14,7 @@ from scgrn_assets.lib.benchmark import network_metrics, ranking, universes
 from scgrn_assets.lib.benchmark.reference_files import normalise_reference
 from scgrn_assets_tests.lib.benchmark.test_universes import random_problem
 
+
 def test_degree_correlation_matches_scipy_on_brute_force_degrees():
     reference, prediction, data_genes = random_problem(5)
     pairs = universes.evaluation_pairs(prediction, reference, data_genes)
