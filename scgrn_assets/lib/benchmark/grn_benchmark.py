@@ -48,9 +48,10 @@ class GrnBenchmarkResult:
     tree_regulators: list[str] | None = None
     """The tree baseline's candidate regulators among ``genes`` (None: every gene)."""
     network_edges: pd.DataFrame | None = None
-    """The cross-cell networks (:func:`cross_cell_tables`), one ``method`` per feature kind."""
+    """The cross-cell networks (:func:`~scgrn_assets.lib.benchmark.pipeline.cross_cell_tables`), one ``method``
+    per feature kind."""
     training: dict = field(default_factory=dict)
-    """The model's training report (:func:`training_report`)."""
+    """The model's training report (:func:`~scgrn_assets.lib.network.model.training_report`)."""
 
 
 @dataclass
@@ -88,7 +89,8 @@ def prepare_model(data: ExpressionData, settings: GrnPathSettings,
 
 def attention_edges_of(prepared: PreparedModel, settings: GrnPathSettings,
                        progress: Progress | None = None) -> pd.DataFrame:
-    """The full attention edge table of a prepared model (not yet filtered by :func:`stable_edges`)."""
+    """The full attention edge table of a prepared model (not yet filtered by
+    :func:`~scgrn_assets.lib.benchmark.pipeline.stable_edges`)."""
     # A model trained here saw only each cell's top-ranked tokens: later positions are untrained.
     moments = attention_edge_moments(prepared.trained.model, prepared.cells, prepared.dictionaries,
                                      max_genes=settings.max_genes_per_cell,
@@ -114,7 +116,7 @@ def attention_network(data: ExpressionData, settings: GrnPathSettings,
     -------
     edges, loss_curve
         The full edge table (:func:`scgrn_assets.lib.network.attention.edge_table`, not yet filtered
-        by :func:`stable_edges`) and the masked-LM loss per step.
+        by :func:`~scgrn_assets.lib.benchmark.pipeline.stable_edges`) and the masked-LM loss per step.
     """
     prepared = prepare_model(data, settings, progress)
     return attention_edges_of(prepared, settings, progress), prepared.trained.loss_curve
@@ -128,7 +130,8 @@ def cell_studies(data: ExpressionData) -> np.ndarray:
 def feature_moments_by_study(data: ExpressionData, prepared: PreparedModel, genes: Sequence[str], kind: str,
                              settings: GrnPathSettings,
                              progress: Progress | None = None) -> dict[str, FeatureMoments]:
-    """Per study of ``data``, :func:`study_feature_moments` over ``genes`` (symbols)."""
+    """Per study of ``data``, :func:`~scgrn_assets.lib.benchmark.pipeline.study_feature_moments` over ``genes``
+    (symbols)."""
     key_of = dict(zip(data.gene_names, map(str, prepared.keys)))
     gene_keys = [key_of[gene] for gene in genes]
     columns = pd.Index(data.gene_names).get_indexer(genes)
@@ -147,8 +150,8 @@ def feature_moments_by_study(data: ExpressionData, prepared: PreparedModel, gene
 
 def validation_tables(data: ExpressionData, candidates: pd.DataFrame, settings: GrnPathSettings,
                       progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """MI of the candidate edges (:func:`union_candidates`) and the CMI table (the ``mi_edges`` and
-    ``cmi_edges`` assets)."""
+    """MI of the candidate edges (:func:`~scgrn_assets.lib.benchmark.pipeline.union_candidates`) and the CMI
+    table (the ``mi_edges`` and ``cmi_edges`` assets)."""
     genes = sorted(set(candidates["target"]) | set(candidates["parent"]))
     discretized = discretize_expression(data.values, data.n_counts, np.asarray(data.gene_names), genes=genes,
                                         n_bins=settings.n_bins)

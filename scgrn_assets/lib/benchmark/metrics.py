@@ -125,7 +125,7 @@ def benchmark_table(
     tf_list
         Regulators of the ``tf_rooted`` universe (None: each reference's regulators).
     universes
-        Which of :data:`UNIVERSES` to evaluate.
+        Which of :data:`~scgrn_assets.lib.benchmark.universes.UNIVERSES` to evaluate.
     method_directed
         Method -> directed; methods not named here use ``attrs["directed"]`` (default True).
     top_k

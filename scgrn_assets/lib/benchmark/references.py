@@ -140,10 +140,11 @@ def load_ground_truth(path: str | Path, *, format: str = "auto", name: str | Non
     """Read a ground-truth network file with the reader its layout needs.
 
     ``auto`` decides from the first line: four tab-separated fields whose third is a TRRUST mode
-    -> :func:`load_trrust`; a header naming the regulator (``Gene1``, ``regulator``, ``tf``,
-    ``source``, ``from``) and the target (``Gene2``, ``target``, ``to``) -> :func:`load_edge_list`
-    on those columns, signs from ``Type`` / ``sign`` / ``mode`` / ``mor`` when present (BEELINE's
-    ``GroundTruthNetwork.csv``, ``krumsiek11_edges_derived.csv``, DoRothEA-style tables); otherwise
+    -> :func:`~scgrn_assets.lib.benchmark.reference_files.load_trrust`; a header naming the regulator
+    (``Gene1``, ``regulator``, ``tf``, ``source``, ``from``) and the target (``Gene2``, ``target``, ``to``)
+    -> :func:`~scgrn_assets.lib.benchmark.reference_files.load_edge_list` on those columns, signs from
+    ``Type`` / ``sign`` / ``mode`` / ``mor`` when present (BEELINE's ``GroundTruthNetwork.csv``,
+    ``krumsiek11_edges_derived.csv``, DoRothEA-style tables); otherwise
     a plain two-column regulator, target list (SERGIO's ``gt_GRN.csv``).
 
     Returns

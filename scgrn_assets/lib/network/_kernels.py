@@ -80,7 +80,8 @@ def chan_merge_pairs(count, mean, m2, keys, n_b, mean_b, m2_b) -> None:
 
 @numba.njit(cache=True, nogil=True)
 def chan_update_triangles(count, mean, m2, high_offset, sorted_genes, n_valid, values) -> None:
-    """Every valid pair of every cell, in triangle order (:func:`triangle_pairs`), one pass."""
+    """Every valid pair of every cell, in triangle order
+    (:func:`~scgrn_assets.lib.network.partial_correlation.triangle_pairs`), one pass."""
     for cell in range(sorted_genes.shape[0]):
         pair = 0
         for j in range(1, n_valid[cell]):

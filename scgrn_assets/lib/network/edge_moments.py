@@ -241,7 +241,8 @@ class EdgeMomentAccumulator:
         self.add_triangles(values, sorted_genes, valid.sum(dim=1))
 
     def add_triangles(self, values: torch.Tensor, sorted_genes: torch.Tensor, n_valid: torch.Tensor) -> None:
-        """Add partial correlations in triangle form (:func:`triangle_pairs`) of gene-sorted slots.
+        """Add partial correlations in triangle form
+        (:func:`~scgrn_assets.lib.network.partial_correlation.triangle_pairs`) of gene-sorted slots.
 
         Parameters
         ----------

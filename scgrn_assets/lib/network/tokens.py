@@ -128,7 +128,8 @@ def tokenize_cells(
     n_counts
         Shape (n_cells,), library size of each cell over all genes (not only the kept ones).
     gene_keys
-        Shape (n_genes,), dictionary key of each column (:func:`corpus_gene_keys`).
+        Shape (n_genes,), dictionary key of each column
+        (:func:`~scgrn_assets.lib.network.dictionaries.corpus_gene_keys`).
     dictionaries
         Token and median dictionaries; their ``convention`` decides special tokens and size.
     chunk_size
