@@ -4,7 +4,7 @@ The original pipeline handled one cell at a time: cosine similarity of attention
 shrinkage toward the identity, ``numpy.linalg.pinv``, partial correlation, then a Python
 dict of per-pair Welford states. Ours is the production step
 (:func:`scgrn_assets.lib.network.attention.add_attention_blocks` into an
-:class:`~scgrn_assets.lib.network.attention.EdgeMomentAccumulator`): the same maths, on
+:class:`~scgrn_assets.lib.network.edge_moments.EdgeMomentAccumulator`): the same maths, on
 the CPU per cell through LAPACK on one triangle (``syrk``/``potrf``/``potri``: the shrunk
 matrix is SPD, so its pseudo-inverse is its inverse) and a numba Welford/Chan loop into
 dense per-pair arrays (up to 4,096 genes) or a pair hash map (larger universes); on a GPU
@@ -46,14 +46,11 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from scgrn_assets.lib.network.attention import (
-    DEFAULT_MAX_DENSE_PAIRS,
-    EdgeMomentAccumulator,
-    add_attention_blocks,
-    attention_edge_moments,
-)
+from scgrn_assets.lib.network.attention import add_attention_blocks, attention_edge_moments
+from scgrn_assets.lib.network.edge_moments import DEFAULT_MAX_DENSE_PAIRS, EdgeMomentAccumulator
 from scgrn_assets.lib.network.model import SmallGeneformerConfig, build_masked_lm
-from scgrn_assets.lib.network.tokens import V1, GeneformerDictionaries, TokenizedCells
+from scgrn_assets.lib.network.dictionaries import V1, GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
 
 GOAL = 20
 SHRINKAGE = 1e-3

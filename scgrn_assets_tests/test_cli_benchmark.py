@@ -10,10 +10,23 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from scgrn_assets.cli import main
-from scgrn_assets.lib.benchmark.metrics import evaluation_pairs, ranking_metrics
-from scgrn_assets.lib.benchmark.pipeline import METHOD_LABELS, predictions_from_long
+from scgrn_assets.lib.benchmark.metrics import ranking_metrics
+from scgrn_assets.lib.benchmark.universes import evaluation_pairs
+from scgrn_assets.lib.benchmark.pipeline import METHOD_LABELS
 from scgrn_assets.lib.benchmark.references import load_ground_truth
 from scgrn_assets_tests.conftest import shared_data
+
+
+def predictions_from_long(table: pd.DataFrame, directed: dict[str, bool]) -> dict[str, pd.DataFrame]:
+    """``predictions.parquet`` read back per method; ``directed`` (``run.json``'s ``methods``) gives the
+    order and the methods that listed no pair."""
+    predictions = {}
+    for method, is_directed in directed.items():
+        prediction = table.loc[table["method"] == method, ["source", "target", "score"]].reset_index(drop=True)
+        prediction.attrs["directed"] = bool(is_directed)
+        predictions[method] = prediction
+    return predictions
+
 
 TRUTH = [("G0", "G1", "+"), ("G0", "G2", "+"), ("G1", "G3", "-"), ("G2", "G4", "+"), ("G5", "G6", "+"),
          ("G5", "G7", "-"), ("G6", "G8", "+")]

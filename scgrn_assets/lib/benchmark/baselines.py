@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,9 +47,8 @@ import scipy.stats
 from sklearn.ensemble import ExtraTreesRegressor
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.progress import Progress, report
 
-ProgressCallback = Callable[[int, int], None]
-"""Called as ``progress(n_done, n_total)`` after each unit of work."""
 
 
 def _dense_expression(expression, gene_names: Sequence[str]) -> np.ndarray:
@@ -167,7 +166,7 @@ def tree_edges(
     seed: int = 0,
     n_jobs: int = 1,
     groups: Sequence | None = None,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """GENIE3-style tree-ensemble regression baseline (directed regulator -> target).
 
@@ -230,8 +229,7 @@ def tree_edges(
         sources.append(names[candidates])
         targets.append(np.full(len(candidates), names[target_index], dtype=object))
         scores.append(importance)
-        if progress is not None:
-            progress(target_index + 1, len(gene_names))
+        report(progress, target_index + 1, len(gene_names))
     predictions = pd.DataFrame({
         "source": np.concatenate(sources),
         "target": np.concatenate(targets),
@@ -290,7 +288,7 @@ def grnboost2_edges(
     early_stop_window: int = 25,
     seed: int = 0,
     groups: Sequence | None = None,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """GRNBoost2 (arboreto's algorithm and settings), one target at a time, without dask.
 
@@ -318,8 +316,7 @@ def grnboost2_edges(
         sources.append(names[candidates])
         targets.append(np.full(len(candidates), names[target_index], dtype=object))
         scores.append(importance)
-        if progress is not None:
-            progress(target_index + 1, len(gene_names))
+        report(progress, target_index + 1, len(gene_names))
     predictions = pd.DataFrame({"source": np.concatenate(sources), "target": np.concatenate(targets),
                                 "score": np.concatenate(scores)})
     predictions.attrs["directed"] = True

@@ -32,8 +32,6 @@ or set to 0 with ``clip_negative`` (e.g. krumsiek11's ODE noise around zero, dow
 
 from __future__ import annotations
 
-import gzip
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +42,7 @@ import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.benchmark.expression import TARGET_SUM
+from scgrn_assets.lib.text_files import open_text
 
 ORIENTATIONS = ("auto", "genes-x-cells", "cells-x-genes")
 VALUE_KINDS = ("counts", "normalized")
@@ -159,12 +158,6 @@ def read_expression(
                           value_kind=values, orientation=how, path=str(path), study=study)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -175,7 +168,7 @@ def _is_number(text: str) -> bool:
 
 def _read_delimited(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     """(row labels, column labels, values as rows x columns float64) of a labelled text table."""
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         text = handle.read()
     lines = text.splitlines()
     comments = [line for line in lines if line.startswith("#")]

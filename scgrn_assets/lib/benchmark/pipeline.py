@@ -1,4 +1,4 @@
-"""The GRN path, end to end, in one place: the assets and ``scgrn benchmark`` both call it.
+"""The GRN path's settings and the steps the Dagster assets and ``scgrn benchmark`` share.
 
 attention (tokenise → train a small Geneformer-architecture model → last-layer attention →
 partial correlation → edge stability); cross-cell partial correlations of the model's rank-value
@@ -9,45 +9,34 @@ user chooses (default: the rank-value network and Pearson together); Pearson / S
 random, on the same genes; and the metrics of :mod:`scgrn_assets.lib.benchmark.metrics` against every
 reference.
 
-The Dagster assets run the same steps one asset at a time (with storage between them and
-attention per study, merged exactly); :func:`run_grn_benchmark` runs them in memory on one
-expression matrix. Each step below is the one function both use, with the same settings
+The Dagster assets run these steps one asset at a time (with storage between them and
+attention per study, merged exactly); :func:`scgrn_assets.lib.benchmark.grn_benchmark.run_grn_benchmark`
+runs them in memory on one expression matrix and :mod:`scgrn_assets.lib.benchmark.outputs` writes what
+it found. Each step below is the one function both use, with the same settings
 (:class:`GrnPathSettings`, whose defaults are the Dagster resources' defaults; a test keeps them equal).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
 from scgrn_assets.lib.benchmark.baselines import (gene_level_null_edges, grnboost2_edges, pearson_edges, random_edges,
-                                        regdiffusion_edges, spearman_edges, tree_edges)
-from scgrn_assets.lib.network.cross_cell import (COMPOSITIONAL_FEATURES, FEATURE_KINDS, FeatureMoments, accumulate_feature_moments,
-                                                 cross_cell_network, genes_seen_with_others, hidden_state_chunks,
-                                                 log_expression_chunks, rank_value_chunks, select_gene_universe)
-from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.benchmark.expression import log_normalized
-from scgrn_assets.lib.benchmark.expression_files import ExpressionData
-from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, position_only_entropy,
-                                         train_small_geneformer, training_report)
-from scgrn_assets.lib.benchmark.metrics import benchmark_table
-from scgrn_assets.lib.validation.mutual_information import (candidate_edges, cmi_tables, discretize_expression,
-                                                 mi_edge_table)
+                                                  regdiffusion_edges, spearman_edges, tree_edges)
 from scgrn_assets.lib.benchmark.references import load_tf_list
-from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.network.tokens import (GeneformerDictionaries, TokenizedCells, build_corpus_dictionaries,
-                                       convention_named, corpus_gene_keys, tokenize_cells)
-
-ProgressCallback = Callable[[int, int], None]
-StageProgress = Callable[[str, int, int], None]
-"""Called as ``progress(stage, n_done, n_total)``; stages: tokenize, train, attention, features (one per
-feature kind), mi, cmi, tree, grnboost2, metrics."""
+from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.network.cross_cell import (COMPOSITIONAL_FEATURES, FEATURE_KINDS, FeatureMoments,
+                                                 accumulate_feature_moments, cross_cell_network,
+                                                 genes_seen_with_others, hidden_state_chunks, log_expression_chunks,
+                                                 rank_value_chunks, select_gene_universe)
+from scgrn_assets.lib.network.dictionaries import GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
+from scgrn_assets.lib.progress import Progress, for_stage
+from scgrn_assets.lib.validation.mutual_information import candidate_edges
 
 CROSS_CELL_METHODS = {kind: f"pcorr_{kind}" for kind in FEATURE_KINDS}
 """Feature kind → method name of its cross-cell partial-correlation network."""
@@ -70,10 +59,6 @@ METHOD_LABELS = {
     "gene_level_null": "gene-level null",
     "random": "random",
 }
-HEADLINE_COLUMNS = (("all_pairs", "epr"), ("all_pairs", "auprc_ratio"), ("all_pairs", "auroc"),
-                    ("all_pairs", "auprc_ap"), ("all_pairs", "early_precision"),
-                    ("tf_rooted", "epr"), ("tf_rooted", "auprc_ratio"))
-"""The summary's columns: (universe, metric)."""
 
 
 @dataclass(frozen=True)
@@ -120,11 +105,6 @@ class GrnPathSettings:
     benchmark_seed: int = 0
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps shared with the assets
-# ---------------------------------------------------------------------------------------------
-
-
 def stable_edges(edges: pd.DataFrame, min_cells: int) -> pd.DataFrame:
     """The edge table without pairs seen in fewer than ``min_cells`` cells: with n = 2 or 3 the
     sample sd is tiny by chance and mean/sd explodes, which would put noise at the top."""
@@ -166,7 +146,7 @@ def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: 
                          groups: Sequence | None = None, grnboost2_max_cells: int = 1000,
                          grnboost2_max_estimators: int = 5000, regdiffusion_n_steps: int = 1000,
                          regdiffusion_max_cells: int = 2000, methods: Sequence[str] = BASELINE_METHODS,
-                         progress: StageProgress | None = None) -> dict[str, pd.DataFrame]:
+                         progress: Progress | None = None) -> dict[str, pd.DataFrame]:
     """The baselines (``BASELINE_METHODS``) on ``genes``: co-expression and regressions within study,
     the tools people use (GRNBoost2, RegDiffusion), a gene-level null and random.
 
@@ -191,9 +171,8 @@ def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: 
     methods
         Which baselines to run (a subset of ``BASELINE_METHODS``).
     progress
-        Optional ``progress(stage, n_done, n_total)`` (stages ``tree``, ``grnboost2``).
+        Optional; each call carries ``stage="tree"`` or ``stage="grnboost2"``.
     """
-    report = _stage_reporter(progress)
     unknown = sorted(set(methods) - set(BASELINE_METHODS))
     if unknown:
         raise ScgrnInputError(f"unknown baseline methods {unknown}", fix=f"choose from {list(BASELINE_METHODS)}")
@@ -202,10 +181,10 @@ def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: 
         "spearman": lambda: spearman_edges(expression, genes, groups=groups),
         "tree": lambda: tree_edges(expression, genes, tf_list=tf_list, n_trees=tree_n_trees, max_cells=tree_max_cells,
                                    max_features=tree_max_features, seed=seed, groups=groups,
-                                   progress=report("tree")),
+                                   progress=for_stage(progress, "tree")),
         "grnboost2": lambda: grnboost2_edges(expression, genes, tf_list=tf_list, max_cells=grnboost2_max_cells,
                                              max_estimators=grnboost2_max_estimators, seed=seed, groups=groups,
-                                             progress=report("grnboost2")),
+                                             progress=for_stage(progress, "grnboost2")),
         "regdiffusion": lambda: regdiffusion_edges(expression, genes, n_steps=regdiffusion_n_steps,
                                                    max_cells=regdiffusion_max_cells, seed=seed, groups=groups),
         "gene_level_null": lambda: gene_level_null_edges(expression, genes, groups=groups),
@@ -294,107 +273,6 @@ def _undirected(source, target, score) -> pd.DataFrame:
     return table
 
 
-# ---------------------------------------------------------------------------------------------
-# The whole path on one expression matrix
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GrnBenchmarkResult:
-    """What :func:`run_grn_benchmark` computed: every intermediate table and the metrics."""
-
-    genes: list[str]
-    attention_edges: pd.DataFrame
-    loss_curve: np.ndarray
-    mi_edges: pd.DataFrame
-    cmi_edges: pd.DataFrame
-    baselines: pd.DataFrame
-    predictions: dict[str, pd.DataFrame]
-    metrics: pd.DataFrame
-    settings: dict = field(default_factory=dict)
-    tree_regulators: list[str] | None = None
-    """The tree baseline's candidate regulators among ``genes`` (None: every gene)."""
-    network_edges: pd.DataFrame | None = None
-    """The cross-cell networks (:func:`cross_cell_tables`), one ``method`` per feature kind."""
-    training: dict = field(default_factory=dict)
-    """The model's training report (:func:`training_report`)."""
-
-
-@dataclass
-class PreparedModel:
-    """Tokens and the model trained on them: what the attention and feature steps read."""
-
-    keys: np.ndarray
-    """Shape (n_genes,): each expression column's dictionary key."""
-    dictionaries: GeneformerDictionaries
-    cells: TokenizedCells
-    trained: TrainedGeneformer
-    config: SmallGeneformerConfig
-    symbols: dict[str, str]
-    """Dictionary key → gene symbol."""
-
-
-def prepare_model(data: ExpressionData, settings: GrnPathSettings,
-                  progress: StageProgress | None = None) -> PreparedModel:
-    """Tokenise the cells and train the small Geneformer on them (the ``tokenized_cells`` and
-    ``geneformer_model`` assets)."""
-    report = _stage_reporter(progress)
-    keys = corpus_gene_keys(data.var)
-    dictionaries = build_corpus_dictionaries(data.values, data.n_counts, keys, convention_named(settings.convention))
-    keys = corpus_gene_keys(data.var, dictionaries.gene_name_id)
-    cells = tokenize_cells(data.values, data.n_counts, keys, dictionaries, progress=report("tokenize"))
-    if cells.lengths.max(initial=0) < 2:
-        raise ScgrnInputError("no cell expresses two genes: attention has no pairs to read", file=data.path,
-                              fix="check --values and the matrix orientation")
-    config = SmallGeneformerConfig(n_steps=settings.train_steps, batch_size=settings.train_batch_size,
-                                   seed=settings.model_seed)
-    train_report = report("train")
-    # No callback, no wrapper: a lambda around None would raise TypeError on the first training step.
-    train_progress = None if train_report is None else (lambda step, n_steps, loss: train_report(step, n_steps))
-    trained = train_small_geneformer(cells, dictionaries, config, device=settings.device, progress=train_progress)
-    return PreparedModel(keys=keys, dictionaries=dictionaries, cells=cells, trained=trained, config=config,
-                         symbols=dict(zip(map(str, keys), data.gene_names)))
-
-
-def attention_edges_of(prepared: PreparedModel, settings: GrnPathSettings,
-                       progress: StageProgress | None = None) -> pd.DataFrame:
-    """The full attention edge table of a prepared model (not yet filtered by :func:`stable_edges`)."""
-    # A model trained here saw only each cell's top-ranked tokens: later positions are untrained.
-    moments = attention_edge_moments(prepared.trained.model, prepared.cells, prepared.dictionaries,
-                                     max_genes=settings.max_genes_per_cell,
-                                     max_input_length=prepared.config.max_train_length, method=settings.pcorr_method,
-                                     batch_size=settings.attention_batch_size, device=settings.device,
-                                     layers=settings.attention_layers, heads=settings.attention_heads,
-                                     progress=_stage_reporter(progress)("attention"))
-    return edge_table(moments, prepared.symbols)
-
-
-def model_training_report(prepared: PreparedModel, min_loss_margin: float | None) -> dict:
-    """:func:`scgrn_assets.lib.network.model.training_report` of a model trained here."""
-    entropy = position_only_entropy(prepared.cells, prepared.dictionaries, prepared.config.max_train_length)
-    return training_report(prepared.trained.loss_curve, entropy, min_loss_margin)
-
-
-def attention_network(data: ExpressionData, settings: GrnPathSettings,
-                      progress: StageProgress | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """Tokenise, train the small Geneformer, and read edges from its attention (what the
-    ``tokenized_cells`` → ``geneformer_model`` → ``attention_moments`` → ``edge_stability`` assets do).
-
-    Returns
-    -------
-    edges, loss_curve
-        The full edge table (:func:`scgrn_assets.lib.network.attention.edge_table`, not yet filtered
-        by :func:`stable_edges`) and the masked-LM loss per step.
-    """
-    prepared = prepare_model(data, settings, progress)
-    return attention_edges_of(prepared, settings, progress), prepared.trained.loss_curve
-
-
-def cell_studies(data: ExpressionData) -> np.ndarray:
-    """Shape (n_cells,): each cell's study, or one study ("all") when the data has none."""
-    return np.full(data.n_cells, "all") if data.study is None else np.asarray(data.study).astype(str)
-
-
 def model_genes(prepared_cells: TokenizedCells, dictionaries: GeneformerDictionaries, symbols: Mapping[str, str],
                 max_genes: int) -> list[str]:
     """Symbols of the genes the attention step can pair (:func:`genes_seen_with_others`), sorted: the
@@ -424,7 +302,7 @@ def network_universe(candidate_genes: Sequence[str], expression, max_universe_ge
 def study_feature_moments(kind: str, genes: Sequence[str], gene_keys: Sequence[str], *, cells: TokenizedCells,
                           dictionaries: GeneformerDictionaries, model, values, n_counts: np.ndarray,
                           columns: np.ndarray, max_genes: int, max_input_length: int | None, batch_size: int,
-                          device: str | None, progress: ProgressCallback | None = None) -> FeatureMoments:
+                          device: str | None, progress: Progress | None = None) -> FeatureMoments:
     """The moments of one feature kind over one study's cells (the ``network_moments[study]`` step).
 
     Parameters
@@ -451,26 +329,6 @@ def study_feature_moments(kind: str, genes: Sequence[str], gene_keys: Sequence[s
     return accumulate_feature_moments(chunks, genes)
 
 
-def feature_moments_by_study(data: ExpressionData, prepared: PreparedModel, genes: Sequence[str], kind: str,
-                             settings: GrnPathSettings,
-                             progress: StageProgress | None = None) -> dict[str, FeatureMoments]:
-    """Per study of ``data``, :func:`study_feature_moments` over ``genes`` (symbols)."""
-    key_of = dict(zip(data.gene_names, map(str, prepared.keys)))
-    gene_keys = [key_of[gene] for gene in genes]
-    columns = pd.Index(data.gene_names).get_indexer(genes)
-    studies = cell_studies(data)
-    report = _stage_reporter(progress)(f"features:{kind}")
-    moments = {}
-    for study in sorted(set(studies)):
-        selected = np.flatnonzero(studies == study)
-        moments[study] = study_feature_moments(
-            kind, genes, gene_keys, cells=prepared.cells.subset(selected), dictionaries=prepared.dictionaries,
-            model=prepared.trained.model, values=data.values[selected], n_counts=data.n_counts[selected],
-            columns=columns, max_genes=settings.max_genes_per_cell, max_input_length=prepared.config.max_train_length,
-            batch_size=settings.attention_batch_size, device=settings.device, progress=report)
-    return moments
-
-
 def cross_cell_tables(moments_by_kind: Mapping[str, Mapping[str, FeatureMoments]],
                       gene_symbols: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per feature kind, the merged cross-cell network; one long table with a ``method`` column
@@ -483,182 +341,9 @@ def cross_cell_tables(moments_by_kind: Mapping[str, Mapping[str, FeatureMoments]
     return pd.concat(tables, ignore_index=True), shrinkage
 
 
-def validation_tables(data: ExpressionData, candidates: pd.DataFrame, settings: GrnPathSettings,
-                      progress: StageProgress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """MI of the candidate edges (:func:`union_candidates`) and the CMI table (the ``mi_edges`` and
-    ``cmi_edges`` assets)."""
-    report = _stage_reporter(progress)
-    genes = sorted(set(candidates["target"]) | set(candidates["parent"]))
-    discretized = discretize_expression(data.values, data.n_counts, np.asarray(data.gene_names), genes=genes,
-                                        n_bins=settings.n_bins)
-    mi = mi_edge_table(discretized, candidates, n_permutations=settings.n_permutations, alpha=settings.alpha,
-                       miller_madow=settings.miller_madow, seed=settings.validation_seed, progress=report("mi"))
-    _, cmi = cmi_tables(discretized, mi, n_permutations=settings.n_permutations, alpha=settings.alpha,
-                        min_cmi_ratio=settings.min_cmi_ratio, miller_madow=settings.miller_madow,
-                        seed=settings.validation_seed, progress=report("cmi"))
-    return mi, cmi
-
-
-def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFrame],
-                      settings: GrnPathSettings = GrnPathSettings(),
-                      progress: StageProgress | None = None) -> GrnBenchmarkResult:
-    """Run the whole GRN path on one expression matrix and score every method against every reference.
-
-    Parameters
-    ----------
-    data
-        Cells x genes (:func:`scgrn_assets.lib.benchmark.expression_files.read_expression`); ``data.study`` (when
-        present) is the study every within-study step centres on.
-    references
-        Name -> normalised reference (:mod:`scgrn_assets.lib.benchmark.references`).
-    settings
-        The path's settings (defaults: the assets').
-    progress
-        Optional ``progress(stage, n_done, n_total)``.
-
-    Returns
-    -------
-    GrnBenchmarkResult
-        ``metrics`` has :func:`scgrn_assets.lib.benchmark.metrics.benchmark_table`'s columns.
-    """
-    report = _stage_reporter(progress)
-    prepared = prepare_model(data, settings, progress)
-    all_edges = attention_edges_of(prepared, settings, progress)
-    edges = stable_edges(all_edges, settings.min_cells_per_edge)
-    if edges.empty:
-        raise ScgrnInputError(f"no gene pair was seen together in {settings.min_cells_per_edge} or more cells",
-                              file=data.path, fix="pass more cells or a smaller --min-cells-per-edge")
-    candidate_genes = model_genes(prepared.cells, prepared.dictionaries, prepared.symbols,
-                                  settings.max_genes_per_cell)
-    columns = pd.Index(data.gene_names).get_indexer(candidate_genes)
-    candidate_expression = log_normalized(data.values[:, columns], data.n_counts)
-    tf_symbols = [] if settings.tf_list is None else tree_regulators(settings.tf_list, candidate_genes) or []
-    genes = network_universe(candidate_genes, candidate_expression, settings.max_universe_genes, tf_symbols)
-    expression = candidate_expression[:, pd.Index(candidate_genes).get_indexer(genes)].toarray()
-    moments = {kind: feature_moments_by_study(data, prepared, genes, kind, settings, progress)
-               for kind in settings.network_features}
-    network, _ = cross_cell_tables(moments)
-    # The baselines never see ``references``: the tree's regulators are every gene or the user's TF list.
-    tf_list = tree_regulators(settings.tf_list, genes)
-    baselines = baseline_table(baseline_predictions(
-        expression, genes, tf_list, tree_n_trees=settings.tree_n_trees, tree_max_cells=settings.tree_max_cells,
-        tree_max_features=settings.tree_max_features, seed=settings.benchmark_seed, groups=cell_studies(data),
-        grnboost2_max_cells=settings.grnboost2_max_cells, grnboost2_max_estimators=settings.grnboost2_max_estimators,
-        regdiffusion_n_steps=settings.regdiffusion_n_steps, regdiffusion_max_cells=settings.regdiffusion_max_cells,
-        progress=progress))
-    networks = network_predictions(edges, baselines, network)
-    candidates = union_candidates(chosen_networks(networks, settings.mi_candidates), top_k=settings.mi_top_k)
-    mi, cmi = validation_tables(data, candidates, settings, progress)
-    predictions = prediction_tables(edges, baselines, mi, cmi, network=network)
-    metrics = benchmark_table(predictions, references, genes, top_k=settings.top_k, n_null=settings.n_null,
-                              seed=settings.benchmark_seed, progress=report("metrics"))
-    return GrnBenchmarkResult(genes=genes, attention_edges=edges, loss_curve=prepared.trained.loss_curve, mi_edges=mi,
-                              cmi_edges=cmi, baselines=baselines, predictions=predictions, metrics=metrics,
-                              settings=asdict(settings), tree_regulators=tf_list, network_edges=network,
-                              training=model_training_report(prepared, settings.min_loss_margin))
-
-
 def chosen_networks(predictions: Mapping[str, pd.DataFrame], methods: Sequence[str]) -> dict[str, pd.DataFrame]:
     missing = [m for m in methods if m not in predictions]
     if missing:
         raise ScgrnInputError(f"MI candidate networks {missing} were not computed",
                               fix=f"choose mi_candidates among {sorted(predictions)}")
     return {method: predictions[method] for method in methods}
-
-
-def predictions_long(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every method's predictions in one table: method, source, target, score, directed."""
-    return pd.concat([p[["source", "target", "score"]].assign(method=m, directed=bool(p.attrs.get("directed", True)))
-                      for m, p in predictions.items()], ignore_index=True)[
-        ["method", "source", "target", "score", "directed"]]
-
-
-def predictions_from_long(table: pd.DataFrame, directed: Mapping[str, bool]) -> dict[str, pd.DataFrame]:
-    """Inverse of :func:`predictions_long`; ``directed`` (method -> directed, e.g. ``run.json``'s
-    ``methods``) gives the order and the methods that listed no pair."""
-    predictions = {}
-    for method, is_directed in directed.items():
-        prediction = table.loc[table["method"] == method, ["source", "target", "score"]].reset_index(drop=True)
-        prediction.attrs["directed"] = bool(is_directed)
-        predictions[method] = prediction
-    return predictions
-
-
-def headline_table(metrics: pd.DataFrame, columns: Sequence[tuple[str, str]] = HEADLINE_COLUMNS) -> pd.DataFrame:
-    """One row per reference x method, one column per (universe, metric): ``epr`` for ``all_pairs``,
-    ``epr_tf_rooted`` for ``tf_rooted``; best all-pairs EPR first within a reference."""
-    label = metrics["metric"].where(metrics["universe"] == "all_pairs",
-                                    metrics["metric"] + "_" + metrics["universe"].astype(str))
-    wanted = [metric if universe == "all_pairs" else f"{metric}_{universe}" for universe, metric in columns]
-    chosen = metrics.assign(column=label)[lambda table: table["column"].isin(wanted)]
-    wide = chosen.pivot_table(index=["reference", "method"], columns="column", values="value", sort=False)
-    wide = wide.reindex(columns=[c for c in wanted if c in wide.columns]).reset_index()
-    wide.columns.name = None
-    if "epr" in wide.columns:
-        wide = wide.sort_values(["reference", "epr"], ascending=[True, False], kind="stable")
-    return wide.reset_index(drop=True)
-
-
-SUMMARY_LEGEND = ("Columns without a suffix are the `all_pairs` universe, where every method ranks every pair "
-                  "(the tree baseline's regulators are every gene unless a TF list was given); `_tf_rooted` "
-                  "columns rank only pairs rooted at a regulator of the truth, the same TF prior for every "
-                  "method. EPR and AUPRC ratio: 1 = random.")
-
-
-def headline_markdown(headline: pd.DataFrame) -> str:
-    """The headline table as Markdown, methods named in words."""
-    shown = headline.assign(method=headline["method"].map(lambda m: METHOD_LABELS.get(m, m)))
-    return shown.to_markdown(index=False, floatfmt=".3f")
-
-
-def _stage_reporter(progress: StageProgress | None) -> Callable[[str], ProgressCallback | None]:
-    def for_stage(stage: str) -> ProgressCallback | None:
-        if progress is None:
-            return None
-        return lambda done, total: progress(stage, done, total)
-    return for_stage
-
-
-def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str,
-                            run_info: Mapping[str, object]) -> dict[str, Path]:
-    """Write a benchmark run under ``out_dir``, every file through a temporary name and a rename.
-
-    Files: ``benchmark_metrics.parquet`` / ``.csv`` (the long table with a ``dataset`` column),
-    ``benchmark_summary.csv`` / ``.md`` (:func:`headline_table`), ``predictions.parquet`` (every method's scored pairs), the intermediate
-    ``attention_edges``, ``mi_edges``, ``cmi_edges`` Parquet tables and ``run.json`` (inputs,
-    settings, what was decided). Returns name -> path.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = result.metrics.assign(dataset=dataset)[["dataset", *result.metrics.columns]]
-    headline = headline_table(result.metrics)
-    paths = {name: out_dir / name for name in (
-        "benchmark_metrics.parquet", "benchmark_metrics.csv", "benchmark_summary.csv", "benchmark_summary.md",
-        "predictions.parquet", "attention_edges.parquet", "network_edges.parquet", "mi_edges.parquet",
-        "cmi_edges.parquet", "run.json")}
-    writers = {
-        "benchmark_metrics.parquet": lambda tmp: metrics.to_parquet(tmp, index=False),
-        "benchmark_metrics.csv": lambda tmp: metrics.to_csv(tmp, index=False),
-        "benchmark_summary.csv": lambda tmp: headline.assign(dataset=dataset).to_csv(tmp, index=False),
-        "benchmark_summary.md": lambda tmp: Path(tmp).write_text(
-            f"# {dataset}: GRN benchmark\n\n{SUMMARY_LEGEND}\n\n{headline_markdown(headline)}\n"),
-        "predictions.parquet": lambda tmp: predictions_long(result.predictions).to_parquet(tmp, index=False),
-        "attention_edges.parquet": lambda tmp: result.attention_edges.to_parquet(tmp, index=False),
-        "network_edges.parquet": lambda tmp: (result.network_edges if result.network_edges is not None
-                                              else pd.DataFrame()).to_parquet(tmp, index=False),
-        "mi_edges.parquet": lambda tmp: result.mi_edges.to_parquet(tmp, index=False),
-        "cmi_edges.parquet": lambda tmp: result.cmi_edges.to_parquet(tmp, index=False),
-        "run.json": lambda tmp: Path(tmp).write_text(json.dumps(
-            {"dataset": dataset, **run_info, "settings": result.settings, "genes_benchmarked": result.genes,
-             "methods": {m: bool(p.attrs.get("directed", True)) for m, p in result.predictions.items()},
-             "tree_regulators": ("all genes" if result.tree_regulators is None
-                                 else {"tf_list": result.settings.get("tf_list"),
-                                       "n_in_genes": len(result.tree_regulators), "genes": result.tree_regulators}),
-             "final_training_loss": float(np.nanmean(result.loss_curve[-20:])) if len(result.loss_curve) else None,
-             "training": result.training},
-            indent=2, default=str) + "\n"),
-    }
-    for name, write in writers.items():
-        with atomic_path(paths[name]) as tmp:
-            write(tmp)
-    return paths

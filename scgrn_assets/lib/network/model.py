@@ -13,7 +13,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,14 +20,10 @@ from transformers import BertConfig, BertForMaskedLM
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.network.tokens import (
-    MASK_TOKEN,
-    PAD_TOKEN,
-    GeneformerDictionaries,
-    TokenizedCells,
-    convention_named,
-    load_geneformer_dictionaries,
-)
+from scgrn_assets.lib.network.dictionaries import (MASK_TOKEN, PAD_TOKEN, GeneformerDictionaries, convention_named,
+                                                   load_geneformer_dictionaries)
+from scgrn_assets.lib.network.tokens import TokenizedCells
+from scgrn_assets.lib.progress import Progress, report
 
 IGNORE_LABEL = -100
 """Label value the masked-LM loss skips (positions that were not masked)."""
@@ -166,7 +161,7 @@ def train_small_geneformer(
     config: SmallGeneformerConfig = SmallGeneformerConfig(),
     *,
     device: str | torch.device | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> TrainedGeneformer:
     """Train a small Geneformer-architecture BERT masked-LM on tokenized cells.
 
@@ -180,7 +175,7 @@ def train_small_geneformer(
     dictionaries
         The dictionaries ``cells`` were encoded with (vocabulary and special tokens).
     progress
-        Called as ``progress(step, n_steps, loss)`` after every step.
+        Called as ``progress(step, n_steps, loss=loss)`` after every step.
     """
     if cells.n_cells == 0:
         raise ScgrnInputError("no tokenized cells to train on", fix="check the corpus and its gene dictionary")
@@ -220,8 +215,7 @@ def train_small_geneformer(
             # A batch of tiny cells may draw no mask: nothing to learn, the curve repeats its last value.
             loss_curve[step] = loss_curve[step - 1] if step else math.nan
         scheduler.step()
-        if progress is not None:
-            progress(step + 1, config.n_steps, loss_curve[step])
+        report(progress, step + 1, config.n_steps, loss=float(loss_curve[step]))
     model.eval()
     return TrainedGeneformer(model.cpu(), dictionaries, loss_curve)
 

@@ -1,6 +1,6 @@
 """Per gene pair streaming moments (n, mean, M2) in an open-addressing hash map, for large gene universes.
 
-The dense accumulator of :mod:`scgrn_assets.lib.network.attention` keeps one slot per possible
+The dense accumulator of :mod:`scgrn_assets.lib.network.dense_moments` keeps one slot per possible
 pair: ``n_genes·(n_genes − 1)/2`` of them, 4.8 GB of state at 20,000 genes and 10.8 GB at
 30,000. A cell contributes at most ``256·255/2`` pairs, so the pairs actually seen are far
 fewer; this map holds only those. Memory grows with the pairs seen (32 bytes per slot, the

@@ -7,7 +7,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgrn_assets.lib.benchmark.expression_files import ExpressionData
-from scgrn_assets.lib.benchmark.pipeline import GrnPathSettings, attention_network
+from scgrn_assets.lib.benchmark.grn_benchmark import attention_network
+from scgrn_assets.lib.benchmark.pipeline import GrnPathSettings
 
 
 def tiny_expression(n_cells: int = 120, n_genes: int = 12, seed: int = 0) -> ExpressionData:

@@ -175,7 +175,8 @@ def test_genes_seen_with_others_are_the_attention_edge_tables_genes():
     from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
     from scgrn_assets.lib.network.cross_cell import genes_seen_with_others
     from scgrn_assets.lib.network.model import SmallGeneformerConfig, build_masked_lm
-    from scgrn_assets.lib.network.tokens import build_corpus_dictionaries, convention_named, tokenize_cells
+    from scgrn_assets.lib.network.dictionaries import build_corpus_dictionaries, convention_named
+    from scgrn_assets.lib.network.tokens import tokenize_cells
 
     rng = np.random.default_rng(9)
     counts = rng.poisson(0.4, size=(60, 25)).astype(float)

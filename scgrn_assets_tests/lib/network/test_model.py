@@ -16,7 +16,8 @@ from scgrn_assets.lib.network.model import (
     save_geneformer,
     train_small_geneformer,
 )
-from scgrn_assets.lib.network.tokens import V1, V2, GeneformerDictionaries, TokenizedCells
+from scgrn_assets.lib.network.dictionaries import V1, V2, GeneformerDictionaries
+from scgrn_assets.lib.network.tokens import TokenizedCells
 
 TINY = SmallGeneformerConfig(n_layers=2, hidden_size=32, n_heads=2, intermediate_size=64, n_steps=12,
                              batch_size=8, max_train_length=24, seed=3)
@@ -138,7 +139,8 @@ def test_position_only_entropy_equals_a_per_position_scipy_entropy():
     import scipy.stats
 
     from scgrn_assets.lib.network.model import position_only_entropy, training_report
-    from scgrn_assets.lib.network.tokens import V2, GeneformerDictionaries, TokenizedCells
+    from scgrn_assets.lib.network.dictionaries import V2, GeneformerDictionaries
+    from scgrn_assets.lib.network.tokens import TokenizedCells
 
     rng = np.random.default_rng(4)
     dictionaries = GeneformerDictionaries(token_dictionary={"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,

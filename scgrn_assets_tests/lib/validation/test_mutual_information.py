@@ -9,29 +9,12 @@ import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import mutual_info_score
 
+from scgrn_assets.lib.validation import _kernels, discretization, estimators
 from scgrn_assets.lib.validation import mutual_information as mi_lib
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets_tests.lib.validation.test_estimators import sparse_like_codes
 
 N_BINS = 5
-
-
-def sparse_like_codes(rng: np.random.Generator, n_genes: int, n_cells: int) -> np.ndarray:
-    """Codes with many zeros (as after discretising single-cell data) plus one gene without zeros."""
-    codes = rng.integers(0, N_BINS, size=(n_genes, n_cells))
-    codes[rng.random((n_genes, n_cells)) < 0.6] = 0
-    codes[0] = rng.integers(1, N_BINS, size=n_cells)
-    return codes.astype(np.uint8)
-
-
-def brute_force_codes(column: np.ndarray, n_bins: int) -> np.ndarray:
-    """The documented rule, cell by cell: zeros -> 0, positives by lowest tie rank."""
-    codes = np.zeros(column.shape[0], dtype=np.int64)
-    positive = column > 0
-    has_zeros = not positive.all()
-    n_positive_bins = n_bins - 1 if has_zeros else n_bins
-    lowest_rank = stats.rankdata(column[positive], method="min") - 1
-    codes[positive] = int(has_zeros) + (lowest_rank * n_positive_bins) // positive.sum()
-    return codes
 
 
 # ------------------------------------------------------------------ candidate edges
@@ -63,106 +46,20 @@ def test_candidate_edges_names_missing_columns():
         mi_lib.candidate_edges(pd.DataFrame({"gene_i": ["A"], "gene_j": ["B"]}))
 
 
-# ------------------------------------------------------------------ discretisation
-
-
-def test_discretize_quantiles_follows_the_zero_bin_rule():
-    rng = np.random.default_rng(1)
-    values = rng.poisson(0.7, size=(400, 6)).astype(float) * rng.gamma(2.0, size=(400, 1))
-    values[:, 1] = rng.poisson(2.0, size=400)  # integers: many ties among positives
-    values[:, 2] = rng.gamma(2.0, size=400) + 0.1  # no zeros: all bins for values
-    values[:, 3] = 0.0  # all zero
-    codes = mi_lib.discretize_quantiles(values, n_bins=N_BINS)
-    assert codes.shape == values.shape and codes.dtype == np.uint8
-    for gene in range(values.shape[1]):
-        np.testing.assert_array_equal(codes[:, gene], brute_force_codes(values[:, gene], N_BINS))
-    assert set(np.unique(codes[:, 2])) == set(range(N_BINS))
-    assert (codes[values[:, 0] == 0, 0] == 0).all() and (codes[values[:, 0] > 0, 0] > 0).all()
-    # Equal values never straddle two bins.
-    for value in np.unique(values[:, 1]):
-        assert np.unique(codes[values[:, 1] == value, 1]).size == 1
-
-
-def test_discretize_quantiles_of_one_column_and_sparse_input_agree():
-    rng = np.random.default_rng(2)
-    values = rng.poisson(0.5, size=(300, 4)).astype(float)
-    dense_codes = mi_lib.discretize_quantiles(values)
-    np.testing.assert_array_equal(mi_lib.discretize_quantiles(sp.csr_matrix(values)), dense_codes)
-    np.testing.assert_array_equal(mi_lib.discretize_quantiles(values[:, 2]), dense_codes[:, 2])
-
-
-def test_discretize_expression_uses_log1p_normalised_counts():
-    rng = np.random.default_rng(3)
-    counts = rng.poisson(0.8, size=(250, 7)).astype(np.float32)
-    n_counts = counts.sum(axis=1) + rng.integers(100, 1000, size=250)
-    gene_names = np.array([f"g{i}" for i in range(7)])
-    discretized = mi_lib.discretize_expression(sp.csr_matrix(counts), n_counts, gene_names, genes=["g5", "g1"])
-    expression = np.log1p(counts / n_counts[:, None] * 1e4)
-    np.testing.assert_array_equal(discretized.codes[0], brute_force_codes(expression[:, 5], N_BINS))
-    np.testing.assert_array_equal(discretized.codes[1], brute_force_codes(expression[:, 1], N_BINS))
-    assert list(discretized.gene_names) == ["g5", "g1"]
-
-
-def test_discretize_expression_rejects_empty_cells_and_unknown_genes():
-    counts = sp.csr_matrix(np.ones((3, 2), dtype=np.float32))
-    with pytest.raises(ScgrnInputError, match="n_counts <= 0"):
-        mi_lib.discretize_expression(counts, np.array([2.0, 0.0, 2.0]), np.array(["a", "b"]))
-    with pytest.raises(ScgrnInputError, match="not in the corpus"):
-        mi_lib.discretize_expression(counts, np.full(3, 2.0), np.array(["a", "b"]), genes=["zz"])
-
-
-# ------------------------------------------------------------------ estimators
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mutual_information_equals_sklearn(seed):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, N_BINS, size=500)
-    y = np.where(rng.random(500) < 0.4, x, rng.integers(0, N_BINS, size=500))
-    assert mi_lib.mutual_information(x, y, N_BINS) == pytest.approx(mutual_info_score(x, y), abs=1e-12)
-
-
-def test_miller_madow_adds_the_bin_count_correction():
-    rng = np.random.default_rng(4)
-    x = rng.integers(0, 4, size=60)
-    y = rng.integers(0, 3, size=60)
-    n_joint = len(set(zip(x.tolist(), y.tolist())))
-    correction = (len(set(x)) + len(set(y)) - n_joint - 1) / (2 * 60)
-    assert mi_lib.mutual_information(x, y, N_BINS, miller_madow=True) == pytest.approx(mutual_info_score(x, y) + correction)
-
-
-@pytest.mark.parametrize("seed", [5, 6])
-def test_cmi_satisfies_the_chain_rule(seed):
-    rng = np.random.default_rng(seed)
-    z = rng.integers(0, N_BINS, size=800)
-    x = np.where(rng.random(800) < 0.5, z, rng.integers(0, N_BINS, size=800))
-    y = np.where(rng.random(800) < 0.5, x, rng.integers(0, N_BINS, size=800))
-    joint_yz = y * N_BINS + z
-    # I(X;Y,Z) = I(X;Z) + I(X;Y|Z), the left side and I(X;Z) from sklearn.
-    cmi = mi_lib.conditional_mutual_information(x, y, z, N_BINS)
-    assert mutual_info_score(x, joint_yz) == pytest.approx(mutual_info_score(x, z) + cmi, abs=1e-12)
-    assert cmi > 0
-
-
-def test_batch_estimators_match_the_single_edge_ones():
-    rng = np.random.default_rng(7)
-    codes = sparse_like_codes(rng, n_genes=8, n_cells=700)
-    first, second, third = rng.integers(0, 8, size=(3, 30))
-    for miller_madow in (False, True):
-        batch = mi_lib.mutual_information_batch(codes, first, second, N_BINS, miller_madow)
-        loop = [mi_lib.mutual_information(codes[a], codes[b], N_BINS, miller_madow) for a, b in zip(first, second)]
-        np.testing.assert_allclose(batch, loop, atol=1e-12)
-        batch = mi_lib.conditional_mutual_information_batch(codes, first, second, third, N_BINS, miller_madow)
-        loop = [
-            mi_lib.conditional_mutual_information(codes[a], codes[b], codes[c], N_BINS, miller_madow)
-            for a, b, c in zip(first, second, third)
-        ]
-        np.testing.assert_allclose(batch, loop, atol=1e-12)
+# ------------------------------------------------------------------ multiple testing
 
 
 def test_benjamini_hochberg_equals_scipy():
     p_values = np.random.default_rng(8).random(200) ** 3
     np.testing.assert_allclose(mi_lib.benjamini_hochberg(p_values), stats.false_discovery_control(p_values))
+
+
+def test_benjamini_hochberg_leaves_nan_out_of_the_tests():
+    p_values = np.array([0.01, np.nan, 0.04, 0.03, np.nan])
+    q_values = mi_lib.benjamini_hochberg(p_values)
+    assert np.isnan(q_values[[1, 4]]).all()
+    # Three tests: sorted p 0.01, 0.03, 0.04 scaled by 3/rank: 0.03, 0.045, 0.04 -> step-up 0.03, 0.04, 0.04.
+    np.testing.assert_allclose(q_values[[0, 2, 3]], [0.03, 0.04, 0.04])
 
 
 # ------------------------------------------------------------------ random draws
@@ -174,8 +71,8 @@ def test_benjamini_hochberg_equals_scipy():
 )
 def test_hypergeometric_draws_follow_scipy(n_good, n_bad, n_sample):
     log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n_good + n_bad + 1)))])
-    state = mi_lib._stream_state(11, 3)
-    draws = np.array([mi_lib._hypergeometric(state, n_good, n_bad, n_sample, log_factorial) for _ in range(6000)])
+    state = _kernels.stream_state(11, 3)
+    draws = np.array([_kernels.hypergeometric(state, n_good, n_bad, n_sample, log_factorial) for _ in range(6000)])
     reference = stats.hypergeom(n_good + n_bad, n_good, n_sample)
     # Chi-squared goodness of fit on the central values, tails pooled.
     low, high = reference.ppf(0.005), reference.ppf(0.995)
@@ -198,9 +95,9 @@ def test_random_tables_keep_margins_and_match_explicit_permutations():
     k = np.arange(121, dtype=float)
     klogk = k * np.log(np.maximum(k, 1))
     log_factorial = np.concatenate([[0.0], np.cumsum(np.log(k[1:]))])
-    state = mi_lib._stream_state(0, 0)
+    state = _kernels.stream_state(0, 0)
     column_left = np.empty(4, dtype=np.int64)
-    drawn = [mi_lib._random_table_term(state, rows, columns, column_left, klogk, log_factorial, False) for _ in range(4000)]
+    drawn = [_kernels.random_table_term(state, rows, columns, column_left, klogk, log_factorial, False) for _ in range(4000)]
     permuted = []
     for _ in range(4000):
         table = np.bincount(rng.permutation(x) * 4 + y, minlength=12)
@@ -215,7 +112,7 @@ def independent_data(n_genes: int, n_cells: int, seed: int):
     rng = np.random.default_rng(seed)
     codes = sparse_like_codes(rng, n_genes, n_cells)
     names = np.array([f"g{i:03d}" for i in range(n_genes)])
-    discretized = mi_lib.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
+    discretized = discretization.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
     # Disjoint pairs, so that the p-values are independent draws.
     candidates = pd.DataFrame({"target": names[0::2], "parent": names[1::2], "attention_score": 1.0})
     return discretized, candidates
@@ -246,7 +143,7 @@ def test_mi_edge_table_is_symmetric_and_reports_progress():
     codes = sparse_like_codes(rng, 6, 500)
     codes[1] = np.where(rng.random(500) < 0.7, codes[0], codes[1])
     names = np.array(list("ABCDEF"))
-    discretized = mi_lib.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
+    discretized = discretization.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
     candidates = pd.DataFrame(
         {"target": ["A", "B", "C", "D"], "parent": ["B", "A", "D", "C"], "attention_score": [0.9, 0.9, 0.1, 0.1]}
     )
@@ -266,7 +163,7 @@ def test_without_permutations_p_values_are_the_g_test_and_no_row_is_dropped():
     rng = np.random.default_rng(13)
     codes = sparse_like_codes(rng, 10, 400)
     names = np.array([f"g{i}" for i in range(10)])
-    discretized = mi_lib.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
+    discretized = discretization.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
     candidates = pd.DataFrame({"target": names[:5], "parent": names[5:], "attention_score": 1.0})
     table = mi_lib.mi_edge_table(discretized, candidates, n_permutations=0)
     assert len(table) == 5 and (table["p_value_method"] == "g_test").all()
@@ -292,7 +189,7 @@ def test_chain_flags_the_shortcut_edge_indirect():
     counts, n_counts = chain_corpus(2000, seed=14)
     edge_table = pd.DataFrame({"gene_i": ["X", "X", "Y"], "gene_j": ["Y", "Z", "Z"], "stability": [0.5, 0.3, -0.4]})
     candidates = mi_lib.candidate_edges(edge_table, top_k=2)
-    discretized = mi_lib.discretize_expression(counts, n_counts, np.array(["X", "Y", "Z"]))
+    discretized = discretization.discretize_expression(counts, n_counts, np.array(["X", "Y", "Z"]))
     mi_table = mi_lib.mi_edge_table(discretized, candidates, n_permutations=300)
     triplets, edges = mi_lib.cmi_tables(discretized, mi_table, n_permutations=300)
     assert len(triplets) == 6 and len(edges) == 6
@@ -302,7 +199,7 @@ def test_chain_flags_the_shortcut_edge_indirect():
     assert shortcut["conditioner_min"] == "Y" and shortcut["cmi_ratio"] < 0.2
     # cmi_min agrees with the single-edge estimator on the same codes.
     codes = dict(zip(discretized.gene_names, discretized.codes))
-    assert shortcut["cmi_min"] == pytest.approx(mi_lib.conditional_mutual_information(codes["X"], codes["Z"], codes["Y"], N_BINS))
+    assert shortcut["cmi_min"] == pytest.approx(estimators.triplet_conditional_mutual_information(codes["X"], codes["Z"], codes["Y"], N_BINS))
 
 
 def test_cmi_permutation_p_values_are_uniform_under_conditional_independence():
@@ -316,7 +213,7 @@ def test_cmi_permutation_p_values_are_uniform_under_conditional_independence():
         y = np.where(rng.random(n_cells) < 0.6, z, rng.integers(0, N_BINS, size=n_cells))
         codes += [y, x, z]
     names = np.array([f"g{i:03d}" for i in range(3 * n_targets)])
-    discretized = mi_lib.DiscretizedGenes(gene_names=names, codes=np.array(codes, dtype=np.uint8), n_bins=N_BINS)
+    discretized = discretization.DiscretizedGenes(gene_names=names, codes=np.array(codes, dtype=np.uint8), n_bins=N_BINS)
     mi_table = pd.DataFrame(
         {
             "target": np.repeat(names[0::3], 2),
@@ -338,7 +235,7 @@ def test_cmi_without_permutations_uses_the_stratified_g_test():
     codes = sparse_like_codes(rng, 3, 600)
     codes[2] = np.where(rng.random(600) < 0.5, codes[0], codes[2])
     names = np.array(["Y", "X", "Z"])
-    discretized = mi_lib.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
+    discretized = discretization.DiscretizedGenes(gene_names=names, codes=codes, n_bins=N_BINS)
     candidates = pd.DataFrame({"target": ["Y", "Y"], "parent": ["X", "Z"], "attention_score": 1.0})
     mi_table = mi_lib.mi_edge_table(discretized, candidates, n_permutations=0)
     _, edges = mi_lib.cmi_tables(discretized, mi_table, n_permutations=0)
@@ -355,7 +252,7 @@ def test_cmi_without_permutations_uses_the_stratified_g_test():
 
 
 def test_mi_edge_table_names_genes_missing_from_the_codes():
-    discretized = mi_lib.DiscretizedGenes(gene_names=np.array(["A", "B"]), codes=np.zeros((2, 10), np.uint8), n_bins=N_BINS)
+    discretized = discretization.DiscretizedGenes(gene_names=np.array(["A", "B"]), codes=np.zeros((2, 10), np.uint8), n_bins=N_BINS)
     candidates = pd.DataFrame({"target": ["A"], "parent": ["ZZZ"], "attention_score": 1.0})
     with pytest.raises(ScgrnInputError, match="ZZZ"):
         mi_lib.mi_edge_table(discretized, candidates)
