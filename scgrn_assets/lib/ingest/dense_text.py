@@ -11,8 +11,6 @@ Values are stored gene by gene as the file holds them and transposed to cells x 
 
 from __future__ import annotations
 
-import queue
-import threading
 from typing import IO, Callable, Iterator
 
 import numba
@@ -21,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.ingest.read_ahead import read_ahead
 
 BLOCK_BYTES = 8 << 20
 # A line of 10^6 cells is a few MB; one far longer is a decompression bomb or not a matrix at all.
@@ -330,40 +329,19 @@ def _gather_names(buf, name_start, name_end):  # pragma: no cover - compiled
     return out
 
 
+def _blocks(stream: IO[bytes], block_bytes: int) -> Iterator[bytes]:
+    """The blocks of ``stream``, ending with the empty block that marks its end."""
+    while True:
+        block = stream.read(block_bytes)
+        yield block
+        if not block:
+            return
+
+
 def _prefetched_blocks(stream: IO[bytes], block_bytes: int) -> Iterator[bytes]:
-    """Blocks of ``stream`` read one ahead in a thread: decompression (zlib releases the GIL)
-    overlaps with parsing (the compiled kernel releases it too), so two cores both work."""
-    blocks: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def read_ahead() -> None:
-        try:
-            while not stop.is_set():
-                block = stream.read(block_bytes)
-                while not stop.is_set():
-                    try:
-                        blocks.put(block, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if not block:
-                    return
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            blocks.put(exc)
-
-    reader = threading.Thread(target=read_ahead, name="dense-text-read-ahead", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = blocks.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if not item:
-                return
-    finally:
-        stop.set()
-        reader.join()
+    """Blocks of ``stream`` read one ahead in a thread (:func:`read_ahead`): decompression (zlib releases
+    the GIL) overlaps with parsing (the compiled kernel releases it too), so two cores both work."""
+    return read_ahead(_blocks(stream, block_bytes), depth=2, name="dense-text-read-ahead")
 
 
 def _split_header(header: bytes, sep: bytes) -> list[str]:
