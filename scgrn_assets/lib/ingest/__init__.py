@@ -2,7 +2,7 @@
 
 Modules:
 
-- ``archive``: Safe, streaming reading and extraction of tar archives (GEO ``*_RAW.tar`` and the like).
+- ``archive``: Safe, streaming reading of tar archives (GEO ``*_RAW.tar`` and the like).
 - ``catalog``: Study catalogs: which public studies make up a corpus, where their files are, how to read them.
 - ``checksum_lock``: Trust on first use: sha256 pins for catalog files whose catalog entry carries no sha256.
 - ``dense_text``: Streaming parser for genes x cells count matrices written as delimited text.
@@ -23,8 +23,7 @@ import importlib
 
 # Each module and the public names it holds.
 _PUBLIC = {
-    "archive": ("ExtractionLimits", "read_guard", "open_maybe_gzip", "iter_tar_members",
-        "extract_tar_safely"),
+    "archive": ("ExtractionLimits", "read_guard", "open_maybe_gzip", "iter_tar_members"),
     "catalog": ("StudyFile", "ConditionRule", "MetadataJoin", "Study", "ReferenceEntry", "Catalog",
         "builtin_catalog_path", "resolve_catalog_path", "load_catalog", "parse_catalog", "expand_variables",
         "allowed_file_roots", "refuse_file_url_outside_roots"),
