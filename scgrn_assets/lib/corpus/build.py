@@ -16,7 +16,6 @@ import queue
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import anndata as ad
 import h5py
@@ -30,6 +29,7 @@ from anndata.io import sparse_dataset, write_elem
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.memory import release_free_memory
+from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
 from scgrn_assets.lib.storage import atomic_path
 
@@ -256,7 +256,7 @@ def _write_chunk(path: Path, values: np.ndarray) -> None:
 
 def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotation: pd.DataFrame | None = None,
                     qc: QCThresholds = QCThresholds(), chunk_cells: int = CHUNK_CELLS,
-                    progress: Callable[[str, int, int], None] | None = None) -> CorpusSummary:
+                    progress: Progress | None = None) -> CorpusSummary:
     """Combine per-study AnnData files into one AnnData Zarr store at ``output`` (atomically).
 
     Parameters
@@ -270,7 +270,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
     chunk_cells
         Most cells read and written at a time (memory is also bounded by stored values).
     progress
-        Called as ``progress(study, cells_done, cells_total)``.
+        Called as ``progress(cells_done, cells_total, study=study)`` (counts within that study).
 
     Two streamed passes over each study's CSR arrays: the first counts, per gene, the kept
     cells that store it (gene QC, and the corpus' exact number of stored values); the second
@@ -373,8 +373,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
                 n_values += len(block_indices)
                 free.put(out)
                 done[study] += n_block_rows
-                if progress:
-                    progress(study, done[study], len(keep_rows[study]))
+                report(progress, done[study], len(keep_rows[study]), study=study)
             data.close()
             indices.close()
             if n_rows != len(obs) or n_values != n_nonzero:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from scgrn_assets.lib.ingest.download import (DownloadPolicy, FetchResult, ProgressCallback, apply_url_mirrors, fetch_file,
-                                       url_for_messages)
+from scgrn_assets.lib.ingest.download import (DownloadPolicy, FetchResult, apply_url_mirrors, fetch_file,
+                                              url_for_messages)
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.progress import Progress
 from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.lib.ingest.strict_yaml import load_strict_yaml
 
@@ -143,7 +144,7 @@ class ChecksumLock:
 
 def fetch_pinned(url: str, destination: Path, *, sha256: str | None, lock: ChecksumLock | None, study: str,
                  policy: DownloadPolicy = DownloadPolicy(), mirrors: tuple[tuple[str, str], ...] = (),
-                 progress: ProgressCallback | None = None) -> FetchResult:
+                 progress: Progress | None = None) -> FetchResult:
     """Fetch a catalog file, verified against the catalog's sha256 or else the lock's pin.
 
     With neither (the first download) and a ``lock``, the file is pinned once it is complete;

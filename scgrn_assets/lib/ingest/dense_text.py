@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
+from scgrn_assets.lib.progress import Progress, report
 
 BLOCK_BYTES = 8 << 20
 # A line of 10^6 cells is a few MB; one far longer is a decompression bomb or not a matrix at all.
@@ -351,7 +352,7 @@ def _split_header(header: bytes, sep: bytes) -> list[str]:
 
 def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str,
                            header_has_gene_column: bool | None = None,
-                           progress: Callable[[int], None] | None = None,
+                           progress: Progress | None = None,
                            cell_groups: Callable[[list[str]], list] | None = None) -> DenseTextMatrix:
     """Parse a genes x cells delimited text matrix into cells x genes sparse counts.
 
@@ -367,6 +368,9 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
     cell_groups
         Maps the cell names to one key per cell (e.g. its plate); the values of each group
         are stored apart, so that :meth:`DenseTextMatrix.cell_rows` of one group is cheap.
+    progress
+        Called as ``progress(n_bytes_parsed, 0, unit="bytes")`` after each block (the total is
+        not known: the stream is decompressed as it is read).
 
     Counts must be non-negative integers (``3``, ``3.0`` and R's ``1e+05`` are accepted)
     that fit in int32; anything else raises :class:`ScgrnInputError` naming the line and the fix.
@@ -451,8 +455,7 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
                                  local_index)
         line_number += n_lines + error_line_or_blanks
         bytes_read += len(block)
-        if progress is not None:
-            progress(bytes_read)
+        report(progress, bytes_read, 0, unit="bytes")  # total 0: the decompressed size is not known
     if n_cells is None:
         cell_names = header_fields[1:]
         cell_nnz = np.zeros(len(cell_names), dtype=np.int64)

@@ -28,13 +28,13 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.storage import disk_full_error, is_disk_full, require_free_space
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ _MAX_BACKOFF_SECONDS = 60.0
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_PATTERN = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE_PATTERN = re.compile(r"bytes\s+\*/(\d+)")
-
-ProgressCallback = Callable[[int, int | None], None]
-
 
 @dataclass(frozen=True)
 class DownloadPolicy:
@@ -125,7 +122,7 @@ class _Download:
     part_path: Path
     study: str
     policy: DownloadPolicy
-    progress: ProgressCallback | None
+    progress: Progress | None
 
     @property
     def file_name(self) -> str:
@@ -169,7 +166,7 @@ def fetch_file(
     sha256: str | None,
     study: str,
     policy: DownloadPolicy = DownloadPolicy(),
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     checksum_fix: str | None = None,
 ) -> FetchResult:
     """Download ``url`` to ``destination`` atomically and verify its sha256 (when given).
@@ -189,7 +186,8 @@ def fetch_file(
     policy
         Retries, timeouts, redirect and size limits.
     progress
-        Called as ``progress(n_bytes_so_far, n_bytes_total_or_None)`` after each chunk.
+        Called as ``progress(n_bytes_so_far, n_bytes_total)`` after each chunk (total 0 while the
+        server has not said the size).
     checksum_fix
         The fix named when the sha256 never matches (default: check the catalog entry);
         callers whose sha256 comes from elsewhere (a trust-on-first-use pin) say where.
@@ -480,8 +478,7 @@ def _append_body(download: _Download, body: IO[bytes], part_file: IO[bytes], has
             raise _too_large(download, f"{download.shown_url} sent at least {n_bytes_done} bytes")
         part_file.write(chunk)
         hasher.update(chunk)
-        if download.progress is not None:
-            download.progress(n_bytes_done, total_bytes)
+        report(download.progress, n_bytes_done, total_bytes if total_bytes is not None else 0)
 
 
 def _hash_existing_prefix(part_path: Path, hasher: hashlib._Hash, chunk_bytes: int) -> None:

@@ -25,6 +25,7 @@ from scgrn_assets.lib.ingest.catalog import Study
 from scgrn_assets.lib.ingest.dense_text import read_dense_text_matrix
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.mtx_text import read_mtx_coo
+from scgrn_assets.lib.progress import Progress, report
 
 _GSM_MEMBER = re.compile(r"^(?P<sample>GSM\d+)_(?P<name>.+?)(?P<suffix>\.dge\.txt\.gz|\.txt\.gz)$")
 # Header and comment lines of a Matrix Market file are short; reading one is bounded (bombs).
@@ -64,7 +65,7 @@ class SkippedSample:
     reason: str
 
 
-def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], None] | None = None, *,
+def read_study_samples(study: Study, raw_dir: Path, progress: Progress | None = None, *,
                        limits: ExtractionLimits = ExtractionLimits(),
                        skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """Dispatch to the reader of ``study.format``; files are in ``raw_dir`` by catalog name.
@@ -72,6 +73,9 @@ def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], No
     ``limits`` bound archive members and every decompressed file (``max_member_bytes``).
     With ``study.skip_bad_samples``, a sample file that fails to parse is appended to
     ``skipped`` (and logged) instead of stopping the study; otherwise its error propagates.
+    ``progress(done, total, file=name)`` is called as each sample file is begun: ``done`` samples
+    of the count file were read before it, of ``total`` (0 where an archive is read in one pass
+    and the number is not known in advance).
     """
     reader = READERS[study.format]
     skipped = skipped if skipped is not None else []
@@ -121,7 +125,7 @@ def _member_name(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None, *,
+def read_raw_tar_dense_tsv(study: Study, path: Path, progress: Progress | None = None, *,
                            limits: ExtractionLimits = ExtractionLimits(),
                            skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE98969-style RAW tar: per-sample ``GSM…_<name>.txt.gz``, genes x cells, tab-separated.
@@ -133,7 +137,7 @@ def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None, *,
                                    skipped=skipped if skipped is not None else [])
 
 
-def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None, *,
+def read_raw_tar_dropseq_dge(study: Study, path: Path, progress: Progress | None = None, *,
                              limits: ExtractionLimits = ExtractionLimits(),
                              skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE121654-style RAW tar: per-sample Drop-seq ``GSM…_<name>.dge.txt.gz`` (header ``GENE``)."""
@@ -141,7 +145,7 @@ def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None, *,
                                    skipped=skipped if skipped is not None else [])
 
 
-def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
+def _read_dense_members(study: Study, path: Path, *, suffix: str, progress: Progress | None,
                         limits: ExtractionLimits, skipped: list[SkippedSample]) -> Iterator[SampleCounts]:
     found = 0
     n_skipped_before = len(skipped)
@@ -152,8 +156,7 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
             continue  # GEO RAW tars also hold unrelated supplementary files
         if _excluded(study, skipped, match.group("sample"), name):
             continue  # never parsed: an excluded sample may be one that cannot be
-        if progress:
-            progress(name)
+        report(progress, found, 0, file=name)
         try:
             with read_guard(study=study.accession, file=f"{path.name}:{name}"):
                 text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
@@ -172,15 +175,14 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
 
 
-def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
+def read_processed_csv_well_plate(study: Study, path: Path, progress: Progress | None = None, *,
                                   limits: ExtractionLimits = ExtractionLimits(),
                                   skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE123025-style processed CSV: genes x cells, cells named ``<well>.<plate>``.
 
     One "sample" per plate, so per-sample checks (duplicate barcodes) stay meaningful.
     """
-    if progress:
-        progress(path.name)
+    report(progress, 0, 1, file=path.name)
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         # Values stored plate by plate: each plate's counts below are built from its own values only.
@@ -245,7 +247,7 @@ def _natural_key(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
+def read_raw_tar_10x_mtx(study: Study, path: Path, progress: Progress | None = None, *,
                          limits: ExtractionLimits = ExtractionLimits(),
                          skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """RAW tar of per-sample 10x triplets ``GSM…_<name>_{matrix.mtx,features.tsv,barcodes.tsv}.gz``.
@@ -275,8 +277,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
             with read_guard(study=study.accession, file=where):
                 text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
                 if kind == "matrix":
-                    if progress:
-                        progress(name)
+                    report(progress, found, 0, file=name)
                     parts = pending.setdefault(key, {})
                     parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
                 else:
@@ -305,7 +306,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
 
 
-def read_ncbi_rnaseq_counts(study: Study, path: Path, progress=None, *,
+def read_ncbi_rnaseq_counts(study: Study, path: Path, progress: Progress | None = None, *,
                             limits: ExtractionLimits = ExtractionLimits(),
                             skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GEO's NCBI-generated raw counts of a bulk RNA-seq series: ``GeneID<TAB>GSM…<TAB>GSM…``.
@@ -313,8 +314,7 @@ def read_ncbi_rnaseq_counts(study: Study, path: Path, progress=None, *,
     Each column is one bulk library; it becomes one sample holding one profile (named by its
     GSM), so the per-sample metadata join and the corpus treat it like any other profile.
     """
-    if progress:
-        progress(path.name)
+    report(progress, 0, 1, file=path.name)
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         matrix = read_dense_text_matrix(text, sep="\t", study=study.accession, file=path.name,
