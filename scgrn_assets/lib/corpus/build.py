@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import zarr
 from anndata.io import sparse_dataset, write_elem
 
+from scgrn_assets.lib.corpus.thresholds import QCThresholds
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.memory import release_free_memory
 from scgrn_assets.lib.progress import Progress, report
@@ -38,15 +39,6 @@ CHUNK_CELLS = 20_000
 BLOCK_VALUES = 8 << 20
 # Values per chunk of the corpus' X data/indices: few, large, compressed chunks (16 MB before compression).
 X_CHUNK_VALUES = 4 << 20
-
-
-@dataclass(frozen=True)
-class QCThresholds:
-    """Cell and gene filters applied when combining. Defaults suit UMI and plate data alike."""
-
-    min_counts_per_cell: int = 500     # library size over all of the study's genes
-    min_genes_per_cell: int = 100      # genes detected (count > 0)
-    min_cells_per_gene: int = 3        # a gene detected in fewer cells carries no signal
 
 
 @dataclass

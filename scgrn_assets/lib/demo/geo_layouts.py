@@ -32,12 +32,14 @@ import yaml
 
 from scgrn_assets.lib.ingest.dense_text import format_dense_text_rows
 from scgrn_assets.lib.demo.simulator import DemoConfig, DemoTruth, simulate_sample_counts, simulate_truth
+from scgrn_assets.lib.ingest import formats
 from scgrn_assets.lib.ingest.download import sha256_of
 from scgrn_assets.lib.progress import Progress, for_stage, report
 from scgrn_assets.lib.storage import atomic_path
 
 #: Demo studies by position in the simulator's design, with the GEO layout each one imitates.
-DEMO_LAYOUTS = ("raw_tar_dense_tsv", "processed_csv_well_plate", "raw_tar_dropseq_dge", "raw_tar_10x_mtx")
+DEMO_LAYOUTS = (formats.RAW_TAR_DENSE_TSV, formats.PROCESSED_CSV_WELL_PLATE, formats.RAW_TAR_DROPSEQ_DGE,
+                formats.RAW_TAR_10X_MTX)
 _FIXED_MTIME = 1_500_000_000  # tar member mtime: any constant keeps the archive's sha256 stable
 _GZIP_LEVEL = 6
 CATALOG_URL_ROOT = "file://${SCGRN_HOME}/demo_geo"
@@ -245,10 +247,10 @@ def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progre
 
 
 _LAYOUT_WRITERS = {
-    "raw_tar_dense_tsv": _write_raw_tar_dense_tsv,
-    "processed_csv_well_plate": _write_processed_csv_well_plate,
-    "raw_tar_dropseq_dge": _write_raw_tar_dropseq_dge,
-    "raw_tar_10x_mtx": _write_raw_tar_10x_mtx,
+    formats.RAW_TAR_DENSE_TSV: _write_raw_tar_dense_tsv,
+    formats.PROCESSED_CSV_WELL_PLATE: _write_processed_csv_well_plate,
+    formats.RAW_TAR_DROPSEQ_DGE: _write_raw_tar_dropseq_dge,
+    formats.RAW_TAR_10X_MTX: _write_raw_tar_10x_mtx,
 }
 
 TRUTH_FILES = {
@@ -290,15 +292,15 @@ def write_truth_files(truth: DemoTruth, truth_dir: Path) -> list[str]:
 
 
 _CONDITION_RULES = {
-    "raw_tar_dense_tsv": {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
-    "processed_csv_well_plate": {"column": "genotype", "values": {"5XFAD": "AD", "wild type": "control"}},
-    "raw_tar_10x_mtx": {"column": "genotype", "values": {"5XFAD": "AD", "WT": "control"}},
+    formats.RAW_TAR_DENSE_TSV: {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
+    formats.PROCESSED_CSV_WELL_PLATE: {"column": "genotype", "values": {"5XFAD": "AD", "wild type": "control"}},
+    formats.RAW_TAR_10X_MTX: {"column": "genotype", "values": {"5XFAD": "AD", "WT": "control"}},
 }
 _TITLES = {
-    "raw_tar_dense_tsv": "Simulated MARS-seq microglia, 5XFAD vs C57BL/6 (GSE98969 layout)",
-    "processed_csv_well_plate": "Simulated plate-based myeloid cells, 5XFAD vs wild type (GSE123025 layout)",
-    "raw_tar_dropseq_dge": "Simulated Drop-seq microglia across ages, no AD contrast (GSE121654 layout)",
-    "raw_tar_10x_mtx": "Simulated 10x Chromium microglia, 5XFAD vs WT (10x MTX layout)",
+    formats.RAW_TAR_DENSE_TSV: "Simulated MARS-seq microglia, 5XFAD vs C57BL/6 (GSE98969 layout)",
+    formats.PROCESSED_CSV_WELL_PLATE: "Simulated plate-based myeloid cells, 5XFAD vs wild type (GSE123025 layout)",
+    formats.RAW_TAR_DROPSEQ_DGE: "Simulated Drop-seq microglia across ages, no AD contrast (GSE121654 layout)",
+    formats.RAW_TAR_10X_MTX: "Simulated 10x Chromium microglia, 5XFAD vs WT (10x MTX layout)",
 }
 
 
@@ -316,7 +318,7 @@ def demo_catalog(config: DemoConfig, written: list[WrittenFile]) -> dict:
             "title": _TITLES[layout],
             "species": "mouse",
             "format": layout,
-            "gene_id_type": "ensembl" if layout == "raw_tar_10x_mtx" else "symbol",
+            "gene_id_type": "ensembl" if layout == formats.RAW_TAR_10X_MTX else "symbol",
             "files": [{"name": f.name, "url": f"{CATALOG_URL_ROOT}/{design.accession}/{f.name}",
                        "sha256": f.sha256, "role": f.role} for f in files],
             "metadata": {"file": metadata_file},

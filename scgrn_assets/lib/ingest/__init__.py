@@ -7,6 +7,7 @@ Modules:
 - ``checksum_lock``: Trust on first use: sha256 pins for catalog files whose catalog entry carries no sha256.
 - ``dense_text``: Streaming parser for genes x cells count matrices written as delimited text.
 - ``download``: Safe downloads: retries, resume, size guard, sha256 verification and an atomic rename.
+- ``formats``: The study layouts a catalog's ``format:`` may name: the one list of them.
 - ``gene_annotation``: The gene annotation table: symbol, Ensembl ID and gene length (bp) per gene.
 - ``genes``: Gene identifier harmonisation: one mouse (or human) symbol namespace across studies.
 - ``mtx_text``: Streaming parser for Matrix Market coordinate files (10x ``matrix.mtx.gz``).
@@ -31,6 +32,8 @@ _PUBLIC = {
     "dense_text": ("DenseTextMatrix", "read_dense_text_matrix", "format_dense_text_rows"),
     "download": ("DownloadPolicy", "FetchResult", "url_for_messages", "sha256_of", "fetch_file",
         "parse_url_mirrors", "apply_url_mirrors"),
+    "formats": ("STUDY_FORMATS", "RAW_TAR_DENSE_TSV", "PROCESSED_CSV_WELL_PLATE", "RAW_TAR_DROPSEQ_DGE",
+        "RAW_TAR_10X_MTX", "NCBI_RNASEQ_COUNTS"),
     "gene_annotation": ("read_gene_annotation", "empty_gene_annotation"),
     "genes": ("normalise_name", "normalise_names", "strip_r_prefix", "strip_ensembl_version",
         "harmonise_gene_ids", "refuse_identifiers_of_another_type", "drop_spike_ins",

@@ -16,22 +16,14 @@ from urllib.parse import urlparse
 
 import yaml
 
+from scgrn_assets.lib.corpus.thresholds import QC_FIELDS
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.ingest import formats
+from scgrn_assets.lib.ingest.formats import STUDY_FORMATS
 from scgrn_assets.lib.ingest.strict_yaml import load_strict_yaml
 
-#: Study layouts with a reader in :mod:`scgrn_assets.lib.ingest.readers`.
-KNOWN_FORMATS = {
-    # GSE98969-style: RAW tar of per-sample GSM…_<name>.txt.gz, genes x cells, tab-separated.
-    "raw_tar_dense_tsv": "RAW tar of per-sample genes x cells tab-separated text (.txt.gz)",
-    # GSE123025-style: one processed CSV.gz, genes x cells, cells named <well>.<plate>.
-    "processed_csv_well_plate": "one processed genes x cells CSV.gz, cells named <well>.<plate>",
-    # GSE121654-style: Drop-seq DGE text files with R's X prefix on digit-initial symbols.
-    "raw_tar_dropseq_dge": "RAW tar of per-sample Drop-seq DGE files (.dge.txt.gz)",
-    # 10x Genomics MTX triplets per sample, flattened into a RAW tar as GEO does.
-    "raw_tar_10x_mtx": "RAW tar of per-sample 10x matrix.mtx.gz / features.tsv.gz / barcodes.tsv.gz",
-    # GEO's own re-processing of bulk RNA-seq series: one GeneID x GSM raw counts table.
-    "ncbi_rnaseq_counts": "NCBI-generated GeneID x GSM raw counts (.tsv.gz), one bulk sample per column",
-}
+#: Study layouts with a reader in :mod:`scgrn_assets.lib.ingest.readers` (defined in :mod:`.formats`).
+KNOWN_FORMATS = STUDY_FORMATS
 KNOWN_GENE_ID_TYPES = ("symbol", "ensembl", "entrez")
 KNOWN_SPECIES = ("mouse", "human")
 ALLOWED_URL_SCHEMES = ("file", "https", "http")
@@ -136,7 +128,7 @@ class Catalog:
     description: str = ""
     # Gene symbol, Ensembl ID and length table (TSV) shared by the studies; optional.
     gene_annotation: StudyFile | None = None
-    # Overrides of the corpus QC thresholds (scgrn_assets.lib.corpus.build.QCThresholds field names).
+    # Overrides of the corpus QC thresholds (scgrn_assets.lib.corpus.thresholds.QC_FIELDS).
     qc: dict[str, int] | None = None
     # Reference networks the benchmarks score against (STRING, TRRUST, ...).
     references: tuple["ReferenceEntry", ...] = ()
@@ -226,7 +218,7 @@ def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog
                                  if isinstance(raw["gene_annotation"], dict) else raw["gene_annotation"],
                                  f"catalog {where} gene_annotation", "catalog", variables)
     qc = raw.get("qc")
-    qc_fields = {"min_counts_per_cell", "min_genes_per_cell", "min_cells_per_gene"}
+    qc_fields = set(QC_FIELDS)
     if qc is not None and (not isinstance(qc, dict) or set(qc) - qc_fields
                            or not all(type(v) is int and v >= 0 for v in qc.values())):  # bool is an int
         raise ScgrnInputError(f"catalog {where}: qc must map {sorted(qc_fields)} to non-negative integers, got {qc!r}",
@@ -314,7 +306,7 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
         raise ScgrnInputError(f"{here}: a condition rule needs the metadata table it reads", study=accession,
                               fix="add metadata: {file: <the study's metadata file>}, or drop the condition "
                                   "(condition: {na: <why>})")
-    if fmt == "ncbi_rnaseq_counts" and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
+    if fmt == formats.NCBI_RNASEQ_COUNTS and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
         raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
                               fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
     skip_bad_samples = _boolean_field(entry, "skip_bad_samples", False, here, accession)
@@ -322,7 +314,7 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
     if not isinstance(exclude_samples, list) or not all(isinstance(v, str) and v.strip() for v in exclude_samples):
         raise ScgrnInputError(f"{here}: exclude_samples must be a list of sample accessions, got {exclude_samples!r}",
                               study=accession, fix="e.g. exclude_samples: [GSM2629430]")
-    strip_r_prefix = _boolean_field(entry, "strip_r_prefix", fmt == "raw_tar_dropseq_dge", here, accession)
+    strip_r_prefix = _boolean_field(entry, "strip_r_prefix", fmt == formats.RAW_TAR_DROPSEQ_DGE, here, accession)
 
     condition = None
     condition_na_reason = ""

@@ -16,7 +16,6 @@ never lost and a reader never sees a half-written lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from scgrn_assets.lib.ingest.download import (DownloadPolicy, FetchResult, apply
                                               url_for_messages)
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.progress import Progress
-from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.storage import atomic_path, held_file_lock
 from scgrn_assets.lib.ingest.strict_yaml import load_strict_yaml
 
 LOCK_VERSION = 1
@@ -119,16 +118,14 @@ class ChecksumLock:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        try:
-            descriptor = os.open(self._flock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
-            raise ScgrnInputError(f"cannot create {self._flock_path} to update the lock file", file=self.path.name,
-                                  fix="copy the catalog to a writable folder and point SCGRN_CATALOG at it") from None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(held_file_lock(self._flock_path))
+            except PermissionError:
+                raise ScgrnInputError(f"cannot create {self._flock_path} to update the lock file",
+                                      file=self.path.name,
+                                      fix="copy the catalog to a writable folder and point SCGRN_CATALOG at it") from None
             yield
-        finally:
-            os.close(descriptor)  # closing releases the flock
 
     def _write(self, pins: dict[str, Pin]) -> None:
         body = {"version": LOCK_VERSION,

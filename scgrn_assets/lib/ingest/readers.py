@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from scgrn_assets.lib.ingest.archive import ExtractionLimits, iter_tar_members, open_maybe_gzip, read_guard
 from scgrn_assets.lib.ingest.catalog import Study
 from scgrn_assets.lib.ingest.dense_text import read_dense_text_matrix
+from scgrn_assets.lib.ingest import formats
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.mtx_text import read_mtx_coo
 from scgrn_assets.lib.progress import Progress, report
@@ -383,12 +384,13 @@ def _read_mtx(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
 
 
 READERS: dict[str, Callable[..., Iterator[SampleCounts]]] = {
-    "raw_tar_dense_tsv": read_raw_tar_dense_tsv,
-    "processed_csv_well_plate": read_processed_csv_well_plate,
-    "raw_tar_dropseq_dge": read_raw_tar_dropseq_dge,
-    "raw_tar_10x_mtx": read_raw_tar_10x_mtx,
-    "ncbi_rnaseq_counts": read_ncbi_rnaseq_counts,
+    formats.RAW_TAR_DENSE_TSV: read_raw_tar_dense_tsv,
+    formats.PROCESSED_CSV_WELL_PLATE: read_processed_csv_well_plate,
+    formats.RAW_TAR_DROPSEQ_DGE: read_raw_tar_dropseq_dge,
+    formats.RAW_TAR_10X_MTX: read_raw_tar_10x_mtx,
+    formats.NCBI_RNASEQ_COUNTS: read_ncbi_rnaseq_counts,
 }
+assert set(READERS) == set(formats.STUDY_FORMATS), "every study format needs exactly one reader"
 
 
 def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
