@@ -4,6 +4,7 @@ Modules:
 
 - ``archive``: Safe, streaming reading of tar archives (GEO ``*_RAW.tar`` and the like).
 - ``catalog``: Study catalogs: which public studies make up a corpus, where their files are, how to read them.
+- ``catalog_schema``: The shape of a catalog file, as pydantic models: what :func:`catalog.parse_catalog` validates first.
 - ``checksum_lock``: Trust on first use: sha256 pins for catalog files whose catalog entry carries no sha256.
 - ``dense_text``: Streaming parser for genes x cells count matrices written as delimited text.
 - ``download``: Safe downloads: retries, resume, size guard, sha256 verification and an atomic rename.
@@ -28,6 +29,8 @@ _PUBLIC = {
     "catalog": ("StudyFile", "ConditionRule", "MetadataJoin", "Study", "ReferenceEntry", "Catalog",
         "builtin_catalog_path", "resolve_catalog_path", "load_catalog", "parse_catalog", "expand_variables",
         "allowed_file_roots", "refuse_file_url_outside_roots"),
+    "catalog_schema": ("CatalogDoc", "StudyDoc", "FileDoc", "MetadataDoc", "ReferenceDoc",
+        "validate_catalog_document"),
     "checksum_lock": ("ChecksumLock", "Pin", "fetch_pinned"),
     "dense_text": ("DenseTextMatrix", "read_dense_text_matrix", "format_dense_text_rows"),
     "download": ("DownloadPolicy", "FetchResult", "url_for_messages", "sha256_of", "fetch_file",
