@@ -14,7 +14,8 @@ import numpy as np
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.progress import Progress, report
-from scgrn_assets.lib.de.cell_model import NBData, NBFitConfig, NBPosterior, build_nb_model, prepare_nb_data
+from scgrn_assets.lib.de.cell_model_data import NBData, prepare_nb_data
+from scgrn_assets.lib.de.cell_model import NBFitConfig, NBPosterior, build_nb_model
 
 #: progress(step, max_steps, elbo=...) is called every this many steps.
 PROGRESS_EVERY = 100
