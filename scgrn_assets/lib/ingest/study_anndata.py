@@ -19,8 +19,9 @@ from scgrn_assets.lib.ingest.archive import ExtractionLimits
 from scgrn_assets.lib.ingest.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.genes import drop_spike_ins, harmonise_gene_ids, normalise_names, sum_duplicate_genes
+from scgrn_assets.lib.ingest.metadata_tables import read_metadata_table
 from scgrn_assets.lib.ingest.readers import (SampleCounts, SkippedSample, normalise_plate_id, normalise_well_id,
-                                      read_metadata_table, read_study_samples)
+                                             read_study_samples)
 from scgrn_assets.lib.memory import release_free_memory
 from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
