@@ -18,9 +18,8 @@ import yaml
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest import formats
-from scgrn_assets.lib.ingest.catalog_schema import (FILE_ROLES, KNOWN_GENE_ID_TYPES, KNOWN_SPECIES, REFERENCE_FORMATS,
-                                                    ConditionRuleDoc, FileDoc, NoConditionDoc, ReferenceDoc,
-                                                    StudyDoc, validate_catalog_document)
+from scgrn_assets.lib.ingest.catalog_schema import (ConditionRuleDoc, FileDoc, NoConditionDoc, ReferenceDoc, StudyDoc,
+                                                    validate_catalog_document)
 from scgrn_assets.lib.ingest.formats import STUDY_FORMATS
 from scgrn_assets.lib.ingest.strict_yaml import load_strict_yaml
 
