@@ -9,7 +9,7 @@ Modules:
 - ``cell_model_inference``: Minibatch ADVI for the hierarchical NB model: initialisation, training loop, stopping rule, draws.
 - ``cell_model_plots``: Figures of a cell-level NB fit for the asset metadata (PNG bytes): ELBO, volcano, PPC.
 - ``cell_model_ppc``: Posterior predictive checks of the cell-level NB model: does data drawn from the fit look like the counts?
-- ``cell_model_readout``: What we read off the cell-level NB posterior: per-gene condition effects, global parameters; saving and loading it.
+- ``cell_model_readout``: What we read off the cell-level NB posterior (per-gene effects, global parameters), and saving it.
 - ``condition_effects``: From a corpus to "which genes change with condition, and how sure are we": the path the assets share.
 - ``model``: The default condition-effect model: a Bayesian Negative-Binomial GLM on per-animal pseudobulk.
 - ``peer``: PyDESeq2 on the same per-animal pseudobulk: the peer a user puts beside our answer.

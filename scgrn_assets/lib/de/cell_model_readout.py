@@ -1,4 +1,4 @@
-"""What we read off the cell-level NB posterior: per-gene condition effects, global parameters; saving and loading it."""
+"""What we read off the cell-level NB posterior (per-gene effects, global parameters), and saving it."""
 
 from __future__ import annotations
 

@@ -122,9 +122,9 @@ class ChecksumLock:
             try:
                 held.enter_context(held_file_lock(self._flock_path))
             except PermissionError:
+                fix = "copy the catalog to a writable folder and point SCGRN_CATALOG at it"
                 raise ScgrnInputError(f"cannot create {self._flock_path} to update the lock file",
-                                      file=self.path.name,
-                                      fix="copy the catalog to a writable folder and point SCGRN_CATALOG at it") from None
+                                      file=self.path.name, fix=fix) from None
             yield
 
     def _write(self, pins: dict[str, Pin]) -> None:
