@@ -28,7 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from scgrn_assets.lib.de.cell_model_inference import compile_advi_step, fit_nb_posterior, jax_device  # noqa: E402
-from scgrn_assets.lib.de.cell_model import NBFitConfig, build_nb_model, condition_effect_table, prepare_nb_data  # noqa: E402
+from scgrn_assets.lib.de.cell_model import NBFitConfig, build_nb_model  # noqa: E402
+from scgrn_assets.lib.de.cell_model_readout import condition_effect_table  # noqa: E402
+from scgrn_assets.lib.de.cell_model_data import prepare_nb_data  # noqa: E402
 from scgrn_assets_tests.lib.de.test_cell_model import NULL_CALL_RATE_LIMIT, fit_inputs, simulate_nb_corpus  # noqa: E402
 
 

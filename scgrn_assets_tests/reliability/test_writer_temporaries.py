@@ -1,13 +1,13 @@
 """Every writer's temporaries are under the storage orphan cleanup: kill -9 one mid-write, rerun.
 
 Each writer of :data:`writers.WRITERS` (EdgeMoments.save_npz, TokenizedCells.save_npz, Parquet,
-pickles, tar extraction, save_geneformer) rewrites its artefact in a subprocess that is
+pickles, save_geneformer) rewrites its artefact in a subprocess that is
 SIGKILLed while a temporary of it exists. Then: what is under the final name, if anything,
 is the whole artefact; what the killed process left is named
 ``.tmp-<final name>-<host>-<pid>-<id>`` (the pattern :func:`storage.remove_orphaned_temporaries`
 knows); and the next write leaves the folder holding the artefact alone, equal to an
-uninterrupted write. Found this way: tar extraction staged in ``tempfile.mkdtemp`` folders
-(``.GSE1.extracting-*``) that nothing ever removed after a kill.
+uninterrupted write. Found this way: tar extraction (since removed) staged in ``tempfile.mkdtemp``
+folders (``.GSE1.extracting-*``) that nothing ever removed after a kill.
 """
 
 from __future__ import annotations

@@ -28,12 +28,8 @@ class Writer:
 
 
 def prepare_inputs(inputs: Path) -> None:
-    """Inputs some writers read (the archive to extract)."""
-    from scgrn_assets_tests.archives import write_tar
-
+    """The folder of inputs a writer may read (none reads any since tar extraction went)."""
     inputs.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    write_tar(inputs / "GSE1_RAW.tar", {f"GSM{index}_counts.txt": rng.bytes(2_000_000) for index in range(8)})
 
 
 def _edge_moments(out: Path, _inputs: Path) -> None:
@@ -74,12 +70,6 @@ def _pickle(out: Path, _inputs: Path) -> None:
     save_pickle_atomic({f"ENSMUSG{index:011d}": index for index in range(300_000)}, out / "token_dictionary.pkl")
 
 
-def _extraction(out: Path, inputs: Path) -> None:
-    from scgrn_assets.lib.ingest.archive import extract_tar_safely
-
-    extract_tar_safely(inputs / "GSE1_RAW.tar", out / "GSE1", study="GSE1")
-
-
 def _geneformer_model(out: Path, _inputs: Path) -> None:
     import torch
 
@@ -100,7 +90,6 @@ WRITERS: dict[str, Writer] = {
     "tokenized_cells": Writer("cells.npz", _tokenized_cells, scenarios._read_npz),
     "parquet": Writer("edges.parquet", _parquet, scenarios._read_parquet),
     "pickle": Writer("token_dictionary.pkl", _pickle, scenarios._read_file_content),
-    "tar_extraction": Writer("GSE1", _extraction, scenarios._read_folder),
     "geneformer_model": Writer("geneformer_model", _geneformer_model, scenarios._read_folder, slow=True),
 }
 

@@ -4,6 +4,8 @@ Modules:
 
 - ``build``: The combined corpus: every study's cells over the union of genes, QC-filtered, as AnnData Zarr.
 - ``qc_checks``: Integrity scans behind the asset checks: counts are finite non-negative integers, no sentinels.
+- ``study_files``: A study's ``.h5ad`` as the corpus reads it: obs and var alone, or X in blocks of rows.
+- ``thresholds``: The corpus QC thresholds: their fields are the keys a catalog's ``qc:`` section may set.
 
 Public names are importable from the package (``from scgrn_assets.lib.corpus import X``); each
 module loads on first use, so importing the package stays cheap.
@@ -13,9 +15,11 @@ import importlib
 
 # Each module and the public names it holds.
 _PUBLIC = {
-    "build": ("QCThresholds", "CorpusSummary", "measured_column", "read_study_frames", "read_study_obs",
-        "study_gene_names", "iter_row_chunks", "combine_studies", "align_csr", "read_corpus"),
+    "build": ("CorpusSummary", "measured_column", "combine_studies", "align_csr", "read_corpus",
+        "read_study_obs", "study_gene_names", "iter_row_chunks", "QCThresholds"),
     "qc_checks": ("CountScan", "scan_counts", "row_fingerprints", "cells_repeated_across_studies"),
+    "study_files": ("read_study_frames", "CsrBlock", "BlockBuffers", "iter_csr_blocks"),
+    "thresholds": ("QC_FIELDS",),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -10,43 +10,33 @@ padded zero from an observed one.
 
 from __future__ import annotations
 
-import warnings
-
 import queue
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import anndata as ad
-import h5py
-import numba
 import numcodecs
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
-from anndata.io import sparse_dataset, write_elem
+from anndata.io import write_elem
 
+from scgrn_assets.lib.corpus._kernels import _align_kernel, _count_columns
+from scgrn_assets.lib.corpus.study_files import (BLOCK_VALUES, CHUNK_CELLS, BlockBuffers, iter_csr_blocks,
+                                                 iter_row_chunks, read_study_frames, read_study_obs, study_gene_names)
+from scgrn_assets.lib.corpus.thresholds import QCThresholds
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.memory import release_free_memory
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
+from scgrn_assets.lib.memory import release_free_memory
+from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.storage import atomic_path
 
-CHUNK_CELLS = 20_000
-# Stored values read per block when combining (about 100 MB of int32 + float32 arrays in flight).
-BLOCK_VALUES = 8 << 20
+
 # Values per chunk of the corpus' X data/indices: few, large, compressed chunks (16 MB before compression).
 X_CHUNK_VALUES = 4 << 20
-
-
-@dataclass(frozen=True)
-class QCThresholds:
-    """Cell and gene filters applied when combining. Defaults suit UMI and plate data alike."""
-
-    min_counts_per_cell: int = 500     # library size over all of the study's genes
-    min_genes_per_cell: int = 100      # genes detected (count > 0)
-    min_cells_per_gene: int = 3        # a gene detected in fewer cells carries no signal
 
 
 @dataclass
@@ -67,133 +57,6 @@ class CorpusSummary:
 
 def measured_column(study: str) -> str:
     return f"measured_in_{study}"
-
-
-def read_study_frames(path: Path, parts: tuple[str, ...] = ("obs", "var")) -> tuple[pd.DataFrame, ...]:
-    """The named frames (``obs``, ``var``) of a study's .h5ad, read without loading its counts."""
-    with h5py.File(path, "r") as handle:
-        return tuple(ad.io.read_elem(handle[part]) for part in parts)
-
-
-def read_study_obs(path: Path) -> pd.DataFrame:
-    """obs of an .h5ad, read without loading its counts."""
-    return read_study_frames(path, ("obs",))[0]
-
-
-def study_gene_names(path: Path) -> list[str]:
-    """Gene symbols of a study's .h5ad, read without loading its counts."""
-    return read_study_frames(path, ("var",))[0].index.tolist()
-
-
-@dataclass
-class _CsrBlock:
-    """A range of consecutive rows of a study's X (CSR arrays local to the range) and which of
-    them are selected; only the selected rows count."""
-
-    indptr: np.ndarray          # int64, starts at 0, one entry per row of the range + 1
-    indices: np.ndarray
-    data: np.ndarray | None     # None when only the indices were asked for
-    selected: np.ndarray        # int64 positions of the selected rows within the range, ascending
-    n_columns: int
-
-    @property
-    def n_rows(self) -> int:
-        """Selected rows."""
-        return len(self.selected)
-
-    def to_scipy(self) -> sp.csr_matrix:
-        """The selected rows as a scipy CSR matrix (of a block read without reused buffers)."""
-        matrix = sp.csr_matrix((self.data, self.indices, self.indptr), shape=(len(self.indptr) - 1, self.n_columns))
-        return matrix if len(self.selected) == len(self.indptr) - 1 else matrix[self.selected]
-
-
-class _Buffers:
-    """Arrays reused block after block: fresh memory costs page faults, which are slow on shared VMs."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, size: int, dtype) -> np.ndarray:
-        array = self.arrays.get(name)
-        if array is None or array.shape[0] < size or array.dtype != np.dtype(dtype):
-            array = self.arrays[name] = np.empty(max(size, 1), dtype=dtype)
-        return array[:size]
-
-
-def _iter_csr_blocks(path: Path, rows: np.ndarray | None = None, *, max_rows: int = CHUNK_CELLS,
-                     max_values: int | None = BLOCK_VALUES, with_data: bool = True,
-                     buffers: _Buffers | None = None):
-    """Yield the selected rows (ascending; default all) of an .h5ad's X as :class:`_CsrBlock`s.
-
-    A CSR X (what anndata and :func:`write_study_h5ad` write) is read straight from its three
-    HDF5 datasets in large contiguous ranges: no per-row work, no scipy fancy indexing, and the
-    data not read at all when only the indices are needed. Any other X (dense, CSC) goes through
-    anndata. A block holds at most ``max_rows`` selected rows and, unless one row alone is larger,
-    ``max_values`` stored values (None: no limit), so memory stays bounded whatever the study's
-    size. With ``buffers``, blocks are read into the same arrays each time: a block is then valid
-    only until the next one is asked for.
-    """
-    with h5py.File(path, "r") as handle:
-        x = handle["X"]
-        n_rows, n_columns = (int(v) for v in (x.attrs["shape"] if isinstance(x, h5py.Group) else x.shape))
-        rows = np.arange(n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
-        if len(rows) == 0:
-            return
-        if np.any(np.diff(rows) <= 0):
-            raise ValueError("rows must be strictly increasing")
-        if not (isinstance(x, h5py.Group) and x.attrs.get("encoding-type") == "csr_matrix"):
-            matrix = sparse_dataset(x) if isinstance(x, h5py.Group) else x
-            for start in range(0, len(rows), max_rows):
-                selected = rows[start:start + max_rows]
-                block = sp.csr_matrix(matrix[int(selected[0]):int(selected[-1]) + 1])
-                yield _CsrBlock(block.indptr.astype(np.int64), block.indices, block.data if with_data else None,
-                                selected - selected[0], n_columns)
-            return
-        indptr = x["indptr"][:].astype(np.int64)
-        indices_ds, data_ds = x["indices"], x["data"]
-        position = 0
-        while position < len(rows):
-            # Source rows [first, last] hold selected rows position..end-1: at most max_rows of them and,
-            # unless the first alone is larger, at most max_values stored values in the range read.
-            first = int(rows[position])
-            end = min(len(rows), position + max_rows)
-            if max_values is not None:
-                n_fitting = int(np.searchsorted(indptr[rows[position:end] + 1], indptr[first] + max_values, "right"))
-                end = position + max(1, n_fitting)
-            last = int(rows[end - 1])
-            start_value, stop_value = int(indptr[first]), int(indptr[last + 1])
-            if buffers is None:
-                indices = indices_ds[start_value:stop_value]
-                data = data_ds[start_value:stop_value] if with_data else None
-            else:
-                indices = buffers.get("indices", stop_value - start_value, indices_ds.dtype)
-                data = buffers.get("data", stop_value - start_value, data_ds.dtype) if with_data else None
-                if stop_value > start_value:
-                    indices_ds.read_direct(indices, np.s_[start_value:stop_value])
-                    if with_data:
-                        data_ds.read_direct(data, np.s_[start_value:stop_value])
-            yield _CsrBlock(indptr[first:last + 2] - start_value, indices, data, rows[position:end] - first,
-                            n_columns)
-            position = end
-
-
-def iter_row_chunks(path: Path, rows: np.ndarray | None = None, chunk_cells: int = CHUNK_CELLS):
-    """Yield CSR blocks of the selected rows (default: all; ascending) of an .h5ad's X, ``chunk_cells`` at a time."""
-    for block in _iter_csr_blocks(path, rows, max_rows=chunk_cells, max_values=None):
-        yield block.to_scipy()
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_columns(indptr, indices, selected, counts):  # pragma: no cover - compiled
-    """counts[j] += stored values of column j in the selected rows; False on an index out of range."""
-    n_columns = counts.shape[0]
-    for row in selected:
-        for k in range(indptr[row], indptr[row + 1]):
-            column = indices[k]
-            if column < 0 or column >= n_columns:
-                return False
-            counts[column] += 1
-    return True
 
 
 class _ChunkWriter:
@@ -256,7 +119,7 @@ def _write_chunk(path: Path, values: np.ndarray) -> None:
 
 def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotation: pd.DataFrame | None = None,
                     qc: QCThresholds = QCThresholds(), chunk_cells: int = CHUNK_CELLS,
-                    progress: Callable[[str, int, int], None] | None = None) -> CorpusSummary:
+                    progress: Progress | None = None) -> CorpusSummary:
     """Combine per-study AnnData files into one AnnData Zarr store at ``output`` (atomically).
 
     Parameters
@@ -270,7 +133,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
     chunk_cells
         Most cells read and written at a time (memory is also bounded by stored values).
     progress
-        Called as ``progress(study, cells_done, cells_total)``.
+        Called as ``progress(cells_done, cells_total, study=study)`` (counts within that study).
 
     Two streamed passes over each study's CSR arrays: the first counts, per gene, the kept
     cells that store it (gene QC, and the corpus' exact number of stored values); the second
@@ -294,11 +157,12 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
 
     # Gene QC: stored values per gene over kept cells (one streamed pass over the indices only).
     detected = np.zeros(len(union), dtype=np.int64)
-    buffers = _Buffers()
+    buffers = BlockBuffers()
     for study, path in study_files.items():
         positions = union.get_indexer(frames[study][1].index)
         study_detected = np.zeros(len(positions), dtype=np.int64)
-        for block in _iter_csr_blocks(path, keep_rows[study], max_rows=chunk_cells, with_data=False, buffers=buffers):
+        for block in iter_csr_blocks(path, keep_rows[study], max_rows=chunk_cells, max_values=BLOCK_VALUES,
+                                     with_data=False, buffers=buffers):
             if not _count_columns(block.indptr, block.indices, block.selected, study_detected):
                 raise _index_error(len(positions), study, path)
         detected[positions] += study_detected
@@ -351,15 +215,15 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
             free: queue.SimpleQueue = queue.SimpleQueue()
 
             def aligned_blocks():
-                read_buffers = _Buffers()
+                read_buffers = BlockBuffers()
                 for study, path in study_files.items():
                     column_map = genes.get_indexer(frames[study][1].index).astype(np.int32)  # -1: removed by QC
-                    for block in _iter_csr_blocks(path, keep_rows[study], max_rows=chunk_cells,
-                                                  buffers=read_buffers):
+                    for block in iter_csr_blocks(path, keep_rows[study], max_rows=chunk_cells,
+                                                 max_values=BLOCK_VALUES, buffers=read_buffers):
                         try:
                             out = free.get_nowait()
                         except queue.Empty:
-                            out = _Buffers()
+                            out = BlockBuffers()
                         yield study, out, align_csr(block.indptr, block.indices, block.data, column_map,
                                                     selected=block.selected, out=out, study=study, file=str(path))
 
@@ -373,8 +237,7 @@ def combine_studies(study_files: dict[str, Path], output: Path, *, gene_annotati
                 n_values += len(block_indices)
                 free.put(out)
                 done[study] += n_block_rows
-                if progress:
-                    progress(study, done[study], len(keep_rows[study]))
+                report(progress, done[study], len(keep_rows[study]), study=study)
             data.close()
             indices.close()
             if n_rows != len(obs) or n_values != n_nonzero:
@@ -444,37 +307,8 @@ def _compressor() -> numcodecs.Blosc:
     return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
-@numba.njit(cache=True, nogil=True)
-def _align_kernel(indptr, indices, data, selected, column_map, out_indptr, out_indices,
-                  out_data):  # pragma: no cover - compiled
-    """One pass over the selected rows of a CSR range: remap columns, drop those mapped to -1,
-    values to float32. Returns (values written, 0 if every row stays sorted / 1 if not / 2 on an
-    index out of range)."""
-    k = 0
-    status = 0
-    n_columns = column_map.shape[0]
-    out_indptr[0] = 0
-    for i in range(selected.shape[0]):
-        row = selected[i]
-        previous = -1
-        for j in range(indptr[row], indptr[row + 1]):
-            source = indices[j]
-            if source < 0 or source >= n_columns:
-                return k, 2
-            column = column_map[source]
-            if column >= 0:
-                out_indices[k] = column
-                out_data[k] = data[j]
-                k += 1
-                if column <= previous:
-                    status = 1
-                previous = column
-        out_indptr[i + 1] = k
-    return k, status
-
-
 def align_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, column_map: np.ndarray, *,
-              selected: np.ndarray | None = None, out: _Buffers | None = None, study: str | None = None,
+              selected: np.ndarray | None = None, out: BlockBuffers | None = None, study: str | None = None,
               file: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR arrays (of the ``selected`` rows; default all) with column j moved to ``column_map[j]``
     (columns mapped to -1 dropped); values as float32.
@@ -484,7 +318,7 @@ def align_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, column_
     With ``out``, the results are views of its arrays.
     """
     selected = np.arange(len(indptr) - 1, dtype=np.int64) if selected is None else selected
-    out = out if out is not None else _Buffers()
+    out = out if out is not None else BlockBuffers()
     n_stored = int(indptr[selected + 1].sum() - indptr[selected].sum()) if len(selected) else 0
     out_indptr = out.get("indptr", len(selected) + 1, np.int64)
     out_indices = out.get("indices", n_stored, np.int32)
@@ -551,3 +385,8 @@ def read_corpus(path: Path) -> ad.AnnData:
     if not Path(path).exists():
         raise ScgrnInputError(f"combined corpus {path} does not exist", fix="materialise combined_corpus first")
     return ad.read_zarr(str(path))
+
+
+__all__ = ["CorpusSummary", "measured_column", "combine_studies", "align_csr", "read_corpus",
+           # A study's .h5ad is read in study_files.py; importable from here too.
+           "read_study_obs", "study_gene_names", "iter_row_chunks", "QCThresholds"]

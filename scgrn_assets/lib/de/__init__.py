@@ -4,8 +4,12 @@ Modules:
 
 - ``adaptive_shrinkage``: Adaptive shrinkage (Stephens 2017, ``ashr``): let "no effect" be an answer, and call at a stated error rate.
 - ``calibration``: Calibration of condition-effect methods on simulated designs: coverage, false discovery rate, power.
-- ``cell_model``: The hierarchical Negative-Binomial model of condition effects, and what we read off it.
+- ``cell_model``: The hierarchical Negative-Binomial model of condition effects, cell by cell.
+- ``cell_model_data``: The cell-level NB model's inputs: which cells and genes, as arrays the model reads, and its exact count tables.
 - ``cell_model_inference``: Minibatch ADVI for the hierarchical NB model: initialisation, training loop, stopping rule, draws.
+- ``cell_model_plots``: Figures of a cell-level NB fit for the asset metadata (PNG bytes): ELBO, volcano, PPC.
+- ``cell_model_ppc``: Posterior predictive checks of the cell-level NB model: does data drawn from the fit look like the counts?
+- ``cell_model_readout``: What we read off the cell-level NB posterior (per-gene effects, global parameters), and saving it.
 - ``condition_effects``: From a corpus to "which genes change with condition, and how sure are we": the path the assets share.
 - ``model``: The default condition-effect model: a Bayesian Negative-Binomial GLM on per-animal pseudobulk.
 - ``peer``: PyDESeq2 on the same per-animal pseudobulk: the peer a user puts beside our answer.
@@ -23,14 +27,16 @@ _PUBLIC = {
     "adaptive_shrinkage": ("AshResult", "mixture_grid", "component_likelihoods", "fit_mixture_weights",
         "svalues", "adaptive_shrinkage", "mixture_cdf", "mixture_quantile"),
     "calibration": ("score_calls", "simulated_pseudobulk", "run_methods", "run_cell_advi"),
-    "cell_model": ("NBFitConfig", "NBData", "NBSufficientStatistics", "NBPosterior", "select_model_genes",
-        "ModelInputs", "select_model_inputs", "prepare_nb_data", "sufficient_statistics", "build_nb_model",
-        "nb_log_likelihood", "highest_density_interval", "condition_effect_table",
-        "global_parameter_summary", "posterior_predictive_check", "ppc_misfit_summary", "plot_elbo",
-        "plot_volcano", "plot_ppc", "save_posterior", "load_posterior"),
+    "cell_model": ("NBFitConfig", "NBPosterior", "build_nb_model", "nb_log_likelihood"),
+    "cell_model_data": ("NBData", "NBSufficientStatistics", "select_model_genes", "ModelInputs",
+        "select_model_inputs", "prepare_nb_data", "sufficient_statistics"),
     "cell_model_inference": ("initial_estimates", "jax_device", "windowed_elbo_converged",
         "CompiledAdviStep", "compile_advi_step", "fit_nb_posterior", "draw_from_mean_field",
         "posterior_to_inference_data"),
+    "cell_model_plots": ("plot_elbo", "plot_volcano", "plot_ppc"),
+    "cell_model_ppc": ("posterior_predictive_check", "ppc_misfit_summary"),
+    "cell_model_readout": ("highest_density_interval", "condition_effect_table", "global_parameter_summary",
+        "save_posterior", "load_posterior"),
     "condition_effects": ("CorpusPseudobulk", "corpus_pseudobulk", "select_expressed_genes",
         "between_animal_variance", "sample_level_ppc", "ppc_summary", "replicated_pseudobulk_from_cells",
         "save_pseudobulk_posterior", "load_pseudobulk_posterior", "effects_by_study", "plot_ma",

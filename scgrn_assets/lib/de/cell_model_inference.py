@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.de.cell_model import NBData, NBFitConfig, NBPosterior, build_nb_model, prepare_nb_data
+from scgrn_assets.lib.progress import Progress, report
+from scgrn_assets.lib.de.cell_model_data import NBData, prepare_nb_data
+from scgrn_assets.lib.de.cell_model import NBFitConfig, NBPosterior, build_nb_model
 
-#: progress(step, max_steps, elbo) is called every this many steps.
+#: progress(step, max_steps, elbo=...) is called every this many steps.
 PROGRESS_EVERY = 100
 
 
@@ -187,7 +189,7 @@ def fit_nb_posterior(
     study_names,
     gene_names,
     config: NBFitConfig | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> NBPosterior:
     """Fit the hierarchical NB model by minibatch ADVI and draw from the approximation.
 
@@ -206,8 +208,8 @@ def fit_nb_posterior(
     gene_length_bp : array, shape (n_genes,)
     study_names, gene_names : sequence of str
     config : NBFitConfig, optional
-    progress : callable, optional
-        ``progress(step, max_steps, elbo)`` every 100 steps.
+    progress : Progress, optional
+        ``progress(step, max_steps, elbo=elbo)`` every 100 steps.
 
     Returns
     -------
@@ -228,8 +230,8 @@ def fit_nb_posterior(
         while len(elbo_history) < config.max_steps:
             elbo_history.append(-float(step()))
             n_steps = len(elbo_history)
-            if progress is not None and n_steps % PROGRESS_EVERY == 0:
-                progress(n_steps, config.max_steps, elbo_history[-1])
+            if n_steps % PROGRESS_EVERY == 0:
+                report(progress, n_steps, config.max_steps, elbo=elbo_history[-1])
             if n_steps >= config.min_steps and n_steps % config.convergence_window == 0 and windowed_elbo_converged(
                 np.asarray(elbo_history), config.convergence_window, config.convergence_tolerance
             ):

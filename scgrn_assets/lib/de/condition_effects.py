@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.de.pseudobulk import Pseudobulk, check_design, pseudobulk_by_animal
 from scgrn_assets.lib.storage import atomic_path
 
@@ -259,17 +260,17 @@ def load_pseudobulk_posterior(path) -> tuple[object, Pseudobulk]:
 
 
 def effects_by_study(pseudobulk: Pseudobulk, contrast_studies: list[str], *, fdr_target: float = 0.05,
-                     seed: int = 0, progress=None) -> pd.DataFrame:
+                     seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
     """The same model fitted to each contrast study alone: one table per study, stacked with a ``study`` column.
 
     Lets a user see whether the studies (e.g. different Alzheimer's models) agree.
+    ``progress(n_studies_fitted, n_studies, study=study)`` is called before each study's fit.
     """
     from scgrn_assets.lib.de.model import PosteriorConfig, effect_draws, effect_table, fit_pseudobulk_model
 
     tables = []
-    for study in contrast_studies:
-        if progress is not None:
-            progress(f"fitting {study} alone")
+    for index, study in enumerate(contrast_studies):
+        report(progress, index, len(contrast_studies), study=study)
         alone = pseudobulk.subset(samples=(pseudobulk.samples["study"] == study).to_numpy())
         alone = alone.subset(genes=select_expressed_genes(alone, min_animals=min(MIN_ANIMALS_EXPRESSED,
                                                                                   alone.n_samples)))

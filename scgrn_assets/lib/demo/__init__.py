@@ -2,6 +2,8 @@
 
 Modules:
 
+- ``design``: What the demo simulates: study designs, the configuration, and the truth :func:`simulator.simulate_truth` draws.
+- ``draws``: The random draws behind the demo's truth and cells: genes, network, effects, samples, barcodes.
 - ``geo_layouts``: Writes the simulated demo studies in real GEO layouts, plus the truth and the demo catalog.
 - ``simulator``: The demo simulator: a known gene regulatory network and the single-cell counts it drives.
 
@@ -13,10 +15,12 @@ import importlib
 
 # Each module and the public names it holds.
 _PUBLIC = {
+    "design": ("StudyDesign", "DemoConfig", "DemoTruth", "DEFAULT_STUDIES", "GENE_LENGTH_EFFECT",
+        "LIBRARY_TYPES", "PLATE_ROWS", "PLATE_COLUMNS", "WELLS_PER_PLATE"),
     "geo_layouts": ("WrittenFile", "write_demo_geo", "write_truth_files", "demo_catalog",
         "write_catalog_yaml"),
-    "simulator": ("StudyDesign", "DemoConfig", "DemoTruth", "simulate_truth", "measured_gene_indices",
-        "simulate_sample_counts", "cell_state_term", "sample_negative_binomial_outer"),
+    "simulator": ("simulate_truth", "measured_gene_indices", "simulate_sample_counts", "cell_state_term",
+        "sample_negative_binomial_outer"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -21,13 +21,10 @@ so the demo catalog can pin sha256 values.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -35,10 +32,14 @@ import yaml
 
 from scgrn_assets.lib.ingest.dense_text import format_dense_text_rows
 from scgrn_assets.lib.demo.simulator import DemoConfig, DemoTruth, simulate_sample_counts, simulate_truth
+from scgrn_assets.lib.ingest import formats
+from scgrn_assets.lib.ingest.download import sha256_of
+from scgrn_assets.lib.progress import Progress, for_stage, report
 from scgrn_assets.lib.storage import atomic_path
 
 #: Demo studies by position in the simulator's design, with the GEO layout each one imitates.
-DEMO_LAYOUTS = ("raw_tar_dense_tsv", "processed_csv_well_plate", "raw_tar_dropseq_dge", "raw_tar_10x_mtx")
+DEMO_LAYOUTS = (formats.RAW_TAR_DENSE_TSV, formats.PROCESSED_CSV_WELL_PLATE, formats.RAW_TAR_DROPSEQ_DGE,
+                formats.RAW_TAR_10X_MTX)
 _FIXED_MTIME = 1_500_000_000  # tar member mtime: any constant keeps the archive's sha256 stable
 _GZIP_LEVEL = 6
 CATALOG_URL_ROOT = "file://${SCGRN_HOME}/demo_geo"
@@ -58,14 +59,6 @@ def _gzip_bytes(data: bytes) -> bytes:
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=_GZIP_LEVEL, mtime=0, filename="") as handle:
         handle.write(data)
     return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _DeterministicTar:
@@ -111,10 +104,11 @@ def _sra_run_table(rows: list[dict]) -> bytes:
 
 
 def write_demo_geo(out_dir: Path, config: DemoConfig = DemoConfig(), *,
-                   progress: Callable[[str], None] | None = None) -> tuple[DemoTruth, list[WrittenFile]]:
+                   progress: Progress | None = None) -> tuple[DemoTruth, list[WrittenFile]]:
     """Simulate and write every demo study and the truth under ``out_dir``.
 
-    Returns the truth and the files written (with sha256) for the catalog.
+    Returns the truth and the files written (with sha256) for the catalog. ``progress(done, total,
+    stage=study, file=name)`` is called as each count file or archive member of a study is written.
     """
     truth = simulate_truth(config)
     written: list[WrittenFile] = []
@@ -122,13 +116,13 @@ def write_demo_geo(out_dir: Path, config: DemoConfig = DemoConfig(), *,
         study_dir = out_dir / design.accession
         study_dir.mkdir(parents=True, exist_ok=True)
         writer = _LAYOUT_WRITERS[layout]
-        for name, role in writer(truth, design.accession, study_dir, progress):
+        for name, role in writer(truth, design.accession, study_dir, for_stage(progress, design.accession)):
             path = study_dir / name
-            written.append(WrittenFile(design.accession, name, path, _sha256(path), role))
+            written.append(WrittenFile(design.accession, name, path, sha256_of(path), role))
     truth_dir = out_dir / "truth"
     for name in write_truth_files(truth, truth_dir):
         path = truth_dir / name
-        written.append(WrittenFile("truth", name, path, _sha256(path), "truth"))
+        written.append(WrittenFile("truth", name, path, sha256_of(path), "truth"))
     return truth, written
 
 
@@ -136,18 +130,18 @@ def _study_samples(truth: DemoTruth, study: str) -> pd.DataFrame:
     return truth.samples[truth.samples["study"] == study].reset_index(drop=True)
 
 
-def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, progress):
+def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
     symbols_all = truth.genes["gene_symbol"].tolist()
     tar_name = f"{study}_RAW.tar"
     runs = []
+    samples = _study_samples(truth, study)
     with _DeterministicTar(study_dir / tar_name) as archive:
-        for index, sample in _study_samples(truth, study).iterrows():
+        for index, sample in samples.iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
             header = [""] + cells["barcode"].tolist()
             member = f"{sample['sample']}_{sample['sample_name']}.txt.gz"
             archive.add(member, _gzip_bytes(_dense_text([symbols_all[g] for g in genes], counts, header, "\t")))
-            if progress:
-                progress(f"{study}/{member}")
+            report(progress, index + 1, len(samples), file=f"{study}/{member}")
             strain = {"AD": "5XFAD", "control": "C57BL/6"}.get(sample["condition"], "C57BL/6")
             for run in range(2):  # two sequencing runs per sample, as SRA lists them
                 runs.append({"Run": f"SRR{9_000_000 + index * 2 + run + int(study[3:]) * 100}",
@@ -161,7 +155,7 @@ def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, prog
     return [(tar_name, "counts"), (metadata_name, "metadata")]
 
 
-def _write_processed_csv_well_plate(truth: DemoTruth, study: str, study_dir: Path, progress):
+def _write_processed_csv_well_plate(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
     symbols_all = truth.genes["gene_symbol"].tolist()
     blocks, cell_columns, runs, gene_sets = [], [], [], []
     for plate_number, (_, sample) in enumerate(_study_samples(truth, study).iterrows(), start=1):
@@ -186,8 +180,7 @@ def _write_processed_csv_well_plate(truth: DemoTruth, study: str, study_dir: Pat
     quoted = [f'"{symbols_all[g]}"' for g in genes]
     name = f"{study}_Single_myeloid_{counts.shape[0]}_cells_processed_data.csv.gz"
     _write_bytes(study_dir / name, _gzip_bytes(_dense_text(quoted, counts, header, ",")))
-    if progress:
-        progress(f"{study}/{name}")
+    report(progress, 1, 1, file=f"{study}/{name}")
     runs_table = pd.DataFrame(runs)
     runs_table["plate_id"] = runs_table["plate_id"].astype(float)  # written as 1.0, 2.0, ... like the real file
     metadata_name = f"{study}_SraRunTable.csv"
@@ -195,19 +188,19 @@ def _write_processed_csv_well_plate(truth: DemoTruth, study: str, study_dir: Pat
     return [(name, "counts"), (metadata_name, "metadata")]
 
 
-def _write_raw_tar_dropseq_dge(truth: DemoTruth, study: str, study_dir: Path, progress):
+def _write_raw_tar_dropseq_dge(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
     symbols_all = truth.genes["gene_symbol"].tolist()
     tar_name = f"{study}_RAW.tar"
     runs = []
+    samples = _study_samples(truth, study)
     with _DeterministicTar(study_dir / tar_name) as archive:
-        for index, sample in _study_samples(truth, study).iterrows():
+        for index, sample in samples.iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
             header = ["GENE"] + cells["barcode"].tolist()
             member = f"{sample['sample']}_{sample['sample_name']}.dge.txt.gz"
             symbols = [_r_make_names(symbols_all[g]) for g in genes]
             archive.add(member, _gzip_bytes(_dense_text(symbols, counts, header, "\t")))
-            if progress:
-                progress(f"{study}/{member}")
+            report(progress, index + 1, len(samples), file=f"{study}/{member}")
             runs.append({"Run": f"SRR{7_000_000 + index}", "Assay Type": "RNA-Seq", "AvgSpotLen": 60,
                          "Organism": "Mus musculus", "Sample Name": sample["sample"],
                          "age": ["P5", "P30", "P100"][index % 3], "source_name": "microglia",
@@ -227,12 +220,13 @@ def _mtx_bytes(counts: sp.csr_matrix) -> bytes:
     return header + body
 
 
-def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progress):
+def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
     genes_table = truth.genes
     tar_name = f"{study}_RAW.tar"
     runs = []
+    samples = _study_samples(truth, study)
     with _DeterministicTar(study_dir / tar_name) as archive:
-        for index, sample in _study_samples(truth, study).iterrows():
+        for index, sample in samples.iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
             prefix = f"{sample['sample']}_{sample['sample_name']}_"
             features = "".join(f"{genes_table.at[g, 'ensembl_id']}\t{genes_table.at[g, 'gene_symbol']}\t"
@@ -242,8 +236,7 @@ def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progre
             archive.add(prefix + "barcodes.tsv.gz", _gzip_bytes(barcodes.encode()))
             archive.add(prefix + "features.tsv.gz", _gzip_bytes(features.encode()))
             archive.add(prefix + "matrix.mtx.gz", _gzip_bytes(_mtx_bytes(counts)))
-            if progress:
-                progress(f"{study}/{prefix}matrix.mtx.gz")
+            report(progress, index + 1, len(samples), file=f"{study}/{prefix}matrix.mtx.gz")
             runs.append({"Run": f"SRR{6_000_000 + index}", "Assay Type": "RNA-Seq", "AvgSpotLen": 98,
                          "Organism": "Mus musculus", "Sample Name": sample["sample"],
                          "genotype": "5XFAD" if sample["condition"] == "AD" else "WT",
@@ -254,10 +247,10 @@ def _write_raw_tar_10x_mtx(truth: DemoTruth, study: str, study_dir: Path, progre
 
 
 _LAYOUT_WRITERS = {
-    "raw_tar_dense_tsv": _write_raw_tar_dense_tsv,
-    "processed_csv_well_plate": _write_processed_csv_well_plate,
-    "raw_tar_dropseq_dge": _write_raw_tar_dropseq_dge,
-    "raw_tar_10x_mtx": _write_raw_tar_10x_mtx,
+    formats.RAW_TAR_DENSE_TSV: _write_raw_tar_dense_tsv,
+    formats.PROCESSED_CSV_WELL_PLATE: _write_processed_csv_well_plate,
+    formats.RAW_TAR_DROPSEQ_DGE: _write_raw_tar_dropseq_dge,
+    formats.RAW_TAR_10X_MTX: _write_raw_tar_10x_mtx,
 }
 
 TRUTH_FILES = {
@@ -299,15 +292,15 @@ def write_truth_files(truth: DemoTruth, truth_dir: Path) -> list[str]:
 
 
 _CONDITION_RULES = {
-    "raw_tar_dense_tsv": {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
-    "processed_csv_well_plate": {"column": "genotype", "values": {"5XFAD": "AD", "wild type": "control"}},
-    "raw_tar_10x_mtx": {"column": "genotype", "values": {"5XFAD": "AD", "WT": "control"}},
+    formats.RAW_TAR_DENSE_TSV: {"column": "strain", "values": {"5XFAD": "AD", "C57BL/6": "control"}},
+    formats.PROCESSED_CSV_WELL_PLATE: {"column": "genotype", "values": {"5XFAD": "AD", "wild type": "control"}},
+    formats.RAW_TAR_10X_MTX: {"column": "genotype", "values": {"5XFAD": "AD", "WT": "control"}},
 }
 _TITLES = {
-    "raw_tar_dense_tsv": "Simulated MARS-seq microglia, 5XFAD vs C57BL/6 (GSE98969 layout)",
-    "processed_csv_well_plate": "Simulated plate-based myeloid cells, 5XFAD vs wild type (GSE123025 layout)",
-    "raw_tar_dropseq_dge": "Simulated Drop-seq microglia across ages, no AD contrast (GSE121654 layout)",
-    "raw_tar_10x_mtx": "Simulated 10x Chromium microglia, 5XFAD vs WT (10x MTX layout)",
+    formats.RAW_TAR_DENSE_TSV: "Simulated MARS-seq microglia, 5XFAD vs C57BL/6 (GSE98969 layout)",
+    formats.PROCESSED_CSV_WELL_PLATE: "Simulated plate-based myeloid cells, 5XFAD vs wild type (GSE123025 layout)",
+    formats.RAW_TAR_DROPSEQ_DGE: "Simulated Drop-seq microglia across ages, no AD contrast (GSE121654 layout)",
+    formats.RAW_TAR_10X_MTX: "Simulated 10x Chromium microglia, 5XFAD vs WT (10x MTX layout)",
 }
 
 
@@ -325,7 +318,7 @@ def demo_catalog(config: DemoConfig, written: list[WrittenFile]) -> dict:
             "title": _TITLES[layout],
             "species": "mouse",
             "format": layout,
-            "gene_id_type": "ensembl" if layout == "raw_tar_10x_mtx" else "symbol",
+            "gene_id_type": "ensembl" if layout == formats.RAW_TAR_10X_MTX else "symbol",
             "files": [{"name": f.name, "url": f"{CATALOG_URL_ROOT}/{design.accession}/{f.name}",
                        "sha256": f.sha256, "role": f.role} for f in files],
             "metadata": {"file": metadata_file},

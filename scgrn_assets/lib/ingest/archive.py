@@ -1,4 +1,4 @@
-"""Safe, streaming reading and extraction of tar archives (GEO ``*_RAW.tar`` and the like).
+"""Safe, streaming reading of tar archives (GEO ``*_RAW.tar`` and the like).
 
 Archives are read with tarfile's stream mode (``'r|*'``): one pass, forward only, so an
 archive never has to fit in memory and can even come from a pipe. Only regular files are
@@ -16,14 +16,13 @@ import lzma
 import os
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import atomic_path
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _READ_BYTES = 1 << 20
@@ -174,75 +173,6 @@ def iter_tar_members(
             member_label = f"{archive_name} member {member.name}"
             previous_member_file = _ReadAdapter(archive.extractfile(member), study=study, file=member_label)
             yield member.name, io.BufferedReader(previous_member_file)
-
-
-def extract_tar_safely(
-    tar_path: Path,
-    destination: Path,
-    *,
-    study: str,
-    limits: ExtractionLimits = ExtractionLimits(),
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Path]:
-    """Extract the regular files of a tar archive into ``destination``, all or nothing.
-
-    Files are streamed into a temporary folder beside ``destination`` which is renamed into
-    place only when every member has been written; an existing ``destination`` is replaced.
-    Permissions, owners and times from the archive are not applied.
-
-    Parameters
-    ----------
-    tar_path
-        The archive (tar, tar.gz, tar.bz2, tar.xz).
-    destination
-        The folder that will hold the extracted files (member paths are kept below it).
-    study
-        Study accession named in errors.
-    limits
-        Size and count limits, checked against headers and again on the bytes written.
-    progress
-        Called as ``progress(n_files_written, n_bytes_written)`` after each member.
-
-    Returns
-    -------
-    list[Path]
-        The extracted files under ``destination``, in archive order, each listed once.
-
-    Raises
-    ------
-    ScgrnInputError
-        The same refusals as :func:`iter_tar_members`; nothing is left at ``destination``
-        (an earlier extraction there stays untouched) and the temporary folder is removed.
-    """
-    destination = Path(destination)
-    archive_name = Path(tar_path).name
-    relative_paths: dict[PurePosixPath, None] = {}  # ordered set
-    total_bytes = 0
-    # atomic_path: a `.tmp-<name>-<host>-<pid>-...` staging folder, renamed over any earlier extraction
-    # on success, removed on error, and removed by the next extraction when a kill -9 left it.
-    with atomic_path(destination) as staging_folder:
-        staging_folder.mkdir()
-        for member_name, member_file in iter_tar_members(tar_path, study=study, limits=limits):
-            relative_path = PurePosixPath(member_name)
-            target = staging_folder.joinpath(*relative_path.parts)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target_file = open(target, "wb")
-            except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
-                raise ScgrnInputError(f"member {member_name!r} collides with another member's path ({error})",
-                                      study=study, file=archive_name, fix=_UNSAFE_ARCHIVE_FIX) from None
-            n_member_bytes = 0
-            with target_file:
-                while chunk := member_file.read(_READ_BYTES):
-                    n_member_bytes += len(chunk)
-                    total_bytes += len(chunk)
-                    _refuse_oversized_member(member_name, n_member_bytes, total_bytes, limits, study=study,
-                                             archive_name=archive_name)
-                    target_file.write(chunk)
-            relative_paths[relative_path] = None
-            if progress is not None:
-                progress(len(relative_paths), total_bytes)
-    return [destination.joinpath(*relative_path.parts) for relative_path in relative_paths]
 
 
 def _open_tar_stream(tar_path: Path, *, study: str) -> tarfile.TarFile:

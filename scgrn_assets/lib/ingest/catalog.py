@@ -17,27 +17,15 @@ from urllib.parse import urlparse
 import yaml
 
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.ingest import formats
+from scgrn_assets.lib.ingest.catalog_schema import (ConditionRuleDoc, FileDoc, NoConditionDoc, ReferenceDoc, StudyDoc,
+                                                    validate_catalog_document)
+from scgrn_assets.lib.ingest.formats import STUDY_FORMATS
 from scgrn_assets.lib.ingest.strict_yaml import load_strict_yaml
 
-#: Study layouts with a reader in :mod:`scgrn_assets.lib.ingest.readers`.
-KNOWN_FORMATS = {
-    # GSE98969-style: RAW tar of per-sample GSM…_<name>.txt.gz, genes x cells, tab-separated.
-    "raw_tar_dense_tsv": "RAW tar of per-sample genes x cells tab-separated text (.txt.gz)",
-    # GSE123025-style: one processed CSV.gz, genes x cells, cells named <well>.<plate>.
-    "processed_csv_well_plate": "one processed genes x cells CSV.gz, cells named <well>.<plate>",
-    # GSE121654-style: Drop-seq DGE text files with R's X prefix on digit-initial symbols.
-    "raw_tar_dropseq_dge": "RAW tar of per-sample Drop-seq DGE files (.dge.txt.gz)",
-    # 10x Genomics MTX triplets per sample, flattened into a RAW tar as GEO does.
-    "raw_tar_10x_mtx": "RAW tar of per-sample 10x matrix.mtx.gz / features.tsv.gz / barcodes.tsv.gz",
-    # GEO's own re-processing of bulk RNA-seq series: one GeneID x GSM raw counts table.
-    "ncbi_rnaseq_counts": "NCBI-generated GeneID x GSM raw counts (.tsv.gz), one bulk sample per column",
-}
-KNOWN_GENE_ID_TYPES = ("symbol", "ensembl", "entrez")
-KNOWN_SPECIES = ("mouse", "human")
+#: Study layouts with a reader in :mod:`scgrn_assets.lib.ingest.readers` (defined in :mod:`.formats`).
+KNOWN_FORMATS = STUDY_FORMATS
 ALLOWED_URL_SCHEMES = ("file", "https", "http")
-FILE_ROLES = ("counts", "metadata", "gene_map", "gene_annotation")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_ACCESSION = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -110,10 +98,6 @@ class Study:
         return next(f for f in self.files if f.name == self.metadata.file)
 
 
-REFERENCE_FORMATS = {"trrust": ("edges",), "regulon": ("edges",), "edge_list": ("edges",),
-                     "string_v12": ("info", "links", "aliases")}
-
-
 @dataclass(frozen=True)
 class ReferenceEntry:
     """A reference network: its files by role (``edges``; STRING: ``info``, ``links``, ``aliases``)."""
@@ -136,7 +120,7 @@ class Catalog:
     description: str = ""
     # Gene symbol, Ensembl ID and length table (TSV) shared by the studies; optional.
     gene_annotation: StudyFile | None = None
-    # Overrides of the corpus QC thresholds (scgrn_assets.lib.corpus.build.QCThresholds field names).
+    # Overrides of the corpus QC thresholds (scgrn_assets.lib.corpus.thresholds.QC_FIELDS).
     qc: dict[str, int] | None = None
     # Reference networks the benchmarks score against (STRING, TRRUST, ...).
     references: tuple["ReferenceEntry", ...] = ()
@@ -197,23 +181,11 @@ def load_catalog(name_or_path: str | os.PathLike, *, variables: dict[str, str] |
 
 
 def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog:
+    """Validate ``raw`` (a parsed catalog file) against :mod:`.catalog_schema`, then what spans entries."""
     where = str(path)
-    if not isinstance(raw, dict):
-        raise ScgrnInputError(f"catalog {where} must be a mapping with a 'studies' list")
-    allowed = {"name", "description", "condition_levels", "gene_annotation", "qc", "references", "studies"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ScgrnInputError(f"catalog {where} has unknown top-level keys {sorted(unknown)}",
-                              fix=f"allowed: {', '.join(sorted(allowed))}")
-    levels = raw.get("condition_levels", ("control", "AD"))
-    levels = tuple(levels) if isinstance(levels, (list, tuple)) else ()
-    if len(levels) != 2 or not all(isinstance(v, str) for v in levels) or len(set(levels)) != 2:
-        raise ScgrnInputError(f"catalog {where}: condition_levels must be two distinct labels, reference first",
-                              fix="e.g. condition_levels: [control, AD]")
-    studies_raw = raw.get("studies")
-    if not isinstance(studies_raw, list) or not studies_raw:
-        raise ScgrnInputError(f"catalog {where} has no 'studies' list", fix="add at least one study entry")
-    studies = tuple(_parse_study(entry, index, where, levels, variables) for index, entry in enumerate(studies_raw))
+    document = validate_catalog_document(raw, where=where)
+    levels = tuple(document.condition_levels)
+    studies = tuple(_study(entry, where, levels, variables) for entry in document.studies)
     seen: set[str] = set()
     for study in studies:
         if study.accession in seen:
@@ -221,85 +193,27 @@ def parse_catalog(raw: Any, *, path: Path, variables: dict[str, str]) -> Catalog
                                   fix="keep one entry per accession")
         seen.add(study.accession)
     annotation = None
-    if raw.get("gene_annotation") is not None:
-        annotation = _parse_file({"role": "gene_annotation", **raw["gene_annotation"]}
-                                 if isinstance(raw["gene_annotation"], dict) else raw["gene_annotation"],
-                                 f"catalog {where} gene_annotation", "catalog", variables)
-    qc = raw.get("qc")
-    qc_fields = {"min_counts_per_cell", "min_genes_per_cell", "min_cells_per_gene"}
-    if qc is not None and (not isinstance(qc, dict) or set(qc) - qc_fields
-                           or not all(type(v) is int and v >= 0 for v in qc.values())):  # bool is an int
-        raise ScgrnInputError(f"catalog {where}: qc must map {sorted(qc_fields)} to non-negative integers, got {qc!r}",
-                              fix="e.g. qc: {min_genes_per_cell: 200}")
-    references = tuple(_parse_reference(entry, index, where, variables)
-                       for index, entry in enumerate(raw.get("references") or []))
-    return Catalog(name=str(raw.get("name") or path.stem), path=path, studies=studies,
-                   condition_levels=levels, description=str(raw.get("description", "")),
-                   gene_annotation=annotation, qc=qc, references=references)
+    if document.gene_annotation is not None:
+        annotation = _file(document.gene_annotation, f"catalog {where} gene_annotation", "catalog", variables)
+    references = tuple(_reference(entry, index, where, variables)
+                       for index, entry in enumerate(document.references or []))
+    return Catalog(name=str(document.name or path.stem), path=path, studies=studies,
+                   condition_levels=levels, description=str(document.description),
+                   gene_annotation=annotation, qc=dict(document.qc) if document.qc is not None else None,
+                   references=references)
 
 
-def _parse_reference(entry: Any, index: int, where: str, variables: dict[str, str]) -> ReferenceEntry:
+def _reference(entry: ReferenceDoc, index: int, where: str, variables: dict[str, str]) -> ReferenceEntry:
     here = f"catalog {where} references[{index}]"
-    if not isinstance(entry, dict):
-        raise ScgrnInputError(f"{here} must be a mapping with name, format, species, files")
-    name = _require(entry, "name", here, None)
-    fmt = _require(entry, "format", here, name)
-    if fmt not in REFERENCE_FORMATS:
-        raise ScgrnInputError(f"{here}: unknown reference format {fmt!r}", study=name,
-                              fix=f"use one of {sorted(REFERENCE_FORMATS)}")
-    species = _require(entry, "species", here, name)
-    files_raw = _require(entry, "files", here, name, dict)
-    unknown_roles = set(files_raw) - set(REFERENCE_FORMATS[fmt])
-    if unknown_roles:
-        raise ScgrnInputError(f"{here}: unknown file roles {sorted(unknown_roles)} for format {fmt}", study=name,
-                              fix=f"use {list(REFERENCE_FORMATS[fmt])}")
-    files = {role: _parse_file({"role": "counts", **spec} if isinstance(spec, dict) else spec, here, name, variables)
-             for role, spec in files_raw.items()}
-    options = entry.get("options") or {}
-    if not isinstance(options, dict):
-        raise ScgrnInputError(f"{here}: options must be a mapping", study=name)
-    return ReferenceEntry(name=name, format=fmt, species=species, files=files, options=dict(options))
+    files = {role: _file(spec, here, entry.name, variables) for role, spec in entry.files.items()}
+    return ReferenceEntry(name=entry.name, format=entry.format, species=entry.species, files=files,
+                          options=dict(entry.options or {}))
 
 
-def _require(entry: dict, key: str, where: str, study: str | None, kind: type | tuple = str) -> Any:
-    if key not in entry or entry[key] in (None, ""):
-        raise ScgrnInputError(f"{where}: missing required field {key!r}", study=study,
-                              fix=f"add '{key}:' to the study entry")
-    value = entry[key]
-    if not isinstance(value, kind):
-        raise ScgrnInputError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}",
-                              study=study)
-    return value
-
-
-def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], variables: dict[str, str]) -> Study:
-    if not isinstance(entry, dict):
-        raise ScgrnInputError(f"catalog {where}: studies[{index}] must be a mapping")
-    accession = _require(entry, "accession", f"catalog {where} studies[{index}]", None)
-    if not _ACCESSION.fullmatch(accession):
-        raise ScgrnInputError(f"catalog {where}: accession {accession!r} is not a valid partition key",
-                              study=accession, fix="use letters, digits, '_', '.', '-' (e.g. GSE98969)")
+def _study(entry: StudyDoc, where: str, levels: tuple[str, str], variables: dict[str, str]) -> Study:
+    accession = entry.accession
     here = f"catalog {where}"
-    allowed = {"accession", "title", "species", "format", "gene_id_type", "files", "metadata", "condition",
-               "strip_r_prefix", "skip_bad_samples", "exclude_samples"}
-    unknown = set(entry) - allowed
-    if unknown:
-        raise ScgrnInputError(f"{here}: unknown fields {sorted(unknown)}", study=accession,
-                              fix=f"allowed fields: {sorted(allowed)}")
-    fmt = _require(entry, "format", here, accession)
-    if fmt not in KNOWN_FORMATS:
-        raise ScgrnInputError(f"{here}: unknown format {fmt!r}", study=accession,
-                              fix=f"use one of {sorted(KNOWN_FORMATS)}")
-    species = _require(entry, "species", here, accession)
-    if species not in KNOWN_SPECIES:
-        raise ScgrnInputError(f"{here}: unknown species {species!r}", study=accession,
-                              fix=f"use one of {list(KNOWN_SPECIES)}")
-    gene_id_type = _require(entry, "gene_id_type", here, accession)
-    if gene_id_type not in KNOWN_GENE_ID_TYPES:
-        raise ScgrnInputError(f"{here}: unknown gene_id_type {gene_id_type!r}", study=accession,
-                              fix=f"use one of {list(KNOWN_GENE_ID_TYPES)}")
-    files_raw = _require(entry, "files", here, accession, list)
-    files = tuple(_parse_file(f, here, accession, variables) for f in files_raw)
+    files = tuple(_file(f, here, accession, variables) for f in entry.files)
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise ScgrnInputError(f"{here}: duplicate file names {names}", study=accession, fix="give each file a unique name")
@@ -308,86 +222,46 @@ def _parse_study(entry: Any, index: int, where: str, levels: tuple[str, str], va
                               fix="mark the count archive with 'role: counts'")
 
     metadata = None
-    if entry.get("metadata") is not None:
-        metadata = _parse_metadata_join(entry, names, here, accession)
-    elif isinstance(entry.get("condition"), dict) and set(entry["condition"]) != {"na"}:
+    if entry.metadata is not None:
+        if entry.metadata.file not in names:
+            raise ScgrnInputError(f"{here}: metadata file {entry.metadata.file!r} is not among the study's files "
+                                  f"{names}", study=accession, fix="list it under 'files' with role: metadata")
+        metadata = MetadataJoin(**entry.metadata.model_dump())
+    elif isinstance(entry.condition, ConditionRuleDoc):
         raise ScgrnInputError(f"{here}: a condition rule needs the metadata table it reads", study=accession,
                               fix="add metadata: {file: <the study's metadata file>}, or drop the condition "
                                   "(condition: {na: <why>})")
-    if fmt == "ncbi_rnaseq_counts" and not any(f.role == "gene_map" for f in files) and gene_id_type == "entrez":
+    if entry.format == formats.NCBI_RNASEQ_COUNTS and entry.gene_id_type == "entrez" \
+            and not any(f.role == "gene_map" for f in files):
         raise ScgrnInputError(f"{here}: NCBI GeneID counts need the GeneID -> symbol table", study=accession,
                               fix="add NCBI's annotation table (e.g. Mouse.GRCm39.annot.tsv.gz) with role: gene_map")
-    skip_bad_samples = _boolean_field(entry, "skip_bad_samples", False, here, accession)
-    exclude_samples = entry.get("exclude_samples") or []
-    if not isinstance(exclude_samples, list) or not all(isinstance(v, str) and v.strip() for v in exclude_samples):
-        raise ScgrnInputError(f"{here}: exclude_samples must be a list of sample accessions, got {exclude_samples!r}",
-                              study=accession, fix="e.g. exclude_samples: [GSM2629430]")
-    strip_r_prefix = _boolean_field(entry, "strip_r_prefix", fmt == "raw_tar_dropseq_dge", here, accession)
 
     condition = None
     condition_na_reason = ""
-    rule = entry.get("condition")
-    if isinstance(rule, dict) and set(rule) == {"na"}:
+    if isinstance(entry.condition, NoConditionDoc):
         # An explicit "no contrast here": the study joins the corpus with condition NA.
-        if not isinstance(rule["na"], str) or not rule["na"].strip():
-            raise ScgrnInputError(f"{here}: condition.na must say why the study has no condition", study=accession,
-                                  fix="e.g. condition: {na: lifespan atlas, no Alzheimer's/control contrast}")
-        condition_na_reason = rule["na"].strip()
-    elif rule is not None:
-        if not isinstance(rule, dict) or not isinstance(rule.get("column"), str) or not rule["column"] \
-                or not isinstance(rule.get("values"), dict):
-            raise ScgrnInputError(f"{here}: condition must have 'column' and a 'values' mapping", study=accession,
-                                  fix="e.g. condition: {column: strain, values: {5XFAD: AD, C57BL/6: control}}, "
-                                      "or condition: {na: <why the study has no contrast>}")
-        values = {str(k): str(v) for k, v in rule["values"].items()}
+        condition_na_reason = entry.condition.na
+    elif isinstance(entry.condition, ConditionRuleDoc):
+        values = {str(k): str(v) for k, v in entry.condition.values.items()}
         bad = sorted(set(values.values()) - set(levels))
         if bad:
             raise ScgrnInputError(f"{here}: condition labels {bad} are not among condition_levels {list(levels)}",
                                   study=accession, fix="map metadata values onto the catalog's condition_levels")
-        condition = ConditionRule(column=str(rule["column"]), values=values)
+        condition = ConditionRule(column=entry.condition.column, values=values)
 
-    return Study(accession=accession, title=str(entry.get("title", accession)), species=species, format=fmt,
-                 gene_id_type=gene_id_type, files=files, metadata=metadata, condition=condition,
-                 strip_r_prefix=strip_r_prefix,
-                 condition_na_reason=condition_na_reason, skip_bad_samples=skip_bad_samples,
-                 exclude_samples=tuple(v.strip() for v in exclude_samples))
-
-
-def _parse_metadata_join(entry: dict, names: list[str], here: str, accession: str) -> MetadataJoin:
-    metadata_raw = _require(entry, "metadata", here, accession, dict)
-    metadata_file = _require(metadata_raw, "file", f"{here} metadata", accession)
-    if metadata_file not in names:
-        raise ScgrnInputError(f"{here}: metadata file {metadata_file!r} is not among the study's files {names}",
-                              study=accession, fix="list it under 'files' with role: metadata")
-    metadata_keys = {"file", "sample_column", "well_column", "plate_column", "cells_without_metadata",
-                     "animal_column"}
-    metadata = MetadataJoin(file=metadata_file, **{k: str(v) for k, v in metadata_raw.items() if k != "file"}) \
-        if set(metadata_raw) <= metadata_keys else None
-    if metadata is None:
-        raise ScgrnInputError(f"{here}: unknown metadata keys {sorted(set(metadata_raw) - metadata_keys)}",
-                              study=accession, fix=f"allowed: {', '.join(sorted(metadata_keys))}")
-    if metadata.cells_without_metadata not in ("error", "na"):
-        raise ScgrnInputError(f"{here}: metadata.cells_without_metadata is {metadata.cells_without_metadata!r}",
-                              study=accession, fix="use error (the default) or na")
-    return metadata
+    strip_r_prefix = entry.strip_r_prefix if entry.strip_r_prefix is not None \
+        else entry.format == formats.RAW_TAR_DROPSEQ_DGE
+    return Study(accession=accession, title=entry.title if entry.title is not None else accession,
+                 species=entry.species, format=entry.format, gene_id_type=entry.gene_id_type, files=files,
+                 metadata=metadata, condition=condition, strip_r_prefix=strip_r_prefix,
+                 condition_na_reason=condition_na_reason, skip_bad_samples=entry.skip_bad_samples,
+                 exclude_samples=tuple(entry.exclude_samples or ()))
 
 
-def _boolean_field(entry: dict, key: str, default: bool, here: str, accession: str) -> bool:
-    """A true/false field; anything else (``maybe``, ``1``, ``"false"``) is an error, not a truthy guess."""
-    value = entry.get(key, default)
-    if not isinstance(value, bool):
-        raise ScgrnInputError(f"{here}: {key} must be true or false, got {value!r}", study=accession,
-                              fix=f"write {key}: true or {key}: false")
-    return value
-
-
-def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) -> StudyFile:
-    if not isinstance(raw, dict):
-        raise ScgrnInputError(f"{here}: each file must be a mapping with name, url, sha256, role", study=accession)
-    name = _require(raw, "name", f"{here} file", accession)
-    if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
-        raise ScgrnInputError(f"{here}: file name {name!r} must be a plain file name", study=accession)
-    url = expand_variables(_require(raw, "url", f"{here} file {name}", accession), variables)
+def _file(entry: FileDoc, here: str, accession: str, variables: dict[str, str]) -> StudyFile:
+    """A validated file entry with its URL expanded and checked: scheme, and the folders file:// may read."""
+    name = entry.name
+    url = expand_variables(entry.url, variables)
     try:
         scheme = urlparse(url).scheme
     except ValueError as error:  # e.g. an unbalanced IPv6 bracket
@@ -397,17 +271,7 @@ def _parse_file(raw: Any, here: str, accession: str, variables: dict[str, str]) 
         raise ScgrnInputError(f"{here}: file {name} has URL {url!r} with scheme {scheme!r}", study=accession,
                               fix=f"use one of {list(ALLOWED_URL_SCHEMES)}://")
     refuse_file_url_outside_roots(url, variables, here=here, name=name, accession=accession)
-    sha256 = raw.get("sha256")
-    # Absent: trust on first use (pinned in the lock file by the first download). Present: must be valid.
-    if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.match(sha256.lower())):
-        raise ScgrnInputError(f"{here}: file {name} has no valid sha256 (64 hex digits), got {sha256!r}",
-                              study=accession, fix="add the file's sha256 (sha256sum FILE) or leave the field out "
-                                                   "to pin it on first download")
-    role = raw.get("role", "counts")
-    if not isinstance(role, str) or role not in FILE_ROLES:
-        raise ScgrnInputError(f"{here}: file {name} has unknown role {role!r}", study=accession,
-                              fix=f"use one of {list(FILE_ROLES)}")
-    return StudyFile(name=name, url=url, sha256=sha256.lower() if sha256 is not None else None, role=role)
+    return StudyFile(name=name, url=url, sha256=entry.sha256, role=entry.role)
 
 
 #: Environment variable naming (comma-separated) the other variables a catalog's URLs may use.

@@ -16,7 +16,6 @@ never lost and a reader never sees a half-written lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from scgrn_assets.lib.ingest.download import (DownloadPolicy, FetchResult, ProgressCallback, apply_url_mirrors, fetch_file,
-                                       url_for_messages)
+from scgrn_assets.lib.ingest.download import (DownloadPolicy, FetchResult, apply_url_mirrors, fetch_file,
+                                              url_for_messages)
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.storage import atomic_path
+from scgrn_assets.lib.progress import Progress
+from scgrn_assets.lib.storage import atomic_path, held_file_lock
 from scgrn_assets.lib.ingest.strict_yaml import load_strict_yaml
 
 LOCK_VERSION = 1
@@ -118,16 +118,14 @@ class ChecksumLock:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        try:
-            descriptor = os.open(self._flock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
-            raise ScgrnInputError(f"cannot create {self._flock_path} to update the lock file", file=self.path.name,
-                                  fix="copy the catalog to a writable folder and point SCGRN_CATALOG at it") from None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(held_file_lock(self._flock_path))
+            except PermissionError:
+                fix = "copy the catalog to a writable folder and point SCGRN_CATALOG at it"
+                raise ScgrnInputError(f"cannot create {self._flock_path} to update the lock file",
+                                      file=self.path.name, fix=fix) from None
             yield
-        finally:
-            os.close(descriptor)  # closing releases the flock
 
     def _write(self, pins: dict[str, Pin]) -> None:
         body = {"version": LOCK_VERSION,
@@ -143,7 +141,7 @@ class ChecksumLock:
 
 def fetch_pinned(url: str, destination: Path, *, sha256: str | None, lock: ChecksumLock | None, study: str,
                  policy: DownloadPolicy = DownloadPolicy(), mirrors: tuple[tuple[str, str], ...] = (),
-                 progress: ProgressCallback | None = None) -> FetchResult:
+                 progress: Progress | None = None) -> FetchResult:
     """Fetch a catalog file, verified against the catalog's sha256 or else the lock's pin.
 
     With neither (the first download) and a ``lock``, the file is pinned once it is complete;

@@ -13,67 +13,19 @@ from __future__ import annotations
 import io
 from typing import IO, Iterator
 
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgrn_assets.lib.ingest.dense_text import BLOCK_BYTES, _prefetched_blocks
+from scgrn_assets.lib.ingest import dense_text
+from scgrn_assets.lib.ingest._kernels import _parse_entries
+from scgrn_assets.lib.ingest.dense_text import _prefetched_blocks
 from scgrn_assets.lib.errors import ScgrnInputError
 
 # Header and comment lines of a Matrix Market file are short; reading one is bounded (bombs).
 MAX_MTX_LINE_BYTES = 1 << 20
 _INT32_MAX = int(np.iinfo(np.int32).max)
 _FIX = "re-download the archive or exclude the sample"
-
-
-@numba.njit(cache=True, nogil=True)
-def _parse_entries(buf, rows, cols, vals):  # pragma: no cover - compiled
-    """Parse complete ``<int> <int> <int>\\n`` lines of ``buf`` into ``rows``/``cols``/``vals``.
-
-    Returns (n_entries, bytes consumed, status): status 0 when every line was parsed, 1 when
-    the line starting at ``bytes consumed`` is of another form, 2 when the arrays are full.
-    Indices of more than 9 digits and values of more than 18 are "another form".
-    """
-    n = buf.shape[0]
-    pos = 0
-    k = 0
-    while pos < n:
-        start = pos
-        if k >= rows.shape[0]:
-            return k, start, 2
-        row = 0
-        digits = 0
-        while pos < n and 48 <= buf[pos] <= 57:
-            row = row * 10 + (buf[pos] - 48)
-            digits += 1
-            pos += 1
-        if digits == 0 or digits > 9 or pos >= n or buf[pos] != 32:
-            return k, start, 1
-        pos += 1
-        col = 0
-        digits = 0
-        while pos < n and 48 <= buf[pos] <= 57:
-            col = col * 10 + (buf[pos] - 48)
-            digits += 1
-            pos += 1
-        if digits == 0 or digits > 9 or pos >= n or buf[pos] != 32:
-            return k, start, 1
-        pos += 1
-        value = 0
-        digits = 0
-        while pos < n and 48 <= buf[pos] <= 57:
-            value = value * 10 + (buf[pos] - 48)
-            digits += 1
-            pos += 1
-        if digits == 0 or digits > 18 or pos >= n or buf[pos] != 10:
-            return k, start, 1
-        pos += 1
-        rows[k] = row
-        cols[k] = col
-        vals[k] = value
-        k += 1
-    return k, pos, 0
 
 
 class _ChainReader(io.RawIOBase):
@@ -154,7 +106,7 @@ def read_mtx_coo(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
                                     np.empty(capacity, np.int64))
     filled = 0
     pending = b""
-    blocks = _prefetched_blocks(stream, BLOCK_BYTES)
+    blocks = _prefetched_blocks(stream, dense_text.BLOCK_BYTES)  # looked up here: tests shrink it
     try:
         for block in blocks:
             data = pending + block if pending else block

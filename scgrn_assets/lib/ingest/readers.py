@@ -8,8 +8,6 @@ extracted whole and never held in memory whole.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import re
 from dataclasses import dataclass
@@ -20,18 +18,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.ingest import formats
 from scgrn_assets.lib.ingest.archive import ExtractionLimits, iter_tar_members, open_maybe_gzip, read_guard
 from scgrn_assets.lib.ingest.catalog import Study
 from scgrn_assets.lib.ingest.dense_text import read_dense_text_matrix
-from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.lib.ingest.metadata_tables import read_metadata_table, read_series_matrix
 from scgrn_assets.lib.ingest.mtx_text import read_mtx_coo
+from scgrn_assets.lib.progress import Progress, report
+
 
 _GSM_MEMBER = re.compile(r"^(?P<sample>GSM\d+)_(?P<name>.+?)(?P<suffix>\.dge\.txt\.gz|\.txt\.gz)$")
-# Header and comment lines of a Matrix Market file are short; reading one is bounded (bombs).
-_MAX_MTX_LINE_BYTES = 1 << 20
 _TENX_MEMBER = re.compile(
     r"^(?P<sample>GSM\d+)_(?P<name>.+?)_?(?P<kind>matrix\.mtx|features\.tsv|genes\.tsv|barcodes\.tsv)\.gz$")
-_SERIES_MATRIX = re.compile(r"_series_matrix\.txt(\.gz)?$")
 _GSM = re.compile(r"^GSM\d+$")
 
 logger = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class SkippedSample:
     reason: str
 
 
-def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], None] | None = None, *,
+def read_study_samples(study: Study, raw_dir: Path, progress: Progress | None = None, *,
                        limits: ExtractionLimits = ExtractionLimits(),
                        skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """Dispatch to the reader of ``study.format``; files are in ``raw_dir`` by catalog name.
@@ -72,6 +71,9 @@ def read_study_samples(study: Study, raw_dir: Path, progress: Callable[[str], No
     ``limits`` bound archive members and every decompressed file (``max_member_bytes``).
     With ``study.skip_bad_samples``, a sample file that fails to parse is appended to
     ``skipped`` (and logged) instead of stopping the study; otherwise its error propagates.
+    ``progress(done, total, file=name)`` is called as each sample file is begun: ``done`` samples
+    of the count file were read before it, of ``total`` (0 where an archive is read in one pass
+    and the number is not known in advance).
     """
     reader = READERS[study.format]
     skipped = skipped if skipped is not None else []
@@ -121,7 +123,7 @@ def _member_name(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None, *,
+def read_raw_tar_dense_tsv(study: Study, path: Path, progress: Progress | None = None, *,
                            limits: ExtractionLimits = ExtractionLimits(),
                            skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE98969-style RAW tar: per-sample ``GSM…_<name>.txt.gz``, genes x cells, tab-separated.
@@ -133,7 +135,7 @@ def read_raw_tar_dense_tsv(study: Study, path: Path, progress=None, *,
                                    skipped=skipped if skipped is not None else [])
 
 
-def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None, *,
+def read_raw_tar_dropseq_dge(study: Study, path: Path, progress: Progress | None = None, *,
                              limits: ExtractionLimits = ExtractionLimits(),
                              skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE121654-style RAW tar: per-sample Drop-seq ``GSM…_<name>.dge.txt.gz`` (header ``GENE``)."""
@@ -141,7 +143,7 @@ def read_raw_tar_dropseq_dge(study: Study, path: Path, progress=None, *,
                                    skipped=skipped if skipped is not None else [])
 
 
-def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
+def _read_dense_members(study: Study, path: Path, *, suffix: str, progress: Progress | None,
                         limits: ExtractionLimits, skipped: list[SkippedSample]) -> Iterator[SampleCounts]:
     found = 0
     n_skipped_before = len(skipped)
@@ -152,8 +154,7 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
             continue  # GEO RAW tars also hold unrelated supplementary files
         if _excluded(study, skipped, match.group("sample"), name):
             continue  # never parsed: an excluded sample may be one that cannot be
-        if progress:
-            progress(name)
+        report(progress, found, 0, file=name)
         try:
             with read_guard(study=study.accession, file=f"{path.name}:{name}"):
                 text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
@@ -172,15 +173,14 @@ def _read_dense_members(study: Study, path: Path, *, suffix: str, progress,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
 
 
-def read_processed_csv_well_plate(study: Study, path: Path, progress=None, *,
+def read_processed_csv_well_plate(study: Study, path: Path, progress: Progress | None = None, *,
                                   limits: ExtractionLimits = ExtractionLimits(),
                                   skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE123025-style processed CSV: genes x cells, cells named ``<well>.<plate>``.
 
     One "sample" per plate, so per-sample checks (duplicate barcodes) stay meaningful.
     """
-    if progress:
-        progress(path.name)
+    report(progress, 0, 1, file=path.name)
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         # Values stored plate by plate: each plate's counts below are built from its own values only.
@@ -245,7 +245,7 @@ def _natural_key(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
+def read_raw_tar_10x_mtx(study: Study, path: Path, progress: Progress | None = None, *,
                          limits: ExtractionLimits = ExtractionLimits(),
                          skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """RAW tar of per-sample 10x triplets ``GSM…_<name>_{matrix.mtx,features.tsv,barcodes.tsv}.gz``.
@@ -275,8 +275,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
             with read_guard(study=study.accession, file=where):
                 text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
                 if kind == "matrix":
-                    if progress:
-                        progress(name)
+                    report(progress, found, 0, file=name)
                     parts = pending.setdefault(key, {})
                     parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
                 else:
@@ -305,7 +304,7 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress=None, *,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
 
 
-def read_ncbi_rnaseq_counts(study: Study, path: Path, progress=None, *,
+def read_ncbi_rnaseq_counts(study: Study, path: Path, progress: Progress | None = None, *,
                             limits: ExtractionLimits = ExtractionLimits(),
                             skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GEO's NCBI-generated raw counts of a bulk RNA-seq series: ``GeneID<TAB>GSM…<TAB>GSM…``.
@@ -313,8 +312,7 @@ def read_ncbi_rnaseq_counts(study: Study, path: Path, progress=None, *,
     Each column is one bulk library; it becomes one sample holding one profile (named by its
     GSM), so the per-sample metadata join and the corpus treat it like any other profile.
     """
-    if progress:
-        progress(path.name)
+    report(progress, 0, 1, file=path.name)
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         matrix = read_dense_text_matrix(text, sep="\t", study=study.accession, file=path.name,
@@ -383,101 +381,13 @@ def _read_mtx(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
 
 
 READERS: dict[str, Callable[..., Iterator[SampleCounts]]] = {
-    "raw_tar_dense_tsv": read_raw_tar_dense_tsv,
-    "processed_csv_well_plate": read_processed_csv_well_plate,
-    "raw_tar_dropseq_dge": read_raw_tar_dropseq_dge,
-    "raw_tar_10x_mtx": read_raw_tar_10x_mtx,
-    "ncbi_rnaseq_counts": read_ncbi_rnaseq_counts,
+    formats.RAW_TAR_DENSE_TSV: read_raw_tar_dense_tsv,
+    formats.PROCESSED_CSV_WELL_PLATE: read_processed_csv_well_plate,
+    formats.RAW_TAR_DROPSEQ_DGE: read_raw_tar_dropseq_dge,
+    formats.RAW_TAR_10X_MTX: read_raw_tar_10x_mtx,
+    formats.NCBI_RNASEQ_COUNTS: read_ncbi_rnaseq_counts,
 }
-
-
-def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
-    """An SraRunTable (CSV, one row per run), a GEO series matrix (``…_series_matrix.txt.gz``,
-    one row per GSM: :func:`read_series_matrix`) or any CSV/TSV metadata table, as strings (at
-    most ``limits.max_member_bytes`` decompressed)."""
-    if _SERIES_MATRIX.search(path.name):
-        return read_series_matrix(path, study=study, limits=limits)
-    sep = "\t" if path.name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
-    try:
-        with read_guard(study=study, file=path.name):
-            raw = path.open("rb")
-            with open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study) as stream:
-                table = pd.read_csv(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), sep=sep, dtype=str,
-                                    keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ScgrnInputError(f"cannot be read as a metadata table ({str(exc).splitlines()[0]})", study=study,
-                              file=path.name, fix="re-download the metadata table (e.g. the SraRunTable)") from None
-    if not isinstance(table.index, pd.RangeIndex):
-        # pandas turns the extra leading fields of rows wider than the header into an index.
-        raise ScgrnInputError("has rows with more fields than its header", study=study, file=path.name,
-                              fix="re-download the metadata table (e.g. the SraRunTable)")
-    table.columns = [str(c).strip() for c in table.columns]
-    return table
-
-
-def read_series_matrix(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
-    """The sample header of a GEO series matrix as one row per GSM, all strings.
-
-    Columns: each ``!Sample_<field>`` line by its field name (``geo_accession``, ``title``,
-    ``source_name_ch1``, ...; repeated lines joined with ``"; "``), plus one column per key
-    of the ``!Sample_characteristics_ch1`` lines' ``key: value`` cells. GEO aligns those
-    lines by position, not by key, so each sample's keys are read from its own cells; a
-    sample without a key gets ``""``. The expression table after
-    ``!series_matrix_table_begin`` is never read.
-    """
-    fields: dict[str, list[str]] = {}
-    characteristics: list[list[str]] = []
-    try:
-        with read_guard(study=study, file=path.name), path.open("rb") as raw, \
-                open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study) as stream:
-            text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
-            for line_number, cells in enumerate(csv.reader(text, delimiter="\t", quotechar='"'), start=1):
-                if not cells:
-                    continue
-                key = cells[0].strip()
-                if key.lower() == "!series_matrix_table_begin":
-                    break
-                if not key.startswith("!Sample_"):
-                    continue
-                values = [c.strip() for c in cells[1:]]
-                if key == "!Sample_characteristics_ch1":
-                    characteristics.append(values)
-                else:
-                    name = key[len("!Sample_"):]
-                    if name in fields:
-                        fields[name] = [f"{a}; {b}" if a and b else a or b
-                                        for a, b in zip(fields[name], values + [""] * len(fields[name]))]
-                    else:
-                        fields[name] = values
-    except csv.Error as error:
-        raise ScgrnInputError(f"cannot be read as a GEO series matrix ({error})", study=study, file=path.name,
-                              fix="re-download the series matrix") from None
-    gsms = fields.get("geo_accession")
-    if not gsms:
-        raise ScgrnInputError("has no !Sample_geo_accession line: not a GEO series matrix", study=study,
-                              file=path.name, fix="re-download the series matrix (…_series_matrix.txt.gz)")
-    n_samples = len(gsms)
-    for name, values in list(fields.items()) + [(f"characteristics_ch1 line {i + 1}", v)
-                                                for i, v in enumerate(characteristics)]:
-        if len(values) > n_samples:
-            raise ScgrnInputError(f"!Sample_{name} has {len(values)} values for {n_samples} samples", study=study,
-                                  file=path.name, fix="re-download the series matrix")
-    table = {name: values + [""] * (n_samples - len(values)) for name, values in fields.items()}
-    per_sample: list[dict[str, str]] = [{} for _ in range(n_samples)]
-    for values in characteristics:
-        for index, cell in enumerate(values):
-            if not cell:
-                continue
-            key, colon, value = cell.partition(":")
-            key, value = (key.strip(), value.strip()) if colon else ("characteristics_ch1", cell)
-            if key in table:  # a characteristic named like a sample field: keep both
-                key = f"{key} (characteristics)"
-            previous = per_sample[index].get(key)
-            per_sample[index][key] = f"{previous}; {value}" if previous else value
-    keys = list(dict.fromkeys(k for sample in per_sample for k in sample))
-    for key in keys:
-        table[key] = [sample.get(key, "") for sample in per_sample]
-    return pd.DataFrame(table, dtype=str)
+assert set(READERS) == set(formats.STUDY_FORMATS), "every study format needs exactly one reader"
 
 
 def read_dense_count_block(array, rows: slice, *, study: str, file: str) -> tuple[sp.csr_matrix, np.ndarray]:

@@ -6,7 +6,7 @@ import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import anndata as ad
 import h5py
@@ -19,9 +19,11 @@ from scgrn_assets.lib.ingest.archive import ExtractionLimits
 from scgrn_assets.lib.ingest.catalog import Study
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.genes import drop_spike_ins, harmonise_gene_ids, normalise_names, sum_duplicate_genes
+from scgrn_assets.lib.ingest.metadata_tables import read_metadata_table
 from scgrn_assets.lib.ingest.readers import (SampleCounts, SkippedSample, normalise_plate_id, normalise_well_id,
-                                      read_metadata_table, read_study_samples)
+                                             read_study_samples)
 from scgrn_assets.lib.memory import release_free_memory
+from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
 from scgrn_assets.lib.storage import atomic_path
 
@@ -92,7 +94,7 @@ class GeneUnion:
 
 def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
                       condition_levels: tuple[str, str] = ("control", "AD"),
-                      progress: Callable[[str], None] | None = None,
+                      progress: Progress | None = None,
                       limits: ExtractionLimits = ExtractionLimits(),
                       report: StudyReadReport | None = None) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
     """Yield each sample as (counts remapped into ``genes``, its obs rows), one sample in memory at a time.
@@ -166,7 +168,7 @@ def _study_uns(study: Study, report: StudyReadReport) -> dict:
 
 
 def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[str, str] = ("control", "AD"),
-                        progress: Callable[[str], None] | None = None,
+                        progress: Progress | None = None,
                         limits: ExtractionLimits = ExtractionLimits()) -> ad.AnnData:
     """Read, harmonise and annotate one study in memory (for notebooks and tests).
 
@@ -192,9 +194,23 @@ def build_study_anndata(study: Study, raw_dir: Path, *, condition_levels: tuple[
     return adata
 
 
+def _queue_into(messages: deque) -> Progress:
+    """A progress callback that only queues its calls (it runs in the read-ahead thread)."""
+    def queued(done: int, total: int, /, **detail: object) -> None:
+        messages.append((done, total, detail))
+    return queued
+
+
+def _deliver(messages: deque, progress: Progress | None) -> None:
+    """Hand the queued progress calls to ``progress``, in the caller's thread."""
+    while messages:
+        done, total, detail = messages.popleft()
+        report(progress, done, total, **detail)
+
+
 def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
                      condition_levels: tuple[str, str] = ("control", "AD"),
-                     progress: Callable[[str], None] | None = None,
+                     progress: Progress | None = None,
                      limits: ExtractionLimits = ExtractionLimits()) -> ad.AnnData:
     """Stream one study into an ``.h5ad`` at ``output`` (atomically); memory holds one sample.
 
@@ -207,7 +223,7 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
     report = StudyReadReport()
     # The next sample is read and parsed in a thread while this one is written; progress
     # messages are handed back so the caller's callback runs in the caller's thread.
-    messages: deque[str] = deque()
+    messages: deque[tuple[int, int, dict]] = deque()
     with atomic_path(output) as tmp, h5py.File(tmp, "w") as handle:
         group = handle.create_group("X")
         data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
@@ -215,10 +231,10 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
         indptr = [np.zeros(1, dtype=np.int64)]
         n_values = 0
         blocks = iter_study_blocks(study, raw_dir, genes, condition_levels=condition_levels,
-                                   progress=messages.append if progress else None, limits=limits, report=report)
+                                   progress=_queue_into(messages) if progress else None, limits=limits,
+                                   report=report)
         for block, obs in read_ahead(blocks, name=f"read-{study.accession}"):
-            while messages:
-                progress(messages.popleft())
+            _deliver(messages, progress)
             data.resize((n_values + block.nnz,))
             indices.resize((n_values + block.nnz,))
             data[n_values:] = block.data
@@ -226,8 +242,7 @@ def write_study_h5ad(study: Study, raw_dir: Path, output: Path, *,
             indptr.append(block.indptr[1:].astype(np.int64) + n_values)
             n_values += block.nnz
             frames.append(obs)
-        while messages:
-            progress(messages.popleft())
+        _deliver(messages, progress)
         obs = _finish_obs(study, frames, condition_levels)
         var = genes.var()
         group.create_dataset("indptr", data=np.concatenate(indptr))

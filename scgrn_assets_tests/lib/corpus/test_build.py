@@ -168,3 +168,19 @@ def test_an_empty_corpus_names_the_threshold_that_emptied_it(tmp_path, qc, messa
     adata.write_h5ad(tmp_path / "s.h5ad")
     with pytest.raises(ScgrnInputError, match=message):
         combine_studies({"GSE1": tmp_path / "s.h5ad"}, tmp_path / "c.zarr", qc=qc)
+
+
+def test_progress_counts_each_studys_kept_cells_up_to_its_total(tmp_path):
+    rng = np.random.default_rng(5)
+    genes = [f"g{i}" for i in range(20)]
+    paths = {}
+    for accession in ("GSE1", "GSE2"):
+        paths[accession] = tmp_path / f"{accession}.h5ad"
+        random_study(rng, accession, genes).write_h5ad(paths[accession])
+    calls = []
+    summary = combine_studies(paths, tmp_path / "corpus.zarr", qc=QCThresholds(0, 0, 0), chunk_cells=4,
+                              progress=lambda done, total, **detail: calls.append((detail["study"], done, total)))
+    for study, n_cells in summary.cells_per_study.items():
+        mine = [(done, total) for name, done, total in calls if name == study]
+        assert [done for done, _ in mine] == sorted(done for done, _ in mine)
+        assert all(total == n_cells for _, total in mine) and mine[-1][0] == n_cells

@@ -14,24 +14,16 @@ from scipy.special import gammaln
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.de.cell_model_inference import fit_nb_posterior, posterior_to_inference_data, windowed_elbo_converged
-from scgrn_assets.lib.de.cell_model import (
+from scgrn_assets.lib.de.cell_model_data import (
     SMALL_COUNT_TABLE_SIZE,
-    NBFitConfig,
-    NBPosterior,
-    build_nb_model,
-    condition_effect_table,
-    load_posterior,
-    nb_log_likelihood,
-    plot_elbo,
-    plot_ppc,
-    plot_volcano,
-    posterior_predictive_check,
-    ppc_misfit_summary,
     prepare_nb_data,
-    save_posterior,
     select_model_genes,
     sufficient_statistics,
 )
+from scgrn_assets.lib.de.cell_model import NBFitConfig, NBPosterior, build_nb_model, nb_log_likelihood
+from scgrn_assets.lib.de.cell_model_readout import condition_effect_table, load_posterior, save_posterior
+from scgrn_assets.lib.de.cell_model_plots import plot_elbo, plot_ppc, plot_volcano
+from scgrn_assets.lib.de.cell_model_ppc import posterior_predictive_check, ppc_misfit_summary
 
 
 @dataclass
@@ -453,7 +445,7 @@ def _corpus_for_selection(rng):
 
 
 def test_select_model_inputs_keeps_known_cells_and_genes_measured_in_their_studies():
-    from scgrn_assets.lib.de.cell_model import select_model_inputs
+    from scgrn_assets.lib.de.cell_model_data import select_model_inputs
 
     rng = np.random.default_rng(3)
     corpus = _corpus_for_selection(rng)
@@ -473,7 +465,7 @@ def test_select_model_inputs_keeps_known_cells_and_genes_measured_in_their_studi
 
 
 def test_select_model_inputs_refuses_a_corpus_with_one_condition_level():
-    from scgrn_assets.lib.de.cell_model import select_model_inputs
+    from scgrn_assets.lib.de.cell_model_data import select_model_inputs
 
     corpus = _corpus_for_selection(np.random.default_rng(4))
     corpus.obs.loc[corpus.obs["condition"] == "AD", "condition"] = "control"

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 from scgrn_assets.lib.ingest.catalog import ConditionRule, MetadataJoin, Study, StudyFile
+from scgrn_assets.lib.demo.geo_layouts import write_demo_geo
+from scgrn_assets.lib.demo.simulator import DemoConfig
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.readers import read_metadata_table
 from scgrn_assets.lib.ingest.study_anndata import build_study_anndata
@@ -235,3 +237,15 @@ def test_animal_column_names_the_animal_and_the_sample_is_the_animal_otherwise(t
     with pytest.raises(ScgrnInputError, match="animal_column"):
         build_study_anndata(dataclasses.replace(study, metadata=dataclasses.replace(study.metadata,
                                                                                     animal_column="donor")), tmp_path)
+
+
+def test_progress_counts_each_studys_files_up_to_its_total(tmp_path):
+    config = DemoConfig.scaled(n_cells=400, n_genes=400)
+    calls = []
+    write_demo_geo(tmp_path, config, progress=lambda done, total, **detail: calls.append((done, total, detail)))
+    assert sorted({detail["stage"] for _, _, detail in calls}) == [design.accession for design in config.studies]
+    for design in config.studies:
+        mine = [(done, total) for done, total, detail in calls if detail["stage"] == design.accession]
+        assert [done for done, _ in mine] == list(range(1, len(mine) + 1))
+        assert all(total == len(mine) for _, total in mine)
+    assert all(detail["file"].startswith(detail["stage"] + "/") for _, _, detail in calls)

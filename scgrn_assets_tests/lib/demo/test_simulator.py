@@ -22,7 +22,7 @@ from scgrn_assets.lib.demo.simulator import (
     simulate_sample_counts,
     simulate_truth,
 )
-from scgrn_assets.lib.demo.simulator import _draw_barcodes
+from scgrn_assets.lib.demo.draws import _draw_barcodes
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Safe streaming tar reading and extraction, on real archives written with tarfile in tmp_path."""
+"""Safe streaming tar reading, on real archives written with tarfile in tmp_path."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from scgrn_assets.lib.ingest.archive import (
     ExtractionLimits,
-    extract_tar_safely,
     iter_tar_members,
     open_maybe_gzip,
     read_guard,
@@ -144,47 +143,27 @@ UNSAFE_MEMBERS = {
 
 
 @pytest.mark.parametrize("kind", list(UNSAFE_MEMBERS))
-def test_unsafe_member_is_refused_and_nothing_is_extracted(tmp_path, kind):
+def test_unsafe_member_is_refused(tmp_path, kind):
     unsafe_info, unsafe_data = UNSAFE_MEMBERS[kind]
     tar_path = _write_tar(tmp_path / "GSE1_RAW.tar", [_regular("GSM2_b.txt", b"safe"), (unsafe_info, unsafe_data)])
-    destination = tmp_path / "extracted" / "GSE1"
 
-    with pytest.raises(ScgrnInputError) as from_iter:
+    with pytest.raises(ScgrnInputError) as caught:
         _read_all(tar_path)
-    with pytest.raises(ScgrnInputError) as from_extract:
-        extract_tar_safely(tar_path, destination, study=STUDY)
 
-    for caught in (from_iter, from_extract):
-        message = str(caught.value)
-        assert message.startswith("GSE1: GSE1_RAW.tar: member ") and repr(unsafe_info.name) in message
-        assert "check the catalog" in message
-    assert not destination.exists()
-    assert list(destination.parent.iterdir()) == []  # no staging folder left behind
+    message = str(caught.value)
+    assert message.startswith("GSE1: GSE1_RAW.tar: member ") and repr(unsafe_info.name) in message
+    assert "check the catalog" in message
     assert not (tmp_path / "x").exists()
-
-
-def test_unsafe_member_leaves_an_earlier_extraction_untouched(tmp_path):
-    destination = tmp_path / "GSE1"
-    extract_tar_safely(_sample_tar(tmp_path / "good.tar"), destination, study=STUDY)
-    before = sorted(path.relative_to(destination) for path in destination.rglob("*"))
-    bad_tar = _write_tar(tmp_path / "bad.tar", [_regular("new.txt", b"new"), UNSAFE_MEMBERS["symlink"]])
-
-    with pytest.raises(ScgrnInputError):
-        extract_tar_safely(bad_tar, destination, study=STUDY)
-
-    assert sorted(path.relative_to(destination) for path in destination.rglob("*")) == before
 
 
 def test_decompression_bomb_is_refused(tmp_path):
     bomb_path = _write_tar(tmp_path / "bomb.tar.gz", [_regular("zeros.bin", bytes(5_000_000))], "gz")
     assert bomb_path.stat().st_size < 50_000  # it really is a bomb: tiny on disk, large when expanded
-    destination = tmp_path / "out"
 
     with pytest.raises(ScgrnInputError, match="5000000 bytes, over the limit of 1000000.*max_total_bytes"):
-        extract_tar_safely(bomb_path, destination, study=STUDY, limits=ExtractionLimits(max_total_bytes=1_000_000))
+        _read_all(bomb_path, limits=ExtractionLimits(max_total_bytes=1_000_000))
     with pytest.raises(ScgrnInputError, match="'zeros.bin' is 5000000 bytes.*max_member_bytes"):
         _read_all(bomb_path, limits=ExtractionLimits(max_member_bytes=4_999_999))
-    assert not destination.exists()
 
 
 def test_total_size_limit_adds_up_members(tmp_path):
@@ -211,9 +190,6 @@ def test_truncated_tar_inside_member_data_is_refused(tmp_path):
 
     with pytest.raises(ScgrnInputError, match="GSE1: GSE1_RAW.tar.*truncated or corrupt.*re-download"):
         _read_all(truncated)
-    with pytest.raises(ScgrnInputError, match="truncated or corrupt"):
-        extract_tar_safely(truncated, tmp_path / "out", study=STUDY)
-    assert not (tmp_path / "out").exists()
 
 
 def test_tar_cut_exactly_between_members_is_refused(tmp_path):
@@ -293,41 +269,6 @@ def test_open_maybe_gzip_is_transparent(tmp_path, source_kind, compressed):
 
     with open_maybe_gzip(source[source_kind], name="f") as stream:
         assert stream.read() == text
-
-
-# --- extraction ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("compression", ["", "gz"])
-def test_extract_writes_files_and_replaces_earlier_extraction(tmp_path, compression):
-    tar_path = _sample_tar(tmp_path / "GSE1_RAW.tar", compression)
-    destination = tmp_path / "studies" / "GSE1"
-    destination.mkdir(parents=True)
-    (destination / "stale.txt").write_text("from an earlier run")
-    progress_calls = []
-
-    paths = extract_tar_safely(tar_path, destination, study=STUDY,
-                               progress=lambda n_files, n_bytes: progress_calls.append((n_files, n_bytes)))
-
-    assert paths == [destination / name for name, _ in SAMPLE_MEMBERS]
-    assert [path.read_bytes() for path in paths] == [data for _, data in SAMPLE_MEMBERS]
-    assert sorted(path for path in destination.rglob("*") if path.is_file()) == sorted(paths)
-    assert sorted(os.listdir(destination.parent)) == ["GSE1"]  # no staging or retired folder left
-    assert progress_calls[-1] == (3, sum(len(data) for _, data in SAMPLE_MEMBERS))
-
-
-def test_extract_lists_a_repeated_member_once_with_the_last_content(tmp_path):
-    tar_path = _write_tar(tmp_path / "a.tar", [_regular("x.txt", b"first"), _regular("x.txt", b"second")])
-    paths = extract_tar_safely(tar_path, tmp_path / "out", study=STUDY)
-    assert paths == [tmp_path / "out" / "x.txt"] and paths[0].read_bytes() == b"second"
-
-
-@pytest.mark.parametrize("names", [("a", "a/b.txt"), ("a/b.txt", "a"), (".",)])
-def test_extract_refuses_members_whose_paths_collide(tmp_path, names):
-    tar_path = _write_tar(tmp_path / "a.tar", [_regular(name, b"data") for name in names])
-    with pytest.raises(ScgrnInputError, match="collides with another member's path"):
-        extract_tar_safely(tar_path, tmp_path / "out", study=STUDY)
-    assert sorted(os.listdir(tmp_path)) == ["a.tar"]
 
 
 # --- any input at all ---------------------------------------------------------------------------

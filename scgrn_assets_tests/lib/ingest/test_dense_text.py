@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -190,3 +191,31 @@ def test_files_past_uint16_cells_and_counts_are_stored_exactly(grouped):
     odd = np.arange(1, n_cells, 2)
     np.testing.assert_array_equal(parsed.cell_rows(odd).toarray(), values.T[odd])
     np.testing.assert_array_equal(parsed.counts.toarray(), values.T)
+
+
+class _FailingStream:
+    """Gives ``good`` blocks, then raises on the next read (and says so)."""
+
+    def __init__(self, good: int) -> None:
+        self.good, self.failed = good, threading.Event()
+
+    def read(self, n: int) -> bytes:
+        if self.good == 0:
+            self.failed.set()
+            raise OSError("disk read error")
+        self.good -= 1
+        return b"x" * n
+
+
+@pytest.mark.timeout(30)
+def test_stopping_early_while_the_read_ahead_queue_is_full_and_the_read_failed_does_not_hang():
+    # The consumer takes one block and stops only after the reader filled the queue and then
+    # failed: handing the error over must not wait on a queue nobody reads any more.
+    stream = _FailingStream(good=3)
+    blocks = dense_text._prefetched_blocks(stream, 4)
+    assert next(blocks) == b"xxxx"
+    assert stream.failed.wait(10)
+    closer = threading.Thread(target=blocks.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "closing the block stream hung: the reader thread never stopped"

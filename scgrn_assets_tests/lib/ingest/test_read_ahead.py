@@ -64,3 +64,21 @@ def test_the_producer_runs_ahead_while_the_consumer_works():
         time.sleep(0.2)
     # Serial would take 1.6 s; overlapped about 1.0 s.
     assert time.perf_counter() - start < 1.4
+
+
+@pytest.mark.timeout(30)
+def test_stopping_early_with_a_full_queue_after_the_producer_failed_does_not_hang():
+    failed = threading.Event()
+
+    def items():
+        yield from range(3)
+        failed.set()
+        raise OSError("disk read error")
+
+    stream = read_ahead(items(), depth=2)
+    assert next(stream) == 0
+    assert failed.wait(10)  # items 1 and 2 fill the queue; the failure waits to be handed over
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "closing hung: the producer never stopped"

@@ -14,7 +14,7 @@ from scgrn_assets.lib.ingest.catalog import ConditionRule, MetadataJoin, Study, 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.readers import read_dense_count_block, read_study_samples
 from scgrn_assets.lib.demo.simulator import simulate_sample_counts
-from scgrn_assets.lib.ingest.study_anndata import build_study_anndata
+from scgrn_assets.lib.ingest.study_anndata import build_study_anndata, write_study_h5ad
 from scgrn_assets_tests.archives import write_tar
 from scgrn_assets_tests.conftest import shared_data
 from scgrn_assets_tests.reliability import ledger
@@ -422,3 +422,18 @@ def test_a_metadata_join_that_matches_no_cell_is_an_error_even_under_na(tmp_path
     with pytest.raises(ScgrnInputError, match=r"meta.csv: none of the study's 2 cells joined a row of the metadata "
                                               r"table.*check metadata.sample_column"):
         build_study_anndata(study, tmp_path)
+
+
+@pytest.mark.parametrize("accession", ["GSE900001", "GSE900002", "GSE900004"])
+def test_progress_names_each_sample_file_as_it_is_read(demo_files, accession, tmp_path):
+    study = demo_files.catalog().study(accession)
+    calls = []
+    write_study_h5ad(study, demo_files.study_dir(accession), tmp_path / "study.h5ad",
+                     progress=lambda done, total, **detail: calls.append((done, total, detail["file"])))
+    sources = build_study_anndata(study, demo_files.study_dir(accession)).obs["sample"].unique()
+    if study.format == "processed_csv_well_plate":  # one file holds every plate
+        assert calls == [(0, 1, study.files_with_role("counts")[0].name)]
+    else:  # one call per sample file, in archive order, counting the samples read before it
+        assert [done for done, _, _ in calls] == list(range(len(sources)))
+        assert all(total == 0 for _, total, _ in calls)  # a RAW tar is read in one pass: no total
+        assert [name.split("_")[0] for _, _, name in calls] == list(sources)
