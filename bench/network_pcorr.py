@@ -1,6 +1,6 @@
 """Cells/s of the cross-cell moment accumulation: ours vs a dense numpy covariance, same cells, same run.
 
-Ours is the production step (:class:`scgrn_assets.lib.network.cross_cell.FeatureMomentAccumulator`):
+Ours is the production step (:class:`scgrn_assets.lib.network.feature_moments.FeatureMomentAccumulator`):
 sparse per-cell rank-value features (256 genes per cell out of the universe), each chunk's outer
 products added tile by tile of output rows by a numba loop (nnz² per cell, not n_genes²), plus the
 sums Ledoit–Wolf needs. The baseline is what one would
@@ -29,7 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from scgrn_assets.lib.network.cross_cell import (FeatureMoments, accumulate_feature_moments, rank_value_features)
+from scgrn_assets.lib.network.cell_features import rank_value_features
+from scgrn_assets.lib.network.feature_moments import FeatureMoments, accumulate_feature_moments
 
 GOAL = 5
 

@@ -90,7 +90,7 @@ def ensure_demo_data(layout: StorageLayout, catalog, *, echo=print) -> None:
     from tqdm import tqdm
 
     with tqdm(desc="simulate", unit="file", disable=None) as bar:
-        write_demo_geo(layout.demo_data, DemoConfig(), progress=lambda name: bar.update(1))
+        write_demo_geo(layout.demo_data, DemoConfig(), progress=lambda done, total, **detail: bar.update(1))
     stale = [str(path) for path, sha256 in files if not path.exists() or sha256_of(path) != sha256]
     if stale:
         raise ScgrnInputError(
@@ -283,7 +283,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     with tqdm(desc="simulate", unit="file", disable=None) as bar:
-        _, written = write_demo_geo(out, config, progress=lambda name: bar.update(1))
+        _, written = write_demo_geo(out, config, progress=lambda done, total, **detail: bar.update(1))
     print(f"wrote {len(written)} files under {out}")
     if args.write_catalog:
         write_catalog_yaml(demo_catalog(config, written), Path(args.write_catalog))

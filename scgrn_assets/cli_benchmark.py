@@ -115,8 +115,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"{dataset}: {data.n_cells} cells x {data.n_genes} genes, read as {data.orientation}; "
           f"values: {data.value_kind}; truth: {', '.join(f'{n} ({len(t)} edges)' for n, t in references.items())}")
     # The GRN path imports torch: only once the inputs are known to be good.
-    from scgrn_assets.lib.benchmark.pipeline import (GrnPathSettings, headline_markdown, headline_table, run_grn_benchmark,
-                                               write_benchmark_outputs)
+    from scgrn_assets.lib.benchmark.outputs import headline_markdown, headline_table, write_benchmark_outputs
+    from scgrn_assets.lib.benchmark.grn_benchmark import run_grn_benchmark
+    from scgrn_assets.lib.benchmark.pipeline import GrnPathSettings
 
     overrides = {name: getattr(args, name) for name in ("train_steps", "n_permutations", "n_null",
                                                         "min_cells_per_edge", "device", "grnboost2_max_estimators")
@@ -129,7 +130,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                benchmark_seed=args.seed, tf_list=args.tf_list)
     bars: dict[str, tqdm] = {}
 
-    def progress(stage: str, done: int, total: int) -> None:
+    def progress(done: int, total: int, /, *, stage: str, **detail: object) -> None:
         bar = bars.get(stage)
         if bar is None:
             for other in bars.values():

@@ -66,7 +66,7 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
     expression = log_normalized(corpus.X[:, columns], corpus.obs["n_counts"].to_numpy()).toarray()
     tf_list = tree_regulators(benchmark.tf_list, genes)
 
-    def progress(stage: str, done: int, total: int) -> None:
+    def progress(done: int, total: int, /, *, stage: str, **detail: object) -> None:
         if done % 100 == 0 or done == total:
             context.log.info(f"{stage}: {done}/{total} targets")
 

@@ -71,7 +71,7 @@ def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, s
     overrides = {k: v for k, v in config.model_dump().items() if v is not None}
     qc = QCThresholds(**{**(catalog.qc or {}), **overrides})
     summary = combine_studies(study_files, path, gene_annotation=annotation, qc=qc,
-                              progress=lambda study, done, total: context.log.info(f"{study}: {done}/{total} cells"))
+                              progress=lambda done, total, study="", **_: context.log.info(f"{study}: {done}/{total} cells"))
 
     store = zarr.open_group(str(path), mode="r")
     obs = read_elem(store["obs"])

@@ -61,7 +61,8 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
     study = catalog.study(context.partition_key)
     path = artefact_path(storage.layout, "study_anndata", study.accession)
     adata = write_study_h5ad(study, geo_raw_archive, path, condition_levels=catalog.condition_levels,
-                             progress=lambda name: context.log.info(f"{study.accession}: reading {name}"))
+                             progress=lambda done, total, **detail: context.log.info(
+                                 f"{study.accession}: reading {detail.get('file', '')}"))
     ingest = adata.uns["ingest"]
     if ingest["n_skipped_samples"]:
         context.log.warning(f"{study.accession}: left out {ingest['n_skipped_samples']} sample file(s) (failed to "

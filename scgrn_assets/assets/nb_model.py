@@ -56,7 +56,8 @@ def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
         counts=cells.X, library_size=obs["n_counts"].to_numpy(), condition=condition,
         study_index=np.searchsorted(studies, obs["study"].astype(str).to_numpy()), gene_length_bp=length,
         study_names=studies, gene_names=pseudobulk.gene_names, config=config,
-        progress=lambda step, n, elbo: step % 500 == 0 and context.log.info(f"ADVI step {step}/{n}: ELBO {elbo:.4g}"))
+        progress=lambda step, n, elbo=float("nan"), **_: step % 500 == 0 and context.log.info(
+            f"ADVI step {step}/{n}: ELBO {elbo:.4g}"))
     animal_key = obs["study"].astype(str) + "\x00" + obs["animal" if "animal" in obs else "sample"].astype(str)
     sample_key = pseudobulk.samples["study"].astype(str) + "\x00" + pseudobulk.samples["animal"].astype(str)
     cell_sample = pd.Index(sample_key).get_indexer(animal_key)
@@ -174,7 +175,7 @@ def condition_effects_by_study(context: dg.AssetExecutionContext, storage: Scgrn
     contrast = [study for study, group in pseudobulk.samples.groupby("study")
                 if group["condition"].value_counts().min() >= 2 and group["condition"].nunique() == 2]
     table = effects_by_study(pseudobulk, contrast, fdr_target=nb_model.fdr_target, seed=nb_model.seed,
-                             progress=context.log.info)
+                             progress=lambda done, total, study="", **_: context.log.info(f"fitted {study} ({done}/{total})"))
     path = artefact_path(storage.layout, "condition_effects_by_study", None)
     write_parquet(table, path)
     register_view(storage.layout.duckdb_path, "condition_effects_by_study", path)

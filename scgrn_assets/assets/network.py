@@ -11,9 +11,10 @@ import pandas as pd
 from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table, merge_edge_moments, EdgeMoments
+from scgrn_assets.lib.network.edge_moments import merge_edge_moments, EdgeMoments
+from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
 from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets.lib.network.cross_cell import FeatureMoments
+from scgrn_assets.lib.network.feature_moments import FeatureMoments
 from scgrn_assets.lib.benchmark.expression import log_normalized
 from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
                                          position_only_entropy, save_geneformer, train_small_geneformer,
@@ -23,8 +24,9 @@ from scgrn_assets.lib.benchmark.pipeline import (cross_cell_tables, model_genes,
 from scgrn_assets.lib.plotting import plot_histogram, plot_loss_curve
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.network.tokens import (TokenizedCells, build_corpus_dictionaries, convention_named, corpus_gene_keys,
-                                       load_geneformer_dictionaries, tokenize_cells)
+from scgrn_assets.lib.network.dictionaries import (build_corpus_dictionaries, convention_named, corpus_gene_keys,
+                                                   load_geneformer_dictionaries)
+from scgrn_assets.lib.network.tokens import TokenizedCells, tokenize_cells
 from scgrn_assets.partitions import study_partitions
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 

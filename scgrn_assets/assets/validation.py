@@ -8,7 +8,8 @@ from scgrn_assets.assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import artefact_path
 from scgrn_assets.lib.corpus.build import read_corpus
 from scgrn_assets.lib.benchmark.pipeline import chosen_networks, network_predictions, union_candidates
-from scgrn_assets.lib.validation.mutual_information import cmi_tables, discretize_expression, mi_edge_table
+from scgrn_assets.lib.validation.discretization import discretize_expression
+from scgrn_assets.lib.validation.mutual_information import cmi_tables, mi_edge_table
 from scgrn_assets.lib.plotting import plot_histogram
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.resources import ScgrnStorage, ValidationSettings

@@ -221,7 +221,7 @@ def _read_file_content(path: Path) -> str:
         tensors = load_file(str(path))
         return _digest(*(name.encode() + tensors[name].tobytes() for name in sorted(tensors)))
     if path.suffix == ".pkl":
-        from scgrn_assets.lib.network.tokens import load_pickle_restricted
+        from scgrn_assets.lib.network.dictionaries import load_pickle_restricted
 
         return _digest(repr(sorted(load_pickle_restricted(path).items())))
     return _read_bytes(path)

@@ -163,7 +163,7 @@ class _RunsCode:
 
 
 def test_restricted_unpickler_refuses_code_and_loads_plain_dictionaries(tmp_path):
-    tokenize = pytest.importorskip("scgrn_assets.lib.network.tokens")
+    tokenize = pytest.importorskip("scgrn_assets.lib.network.dictionaries")
     ledger.record("bad_input", 3)
     marker = tmp_path / "pwned"
     hostile = tmp_path / "token_dictionary.pkl"
@@ -187,7 +187,7 @@ def test_restricted_unpickler_refuses_code_and_loads_plain_dictionaries(tmp_path
 def _checkpoint_folder(folder: Path) -> Path:
     """config.json and dictionaries of a 3-token model, no weights yet."""
     geneformer = pytest.importorskip("scgrn_assets.lib.network.model")
-    tokenize = pytest.importorskip("scgrn_assets.lib.network.tokens")
+    tokenize = pytest.importorskip("scgrn_assets.lib.network.dictionaries")
     folder.mkdir()
     tokenize.save_pickle_atomic({"<pad>": 0, "<mask>": 1, "Apoe": 2}, folder / "token_dictionary.pkl")
     tokenize.save_pickle_atomic({"Apoe": 1.0}, folder / "gene_median_dictionary.pkl")

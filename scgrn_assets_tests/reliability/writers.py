@@ -33,7 +33,7 @@ def prepare_inputs(inputs: Path) -> None:
 
 
 def _edge_moments(out: Path, _inputs: Path) -> None:
-    from scgrn_assets.lib.network.attention import EdgeMoments
+    from scgrn_assets.lib.network.edge_moments import EdgeMoments
 
     rng = np.random.default_rng(1)
     n_edges = 600_000
@@ -45,7 +45,8 @@ def _edge_moments(out: Path, _inputs: Path) -> None:
 
 
 def _tokenized_cells(out: Path, _inputs: Path) -> None:
-    from scgrn_assets.lib.network.tokens import V2, TokenizedCells
+    from scgrn_assets.lib.network.dictionaries import V2
+    from scgrn_assets.lib.network.tokens import TokenizedCells
 
     rng = np.random.default_rng(2)
     lengths = rng.integers(50, 2048, 2000)
@@ -65,7 +66,7 @@ def _parquet(out: Path, _inputs: Path) -> None:
 
 
 def _pickle(out: Path, _inputs: Path) -> None:
-    from scgrn_assets.lib.network.tokens import save_pickle_atomic
+    from scgrn_assets.lib.network.dictionaries import save_pickle_atomic
 
     save_pickle_atomic({f"ENSMUSG{index:011d}": index for index in range(300_000)}, out / "token_dictionary.pkl")
 
@@ -74,7 +75,7 @@ def _geneformer_model(out: Path, _inputs: Path) -> None:
     import torch
 
     from scgrn_assets.lib.network.model import SmallGeneformerConfig, TrainedGeneformer, build_masked_lm, save_geneformer
-    from scgrn_assets.lib.network.tokens import V2, GeneformerDictionaries
+    from scgrn_assets.lib.network.dictionaries import V2, GeneformerDictionaries
 
     torch.manual_seed(0)
     tokens = {name: index for index, name in enumerate(V2.special_tokens)}

@@ -17,7 +17,7 @@ from scgrn_assets.lib.benchmark.expression_files import ExpressionData
 from scgrn_assets.lib.benchmark.metrics import benchmark_table
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
-from scgrn_assets.lib.network.cross_cell import FeatureMoments
+from scgrn_assets.lib.network.feature_moments import FeatureMoments
 from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, position_only_entropy,
                                             train_small_geneformer, training_report)
 from scgrn_assets.lib.network.dictionaries import (GeneformerDictionaries, build_corpus_dictionaries,

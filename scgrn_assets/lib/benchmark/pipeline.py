@@ -29,10 +29,10 @@ from scgrn_assets.lib.benchmark.baselines import (gene_level_null_edges, grnboos
                                                   regdiffusion_edges, spearman_edges, tree_edges)
 from scgrn_assets.lib.benchmark.references import load_tf_list
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.network.cross_cell import (COMPOSITIONAL_FEATURES, FEATURE_KINDS, FeatureMoments,
-                                                 accumulate_feature_moments, cross_cell_network,
-                                                 genes_seen_with_others, hidden_state_chunks, log_expression_chunks,
-                                                 rank_value_chunks, select_gene_universe)
+from scgrn_assets.lib.network.cell_features import (FEATURE_KINDS, genes_seen_with_others, hidden_state_chunks,
+                                                    log_expression_chunks, rank_value_chunks, select_gene_universe)
+from scgrn_assets.lib.network.cross_cell import COMPOSITIONAL_FEATURES, cross_cell_network
+from scgrn_assets.lib.network.feature_moments import FeatureMoments, accumulate_feature_moments
 from scgrn_assets.lib.network.dictionaries import GeneformerDictionaries
 from scgrn_assets.lib.network.tokens import TokenizedCells
 from scgrn_assets.lib.progress import Progress, for_stage
@@ -283,7 +283,7 @@ def model_genes(prepared_cells: TokenizedCells, dictionaries: GeneformerDictiona
 def network_universe(candidate_genes: Sequence[str], expression, max_universe_genes: int,
                      transcription_factors: Sequence[str] = ()) -> list[str]:
     """The genes every method is run and scored on: ``candidate_genes`` (:func:`model_genes`), capped at
-    ``max_universe_genes`` by :func:`scgrn_assets.lib.network.cross_cell.select_gene_universe`
+    ``max_universe_genes`` by :func:`scgrn_assets.lib.network.cell_features.select_gene_universe`
     (listed TFs first, then the most variable; ``expression``: cells x candidate genes, log-normalised,
     dense or sparse)."""
     if len(candidate_genes) <= max_universe_genes:
@@ -308,7 +308,7 @@ def study_feature_moments(kind: str, genes: Sequence[str], gene_keys: Sequence[s
     Parameters
     ----------
     kind
-        One of :data:`scgrn_assets.lib.network.cross_cell.FEATURE_KINDS`.
+        One of :data:`scgrn_assets.lib.network.cell_features.FEATURE_KINDS`.
     genes, gene_keys
         The universe's symbols and their dictionary keys (same order).
     cells, dictionaries, model

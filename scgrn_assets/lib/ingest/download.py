@@ -19,7 +19,6 @@ file or URL and the fix; intermediate failures are logged as warnings.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
 import random

@@ -3,10 +3,12 @@
 Modules:
 
 - ``attention``: Gene networks from Geneformer attention: attention → partial correlation → streaming edge moments → edge table.
+- ``cell_features``: Per-cell gene features for the cross-cell network, chunk by chunk, and the gene universe they cover.
 - ``cross_cell``: Gene networks from a partial correlation computed across cells, streamed per study.
 - ``dense_moments``: Dense per-pair moment stores: one slot per gene pair, for gene universes up to a few thousand genes.
 - ``dictionaries``: Geneformer's dictionaries and conventions: token and gene-median dictionaries, published or built
 - ``edge_moments``: Per-edge streaming moments (n, mean, M2) of partial correlation over cells, merged exactly.
+- ``feature_moments``: Mergeable sufficient statistics of a per-cell gene feature: n, Σx, Σxxᵀ over a gene universe,
 - ``model``: Geneformer models: load a published checkpoint, or train a small one on the corpus.
 - ``pair_moments``: Per gene pair streaming moments (n, mean, M2) in an open-addressing hash map, for large gene universes.
 - ``partial_correlation``: Partial correlation of each cell's gene × gene attention block, by named methods.
@@ -22,17 +24,17 @@ import importlib
 _PUBLIC = {
     "attention": ("first_gene_slots", "last_layer_attention_block", "sort_slots_by_gene",
         "add_attention_blocks", "attention_edge_moments", "edge_table"),
-    "cross_cell": ("FeatureMoments", "FeatureMomentAccumulator", "accumulate_feature_moments",
-        "WithinStudyCovariance", "within_study_covariance", "ledoit_wolf_shrunk",
+    "cell_features": ("token_columns", "rank_value_features", "rank_value_chunks", "log_expression_chunks",
+        "hidden_state_chunks", "select_gene_universe", "genes_seen_with_others"),
+    "cross_cell": ("WithinStudyCovariance", "within_study_covariance", "ledoit_wolf_shrunk",
         "partial_correlation_from_covariance", "filled_constant_direction", "study_partial_correlation",
-        "jackknife_stability", "cross_cell_edge_table", "cross_cell_network", "token_columns",
-        "rank_value_features", "rank_value_chunks", "log_expression_chunks", "hidden_state_chunks",
-        "select_gene_universe", "genes_seen_with_others"),
+        "jackknife_stability", "cross_cell_edge_table", "cross_cell_network"),
     "dense_moments": ("high_offsets", "DenseMomentArrays", "DenseMomentTensors"),
     "dictionaries": ("TokenizerConvention", "convention_named", "load_pickle_restricted",
         "save_pickle_atomic", "GeneformerDictionaries", "load_geneformer_dictionaries", "corpus_gene_keys",
         "normalized_counts", "gene_nonzero_medians", "build_corpus_dictionaries"),
     "edge_moments": ("EdgeMoments", "merge_edge_moments", "EdgeMomentAccumulator"),
+    "feature_moments": ("FeatureMoments", "FeatureMomentAccumulator", "accumulate_feature_moments"),
     "model": ("SmallGeneformerConfig", "bert_config", "build_masked_lm", "mask_tokens", "TrainedGeneformer",
         "pick_device", "train_small_geneformer", "position_only_entropy", "training_report",
         "save_geneformer", "LoadedGeneformer", "load_checkpoint_weights", "load_geneformer"),

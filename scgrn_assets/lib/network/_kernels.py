@@ -1,5 +1,5 @@
-"""Numba kernels of the network stage: the per-cell partial-correlation read-out and the dense
-per-pair moment updates (Chan et al.'s parallel formula; Welford's update for one value)."""
+"""Numba kernels of the network stage: the per-cell partial-correlation read-out, the dense
+per-pair moment updates, the cross-cell outer products (Chan et al.'s parallel formula; Welford's update for one value)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,52 @@ def touched_pairs(count, mean, m2, high_offset, low_out, high_out, count_out, me
                     count_out[position] = count[key]
                     mean_out[position] = mean[key]
                     m2_out[position] = m2[key]
+
+
+# Cross-cell moments (:mod:`.feature_moments`). Output rows per tile of the sparse loop: 16 rows of a 3,000-gene universe (384 kB) stay in L2 while
+# every cell of the chunk streams past; measured best of 8-128 (CPU time, 2,048-cell chunks).
+SPARSE_TILE_ROWS = 16
+
+
+@numba.njit(cache=True, nogil=True)
+def add_sparse_outer_products(indptr, indices, data, cross_rows, tile_rows, shard, n_shards):
+    """Σ_c x_c x_cᵀ, the upper triangle, over CSR rows with sorted column indices, one tile of output rows at a time.
+
+    For each tile of ``tile_rows`` output rows (tiles ``t % n_shards == shard``: shards write
+    disjoint rows, so threads never collide), every cell adds, for each of its genes ``i`` in the
+    tile, ``x_ci · x_cj`` for its genes ``j ≥ i`` (the rest of its sorted CSR row). A per-cell
+    cursor walks each row once over all tiles. The tile stays in cache while the cells stream past,
+    and a cell's row is read once per tile rather than once per gene: walking cell by cell instead
+    scatters nnz²/2 adds per cell over the whole n_genes² matrix (measured 4-10x slower).
+    """
+    n_genes = cross_rows.shape[0]
+    n_cells = len(indptr) - 1
+    cursor = indptr[:-1].copy()
+    n_tiles = (n_genes + tile_rows - 1) // tile_rows
+    for tile in range(n_tiles):
+        row_stop = min((tile + 1) * tile_rows, n_genes)
+        mine = tile % n_shards == shard
+        for cell in range(n_cells):
+            stop = indptr[cell + 1]
+            b = cursor[cell]
+            while b < stop and indices[b] < row_stop:
+                if mine:
+                    value = data[b]
+                    row = indices[b]
+                    for a in range(b, stop):
+                        cross_rows[row, indices[a]] += value * data[a]
+                b += 1
+            cursor[cell] = b
+
+
+@numba.njit(cache=True, nogil=True)
+def symmetrised_from_upper(upper):
+    """A new C-ordered symmetric matrix from the upper triangle of ``upper`` (any memory order)."""
+    n = upper.shape[0]
+    full = np.empty((n, n))
+    for i in range(n):
+        full[i, i] = upper[i, i]
+        for j in range(i + 1, n):
+            full[i, j] = upper[i, j]
+            full[j, i] = upper[i, j]
+    return full

@@ -7,11 +7,11 @@ import pytest
 import scipy.sparse as sp
 from sklearn.covariance import ledoit_wolf
 
-from scgrn_assets.lib.network.cross_cell import (FeatureMoments, accumulate_feature_moments, cross_cell_edge_table,
-                                                 jackknife_stability, ledoit_wolf_shrunk,
-                                                 partial_correlation_from_covariance, rank_value_features,
-                                                 select_gene_universe, study_partial_correlation,
+from scgrn_assets.lib.network.cell_features import rank_value_features, select_gene_universe
+from scgrn_assets.lib.network.cross_cell import (cross_cell_edge_table, jackknife_stability, ledoit_wolf_shrunk,
+                                                 partial_correlation_from_covariance, study_partial_correlation,
                                                  within_study_covariance)
+from scgrn_assets.lib.network.feature_moments import FeatureMoments, accumulate_feature_moments
 
 
 def sparse_features(n_cells: int, n_genes: int, density: float, seed: int, shift: float = 0.0) -> sp.csr_matrix:
@@ -173,7 +173,7 @@ def test_gene_universe_keeps_tfs_then_the_most_variable_detected_genes():
 
 def test_genes_seen_with_others_are_the_attention_edge_tables_genes():
     from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
-    from scgrn_assets.lib.network.cross_cell import genes_seen_with_others
+    from scgrn_assets.lib.network.cell_features import genes_seen_with_others
     from scgrn_assets.lib.network.model import SmallGeneformerConfig, build_masked_lm
     from scgrn_assets.lib.network.dictionaries import build_corpus_dictionaries, convention_named
     from scgrn_assets.lib.network.tokens import tokenize_cells
