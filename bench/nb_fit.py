@@ -31,7 +31,7 @@ from scgrn_assets.lib.de.cell_model_inference import compile_advi_step, fit_nb_p
 from scgrn_assets.lib.de.cell_model import NBFitConfig, build_nb_model  # noqa: E402
 from scgrn_assets.lib.de.cell_model_readout import condition_effect_table  # noqa: E402
 from scgrn_assets.lib.de.cell_model_data import prepare_nb_data  # noqa: E402
-from scgrn_assets_tests.lib.de.test_cell_model import NULL_CALL_RATE_LIMIT, fit_inputs, simulate_nb_corpus  # noqa: E402
+from scgrn_assets_tests.support.de import NULL_CALL_RATE_LIMIT, fit_inputs, simulate_nb_corpus  # noqa: E402
 
 
 def steps_per_second(step, seconds: float, min_steps: int = 5) -> tuple[float, int]:

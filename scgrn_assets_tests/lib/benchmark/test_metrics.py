@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from scgrn_assets.lib.benchmark import metrics as grn_metrics
 from scgrn_assets.lib.benchmark import universes
 from scgrn_assets.lib.benchmark.reference_files import normalise_reference
-from scgrn_assets_tests.lib.benchmark.test_universes import brute_force_pairs, random_problem
+from scgrn_assets_tests.support.benchmark import brute_force_pairs, random_problem
 
 
 def test_epr_on_a_hand_made_case_with_ties_at_the_kth_score():

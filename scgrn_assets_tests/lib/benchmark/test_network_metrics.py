@@ -12,7 +12,7 @@ import scipy.stats
 from scgrn_assets.lib.benchmark import metrics as grn_metrics
 from scgrn_assets.lib.benchmark import network_metrics, ranking, universes
 from scgrn_assets.lib.benchmark.reference_files import normalise_reference
-from scgrn_assets_tests.lib.benchmark.test_universes import random_problem
+from scgrn_assets_tests.support.benchmark import random_problem
 
 
 def test_degree_correlation_matches_scipy_on_brute_force_degrees():

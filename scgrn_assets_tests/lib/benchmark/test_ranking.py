@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from scgrn_assets.lib.benchmark import ranking
+from scgrn_assets_tests.support.benchmark import brute_force_early_precision
 
 
 def tied_scores(seed: int, n_pairs: int = 300):
@@ -61,17 +62,6 @@ def test_metrics_rank_by_absolute_score():
     labels = np.array([True, False, True, False])
     scores = np.array([-0.9, 0.1, 0.8, -0.2])
     assert ranking.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, np.abs(scores)))
-
-
-def brute_force_early_precision(labels, scores):
-    """BEELINE's rule written out: k = #true, keep pairs scoring >= the k-th best score and > 0."""
-    k = int(labels.sum())
-    ranked = sorted(scores, reverse=True)
-    kth_score = ranked[min(k, len(ranked)) - 1]
-    selected = [index for index, score in enumerate(scores) if score >= kth_score and score > 0]
-    if not selected:
-        return 0.0
-    return sum(labels[index] for index in selected) / len(selected)
 
 
 @pytest.mark.parametrize("seed", range(5))

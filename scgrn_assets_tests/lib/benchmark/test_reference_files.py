@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
@@ -17,15 +14,7 @@ from scgrn_assets.lib.benchmark.reference_files import (
     load_trrust,
     normalise_reference,
 )
-
-REFERENCE_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "reference"
-
-
-def shared_file(relative: str) -> Path:
-    path = REFERENCE_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (shared reference data is not part of the repository)")
-    return path
+from scgrn_assets_tests.support.benchmark import shared_file, write_string_v12
 
 
 def assert_normalised(reference: pd.DataFrame, name: str) -> None:
@@ -169,24 +158,6 @@ def test_trrust_with_wrong_columns_names_file_and_fix(tmp_path):
 def test_missing_file_names_study_and_file(tmp_path):
     with pytest.raises(ScgrnInputError, match=r"TRRUST.*absent\.tsv.*not found"):
         load_trrust(tmp_path / "absent.tsv", study="TRRUST")
-
-
-def write_string_v12(folder: Path) -> tuple[Path, Path, Path]:
-    info = folder / "9606.protein.info.v12.0.txt.gz"
-    aliases = folder / "9606.protein.aliases.v12.0.txt"
-    links = folder / "9606.protein.links.v12.0.txt.gz"
-    with gzip.open(info, "wt") as handle:
-        handle.write("#string_protein_id\tpreferred_name\tprotein_size\tannotation\n"
-                     "9606.P1\tTP53\t393\ttumour protein\n9606.P2\tMDM2\t491\tE3 ligase\n"
-                     "9606.P3\tCDKN1A\t164\tp21\n9606.P4\tORF9\t100\tunknown\n")
-    aliases.write_text("#string_protein_id\talias\tsource\n"
-                       "9606.P3\tP21\tEnsembl\n9606.P3\tCIP1\tUniProt\n9606.P4\tCIP1\tUniProt\n"
-                       "9606.P2\tHDM2\tUniProt\n")
-    with gzip.open(links, "wt") as handle:
-        handle.write("protein1 protein2 combined_score\n"
-                     "9606.P1 9606.P2 999\n9606.P2 9606.P1 999\n9606.P1 9606.P3 700\n9606.P3 9606.P1 700\n"
-                     "9606.P1 9606.P4 699\n9606.P4 9606.P1 699\n9606.P2 9606.P3 800\n")
-    return info, aliases, links
 
 
 def test_string_v12_threshold_and_preferred_names(tmp_path):

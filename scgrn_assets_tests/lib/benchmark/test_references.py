@@ -6,7 +6,7 @@ import pytest
 
 from scgrn_assets.lib.benchmark.references import ReferenceSource, load_reference, load_tf_list, references_for_species
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets_tests.lib.benchmark.test_reference_files import shared_file, write_string_v12
+from scgrn_assets_tests.support.benchmark import shared_file, write_string_v12
 
 
 @pytest.mark.parametrize(("species", "n_tfs"), [("human", 1563), ("mouse", 1479)])

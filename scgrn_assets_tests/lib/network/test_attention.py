@@ -18,12 +18,10 @@ from scgrn_assets.lib.network.attention import (
 from scgrn_assets.lib.network.edge_moments import EdgeMomentAccumulator, EdgeMoments, merge_edge_moments
 from scgrn_assets.lib.network.partial_correlation import partial_correlation
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.network.model import SmallGeneformerConfig, build_masked_lm
-from scgrn_assets.lib.network.dictionaries import V2, GeneformerDictionaries
+from scgrn_assets.lib.network.dictionaries import V2
 from scgrn_assets.lib.network.tokens import TokenizedCells
-from scgrn_assets_tests.lib.network.test_edge_moments import ACCUMULATORS, moments_frame
-from scgrn_assets_tests.lib.network.test_partial_correlation import (BACKENDS, PCORR_ATOL, PCORR_RTOL, SHRINKAGE,
-                                                                     numpy_pcorr, random_cells)
+from scgrn_assets_tests.support.network import (ACCUMULATORS, BACKENDS, PCORR_ATOL, PCORR_RTOL, SHRINKAGE,
+                                                moments_frame, numpy_pcorr, random_cells, tiny_model_and_cells)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -134,23 +132,6 @@ def test_first_gene_slots_against_loop():
     for cell, kept in enumerate(expected):
         assert positions[cell][valid[cell]].tolist() == kept
         assert valid[cell].sum() == len(kept)
-
-
-def tiny_model_and_cells(n_cells=12, seed=0):
-    rng = np.random.default_rng(seed)
-    n_genes = 25
-    token_dictionary = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3} | {f"ENSG{gene}": gene + 4
-                                                                             for gene in range(n_genes)}
-    dictionaries = GeneformerDictionaries(token_dictionary, {}, V2)
-    cells = []
-    for _cell in range(n_cells):
-        genes = rng.choice(np.arange(4, 4 + n_genes), size=rng.integers(3, 16), replace=False)
-        cells.append([2, *genes, 3])
-    offsets = np.concatenate([[0], np.cumsum([len(cell) for cell in cells])])
-    tokenized = TokenizedCells(np.concatenate(cells).astype(np.int32), offsets, V2)
-    config = SmallGeneformerConfig(n_layers=2, hidden_size=32, n_heads=4, intermediate_size=64, seed=seed)
-    model = build_masked_lm(dictionaries.vocab_size, 64, config).eval()
-    return model, tokenized, dictionaries
 
 
 def test_last_layer_block_equals_eager_attention_weights():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scgrn_assets.lib.network.edge_moments import EdgeMomentAccumulator, EdgeMoments, merge_edge_moments
+from scgrn_assets_tests.support.network import ACCUMULATORS, moments_frame
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,17 +32,6 @@ def two_pass_reference(names: np.ndarray, gene_a, gene_b, values) -> pd.DataFram
     grouped = frame.groupby(["i", "j"])["value"]
     return pd.DataFrame({"n": grouped.size(), "mean": grouped.mean(), "sd": grouped.std(ddof=1),
                          "m2": grouped.apply(lambda column: float(((column - column.mean()) ** 2).sum()))})
-
-
-def moments_frame(moments: EdgeMoments) -> pd.DataFrame:
-    first, second = moments.gene_names[moments.gene_i], moments.gene_names[moments.gene_j]
-    frame = pd.DataFrame({"i": np.where(first < second, first, second), "j": np.where(first < second, second, first),
-                          "n": moments.n, "mean": moments.mean, "m2": moments.m2})
-    return frame.set_index(["i", "j"]).sort_index()
-
-
-ACCUMULATORS = [pytest.param(2**24, "numba", id="dense-numba"), pytest.param(2**24, "torch", id="dense-torch"),
-                pytest.param(0, "auto", id="hash")]
 
 
 @pytest.mark.parametrize(("max_dense_pairs", "backend"), ACCUMULATORS)

@@ -13,9 +13,8 @@ from scgrn_assets.lib.network.attention import add_attention_blocks, attention_e
 from scgrn_assets.lib.network.edge_moments import EdgeMomentAccumulator, EdgeMoments, merge_edge_moments
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.pair_moments import PairMomentHashMap
-from scgrn_assets_tests.lib.network.test_partial_correlation import (PCORR_ATOL, PCORR_RTOL, numpy_pcorr,
-                                                                     random_blocks)
-from scgrn_assets_tests.lib.network.test_attention import tiny_model_and_cells
+from scgrn_assets_tests.support.network import (PCORR_ATOL, PCORR_RTOL, numpy_pcorr, random_blocks,
+                                                tiny_model_and_cells)
 
 UNIVERSE = 30_000  # a real corpus: 30,000² pairs would take 10.8 GB of dense state
 SHRINKAGE = 1e-3

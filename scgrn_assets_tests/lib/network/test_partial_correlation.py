@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics.pairwise import cosine_similarity
 
 from scgrn_assets.lib.network.partial_correlation import (
     PCORR_METHODS,
@@ -14,36 +13,11 @@ from scgrn_assets.lib.network.partial_correlation import (
     triangle_pairs,
 )
 from scgrn_assets.lib.errors import ScgrnInputError
-
-
-SHRINKAGE = 1e-3
-
-
-# Both backends compute in float64 (Cholesky of the SPD shrunk matrix); against the float64
-# numpy pinv reference they agree to ~1e-13 on these inputs. The tolerance leaves headroom
-# for the condition number (up to ~1e5 with λ = 1e-3), not for a lower precision.
-PCORR_RTOL, PCORR_ATOL = 1e-9, 1e-10
-
-
-BACKENDS = ["lapack", "torch"]
+from scgrn_assets_tests.support.network import (BACKENDS, PCORR_ATOL, PCORR_RTOL, SHRINKAGE, numpy_pcorr, random_blocks,
+                                                random_cells)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def numpy_pcorr(block: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:
-    """The original pipeline for one cell: cosine of rows, shrink to identity, pinv, normalise."""
-    shrunk = (1 - shrinkage) * cosine_similarity(block) + shrinkage * np.eye(len(block))
-    precision = np.linalg.pinv(shrunk)
-    pcorr = -precision / np.sqrt(np.outer(np.diag(precision), np.diag(precision)))
-    np.fill_diagonal(pcorr, 1.0)
-    return pcorr
-
-
-def random_blocks(n_cells: int, n_slots: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(scale=1.5, size=(n_cells, n_slots, n_slots))
-    return np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,22 +68,6 @@ def test_failed_cholesky_falls_back_to_pinv(backend):
     others = np.array([0, 1, 2, 4, 5, 6, 7])
     np.testing.assert_allclose(pcorr[1][np.ix_(others, others)],
                                numpy_pcorr(blocks[1][others], shrinkage=0.0), rtol=1e-6, atol=1e-8)
-
-
-def random_cells(n_cells: int, n_slots: int, n_genes: int, seed: int):
-    """Attention blocks, the gene in each slot (distinct, in no order) and a validity mask
-    with 0, 1, a prefix or scattered valid slots per cell (padding holds garbage)."""
-    rng = np.random.default_rng(seed)
-    blocks = random_blocks(n_cells, n_slots, seed + 1000).astype(np.float32)
-    gene_index = np.stack([rng.choice(n_genes, n_slots, replace=False) for _cell in range(n_cells)])
-    valid = rng.random((n_cells, n_slots)) < rng.uniform(0.3, 1.0, size=(n_cells, 1))
-    valid[0] = False
-    valid[1] = np.arange(n_slots) == 2
-    valid[2] = np.arange(n_slots) < n_slots - 3
-    valid[3] = True
-    blocks[~valid] = 7.0
-    gene_index[~valid] = -5  # never read
-    return blocks, gene_index, valid
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,9 +9,7 @@ from scipy import stats
 
 from scgrn_assets.lib.validation import discretization
 from scgrn_assets.lib.errors import ScgrnInputError
-
-
-N_BINS = 5
+from scgrn_assets_tests.support.validation import N_BINS
 
 
 def brute_force_codes(column: np.ndarray, n_bins: int) -> np.ndarray:

@@ -7,17 +7,7 @@ import pytest
 from sklearn.metrics import mutual_info_score
 
 from scgrn_assets.lib.validation import estimators
-
-
-N_BINS = 5
-
-
-def sparse_like_codes(rng: np.random.Generator, n_genes: int, n_cells: int) -> np.ndarray:
-    """Codes with many zeros (as after discretising single-cell data) plus one gene without zeros."""
-    codes = rng.integers(0, N_BINS, size=(n_genes, n_cells))
-    codes[rng.random((n_genes, n_cells)) < 0.6] = 0
-    codes[0] = rng.integers(1, N_BINS, size=n_cells)
-    return codes.astype(np.uint8)
+from scgrn_assets_tests.support.validation import N_BINS, sparse_like_codes
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

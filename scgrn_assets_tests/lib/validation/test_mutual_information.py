@@ -12,9 +12,7 @@ from sklearn.metrics import mutual_info_score
 from scgrn_assets.lib.validation import _kernels, discretization, estimators
 from scgrn_assets.lib.validation import mutual_information as mi_lib
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets_tests.lib.validation.test_estimators import sparse_like_codes
-
-N_BINS = 5
+from scgrn_assets_tests.support.validation import N_BINS, sparse_like_codes
 
 
 # ------------------------------------------------------------------ candidate edges
