@@ -4,8 +4,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from scgrn_assets.assets.metadata import png_metadata, table_preview
-from scgrn_assets.io_managers import artefact_path
+from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.io_managers import file_artefact, output_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
 from scgrn_assets.lib.de.condition_effects import (METHODS, corpus_pseudobulk, effects_by_study, load_pseudobulk_posterior,
                                                 plot_ma, plot_sample_ppc, plot_volcano, ppc_summary,
@@ -17,7 +17,7 @@ from scgrn_assets.lib.de.peer import agreement_with_peer, pydeseq2_effects
 from scgrn_assets.lib.de.model import (MAX_PARETO_K, PosteriorConfig, PseudobulkPosterior, effect_draws,
                                                effect_table, fit_pseudobulk_model, posterior_diagnostics,
                                                replicated_pseudobulk)
-from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.lib.sql_store import write_parquet
 from scgrn_assets.resources import NBModelSettings, ScgrnStorage
 
 #: Share of genes whose importance sampler may fail its k-hat check before the posterior is refused.
@@ -68,7 +68,8 @@ def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
                                                             "against NUTS; see the sample-level PPC"}
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"pymc", "netcdf"}, pool=GPU_POOL,
+@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", metadata=file_artefact(".nc"),
+          kinds={"pymc", "netcdf"}, pool=GPU_POOL,
           op_tags=gpu_op_tags(), tags={"stage": "nb_model"},
           check_specs=[
               dg.AssetCheckSpec("design_has_replicated_contrast", asset="nb_posterior", blocking=True,
@@ -108,7 +109,7 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
         idata, replicated, fit_metadata = _fit_cell_advi(context, nb_model, corpus, prepared)
         inference = {"passed": True, "note": fit_metadata.pop("inference_check")}
     idata.posterior.attrs["method"] = nb_model.method
-    path = artefact_path(storage.layout, "nb_posterior", None)
+    path = output_path(context, storage.layout)
     save_pseudobulk_posterior(idata, pseudobulk, path)
     ppc = sample_level_ppc(pseudobulk, replicated)
     write_parquet(ppc, path.with_name("posterior_predictive_check.parquet"))
@@ -140,7 +141,7 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
         metadata=inference)
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="nb_model", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "nb_model"})
 def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
                       nb_posterior):
@@ -152,10 +153,7 @@ def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
     contrast = pseudobulk.samples[pseudobulk.samples.groupby("study")["condition"].transform("nunique") > 1]
     table = effect_table(effect_draws(posterior), pseudobulk, fdr_target=nb_model.fdr_target,
                          contrast_samples=contrast)
-    path = artefact_path(storage.layout, "condition_effects", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "condition_effects", path)
-    return dg.Output(path, metadata={
+    return dg.Output(table, metadata={
         "n_genes": len(table), "n_called": int(table["called"].sum()), "fdr_target": nb_model.fdr_target,
         "method": str(idata.posterior.attrs.get("method", "pseudobulk")),
         "top_genes": table_preview(table.sort_values("svalue"), n_rows=15),
@@ -163,7 +161,7 @@ def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
     })
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="nb_model", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "nb_model"})
 def condition_effects_by_study(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
                                nb_posterior):
@@ -175,27 +173,21 @@ def condition_effects_by_study(context: dg.AssetExecutionContext, storage: Scgrn
                 if group["condition"].value_counts().min() >= 2 and group["condition"].nunique() == 2]
     table = effects_by_study(pseudobulk, contrast, fdr_target=nb_model.fdr_target, seed=nb_model.seed,
                              progress=context.log.info)
-    path = artefact_path(storage.layout, "condition_effects_by_study", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "condition_effects_by_study", path)
     called = table.groupby("study")["called"].sum().to_dict() if len(table) else {}
-    return dg.Output(path, metadata={"studies": contrast, "n_called_per_study": str(called),
+    return dg.Output(table, metadata={"studies": contrast, "n_called_per_study": str(called),
                                      "n_rows": len(table), "animals_per_study": table_preview(counts.reset_index())})
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="nb_model", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "nb_model"})
 def condition_effects_pydeseq2(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
-                               nb_posterior, condition_effects):
+                               nb_posterior, condition_effects: pd.DataFrame):
     """PyDESeq2 (``~ study + condition``, Wald test, BH) on the same pseudobulk, and how it agrees with
     ``condition_effects``; DuckDB table ``condition_effects_pydeseq2``."""
     _, pseudobulk = load_pseudobulk_posterior(nb_posterior)
     contrast = pseudobulk.samples.groupby("study")["condition"].transform("nunique") > 1
     peer = pydeseq2_effects(pseudobulk.subset(samples=contrast.to_numpy()), fdr_target=nb_model.fdr_target)
-    ours = pd.read_parquet(condition_effects)
+    ours = condition_effects
     agreement = agreement_with_peer(ours, peer)
-    path = artefact_path(storage.layout, "condition_effects_pydeseq2", None)
-    write_parquet(peer, path)
-    register_view(storage.layout.duckdb_path, "condition_effects_pydeseq2", path)
-    return dg.Output(path, metadata={"seconds": round(peer.attrs["seconds"], 1), **agreement,
+    return dg.Output(peer, metadata={"seconds": round(peer.attrs["seconds"], 1), **agreement,
                                      "top_genes": table_preview(peer.sort_values("padj"), n_rows=10)})
