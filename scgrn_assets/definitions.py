@@ -7,6 +7,7 @@ SCGRN_HOME and SCGRN_CATALOG.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -31,7 +32,9 @@ def load_defs_folder() -> dg.Definitions:
     Loaded from the package itself, so an installed copy (the Docker image) needs no pyproject.toml.
     """
     project_root = Path(scgrn_assets.__file__).resolve().parent.parent
-    return dg.ComponentTree.from_module(defs_module=defs_folder, project_root=project_root).build_defs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)  # Dagster's notice about its own module loader
+        return dg.ComponentTree.from_module(defs_module=defs_folder, project_root=project_root).build_defs()
 
 
 def build_definitions(catalog: Catalog | str = "demo", *, home: str | Path | None = None, quick: bool = False,
