@@ -37,14 +37,15 @@ def load_defs_folder() -> dg.Definitions:
         return dg.ComponentTree.from_module(defs_module=defs_folder, project_root=project_root).build_defs()
 
 
-def build_definitions(catalog: Catalog | str = "demo", *, home: str | Path | None = None, quick: bool = False,
+def build_definitions(catalog: Catalog | str | Path = "demo", *, home: str | Path | None = None, quick: bool = False,
                       n_gpus: int | None = None) -> dg.Definitions:
     """The whole code location for ``catalog`` (a :class:`Catalog`, a built-in name or a YAML path).
 
     Parameters
     ----------
     catalog
-        The studies: one partition each. A name or path is loaded with ``${SCGRN_HOME}`` expanded.
+        The studies: one partition each. A name or path is loaded with ``${SCGRN_HOME}`` expanded; the
+        resources reload the catalog by that name or path when they run.
     home
         SCGRN_HOME for the resources and IO managers (default: ``$SCGRN_HOME`` or ``~/.scgrn``).
     quick

@@ -80,7 +80,8 @@ class GeneformerSettings(dg.ConfigurableResource):
     convention: str = _GRN.convention    # V1 (2048, no special tokens) or V2 (<cls>/<eos>, 4096)
     train_steps: int = _GRN.train_steps  # 300 left the demo model at the position-only loss (5.41 vs 5.51 nats)
     train_batch_size: int = _GRN.train_batch_size
-    min_loss_margin: float | None = _GRN.min_loss_margin  # nats the masked-LM loss must beat the position-only entropy by
+    # nats the masked-LM loss must beat the position-only entropy by
+    min_loss_margin: float | None = _GRN.min_loss_margin
     device: str | None = _GRN.device     # None: the GPU when one is visible, else CPU
     max_genes_per_cell: int = _GRN.max_genes_per_cell  # genes entering each cell's attention block
     pcorr_method: str = _GRN.pcorr_method  # or cosine_shrunk_pinv_cell_z (spread independent of cell length)

@@ -16,7 +16,8 @@ STUDIES = dg.StaticPartitionsDefinition(["GSE1", "GSE2"])
 
 
 def _io_managers(home: Path) -> dict:
-    return {"artefact_io_manager": ArtefactIOManager(home=str(home)), "table_io_manager": TableIOManager(home=str(home))}
+    return {"artefact_io_manager": ArtefactIOManager(home=str(home)),
+            "table_io_manager": TableIOManager(home=str(home))}
 
 
 @dg.asset(partitions_def=STUDY, io_manager_key="artefact_io_manager", metadata=file_artefact(".txt"),
@@ -94,5 +95,6 @@ def test_a_file_written_elsewhere_is_refused(tmp_path):
 
 def test_an_input_not_yet_materialised_says_so(tmp_path):
     assets = bind_study_partitions([per_study_file, study_table], STUDIES)
-    with pytest.raises(FileNotFoundError, match=r"per_study_file is not materialised for partitions \['GSE1', 'GSE2'\]"):
+    missing = r"per_study_file is not materialised for partitions \['GSE1', 'GSE2'\]"
+    with pytest.raises(FileNotFoundError, match=missing):
         _materialise(tmp_path, assets, selection=[study_table.key])

@@ -148,7 +148,8 @@ def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
 
 
 @dg.asset(group_name="network", io_manager_key="table_io_manager", metadata=table_artefact("edges"),
-          kinds={"parquet", "duckdb"}, ins={"attention_moments": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+          kinds={"parquet", "duckdb"},
+          ins={"attention_moments": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
           tags={"stage": "network"})
 def edge_stability(context: dg.AssetExecutionContext, attention_moments: dict,
                    tokenized_cells):
