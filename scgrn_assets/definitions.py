@@ -15,7 +15,7 @@ import dagster as dg
 import scgrn_assets
 from scgrn_assets import defs as defs_folder
 from scgrn_assets.jobs import build_automation
-from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
+from scgrn_assets.lib.ingest import Catalog, load_catalog
 from scgrn_assets.partitions import bind_study_partitions, study_partitions
 from scgrn_assets.resources import build_resources
 from scgrn_assets.settings import catalog_name, current_layout

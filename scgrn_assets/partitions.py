@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import dagster as dg
 
-from scgrn_assets.lib.ingest.catalog import Catalog
+from scgrn_assets.lib.ingest import Catalog
 
 STUDY = dg.StaticPartitionsDefinition(["<study>"])
 """Stand-in for the catalog's studies, replaced by :func:`bind_study_partitions`."""

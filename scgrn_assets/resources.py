@@ -11,8 +11,7 @@ import dagster as dg
 from scgrn_assets.io_managers import ArtefactIOManager, TableIOManager
 from scgrn_assets.lib.benchmark import GrnPathSettings
 from scgrn_assets.lib.de import NBFitConfig, PosteriorConfig
-from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
-from scgrn_assets.lib.ingest.download import DownloadPolicy, parse_url_mirrors
+from scgrn_assets.lib.ingest import Catalog, DownloadPolicy, load_catalog, parse_url_mirrors
 from scgrn_assets.lib.storage import StorageLayout
 
 

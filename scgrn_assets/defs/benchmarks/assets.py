@@ -5,13 +5,11 @@ import pandas as pd
 
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import asset_folder, table_artefact
-from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets.lib.ingest.download import fetch_file
-from scgrn_assets.lib.benchmark.expression import log_normalized
-from scgrn_assets.lib.benchmark.metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
-from scgrn_assets.lib.benchmark.pipeline import (baseline_predictions, baseline_table, prediction_tables, stable_edges,
-                                                 tree_regulators)
-from scgrn_assets.lib.benchmark.references import ReferenceSource, load_reference
+from scgrn_assets.lib.benchmark import (baseline_predictions, baseline_table, benchmark_table, epr_bar_chart_png,
+                                        load_reference, log_normalized, pr_curves_png, prediction_tables,
+                                        ReferenceSource, stable_edges, tree_regulators)
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.ingest import fetch_file
 from scgrn_assets.defs.network.assets import read_gene_universe
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 

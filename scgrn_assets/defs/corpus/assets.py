@@ -9,11 +9,10 @@ from anndata.io import read_elem, sparse_dataset
 
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import asset_folder, file_artefact, output_path, table_artefact
-from scgrn_assets.lib.corpus.build import QCThresholds, combine_studies, measured_column, study_gene_names
-from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock, fetch_pinned
-from scgrn_assets.lib.ingest.gene_annotation import empty_gene_annotation, read_gene_annotation
+from scgrn_assets.lib.corpus import (cells_repeated_across_studies, combine_studies, measured_column, QCThresholds,
+                                     row_fingerprints, scan_counts, study_gene_names)
+from scgrn_assets.lib.ingest import ChecksumLock, empty_gene_annotation, fetch_pinned, read_gene_annotation
 from scgrn_assets.lib.plotting import plot_cells_by_condition, plot_library_sizes
-from scgrn_assets.lib.corpus.qc_checks import cells_repeated_across_studies, row_fingerprints, scan_counts
 from scgrn_assets.lib.sql_store import write_table
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 

@@ -6,12 +6,9 @@ import pandas as pd
 
 from scgrn_assets.metadata import table_preview
 from scgrn_assets.io_managers import file_artefact, output_path
-from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock, fetch_pinned
-from scgrn_assets.lib.corpus.qc_checks import scan_counts
-from scgrn_assets.lib.corpus.build import iter_row_chunks, read_study_obs
-from scgrn_assets.lib.ingest.download import url_for_messages
+from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs, scan_counts
+from scgrn_assets.lib.ingest import ChecksumLock, fetch_pinned, url_for_messages, write_study_h5ad
 from scgrn_assets.lib.storage import remove_stale_temporaries
-from scgrn_assets.lib.ingest.study_anndata import write_study_h5ad
 from scgrn_assets.partitions import STUDY
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 

@@ -7,16 +7,15 @@ import pandas as pd
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import file_artefact, output_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.de.condition_effects import (METHODS, corpus_pseudobulk, effects_by_study, load_pseudobulk_posterior,
-                                                plot_ma, plot_sample_ppc, plot_volcano, ppc_summary,
-                                                replicated_pseudobulk_from_cells, safe_plot,
-                                                save_pseudobulk_posterior, sample_level_ppc)
-from scgrn_assets.lib.corpus.build import read_corpus
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.de import (agreement_with_peer, corpus_pseudobulk, effect_draws, effect_table, effects_by_study,
+                                 fit_pseudobulk_model, load_pseudobulk_posterior, plot_ma, plot_sample_ppc,
+                                 plot_volcano, posterior_diagnostics, PosteriorConfig, ppc_summary, PseudobulkPosterior,
+                                 pydeseq2_effects, replicated_pseudobulk, replicated_pseudobulk_from_cells, safe_plot,
+                                 sample_level_ppc, save_pseudobulk_posterior)
+from scgrn_assets.lib.de.condition_effects import METHODS
+from scgrn_assets.lib.de.model import MAX_PARETO_K
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.de.peer import agreement_with_peer, pydeseq2_effects
-from scgrn_assets.lib.de.model import (MAX_PARETO_K, PosteriorConfig, PseudobulkPosterior, effect_draws,
-                                               effect_table, fit_pseudobulk_model, posterior_diagnostics,
-                                               replicated_pseudobulk)
 from scgrn_assets.lib.sql_store import write_parquet
 from scgrn_assets.resources import NBModelSettings, ScgrnStorage
 
@@ -40,8 +39,7 @@ def _plots_metadata(*plots) -> dict:
 
 def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
     """The original pipeline's cell-level minibatch ADVI model on the same cells and genes (cells as replicates)."""
-    from scgrn_assets.lib.de.cell_model_inference import fit_nb_posterior
-    from scgrn_assets.lib.de.cell_model import NBFitConfig
+    from scgrn_assets.lib.de import fit_nb_posterior, NBFitConfig
 
     pseudobulk = prepared.pseudobulk
     cells = corpus[prepared.cell_rows][:, pseudobulk.gene_names]

@@ -11,19 +11,16 @@ import pandas as pd
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import file_artefact, output_path, table_artefact
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table, merge_edge_moments, EdgeMoments
-from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets.lib.network.cross_cell import FeatureMoments
-from scgrn_assets.lib.benchmark.expression import log_normalized
-from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
-                                         position_only_entropy, save_geneformer, train_small_geneformer,
-                                         training_report)
-from scgrn_assets.lib.benchmark.pipeline import (cross_cell_tables, model_genes, network_universe,
-                                           study_feature_moments, tree_regulators)
+from scgrn_assets.lib.benchmark import (cross_cell_tables, log_normalized, model_genes, network_universe,
+                                        study_feature_moments, tree_regulators)
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.network import (attention_edge_moments, build_corpus_dictionaries, convention_named,
+                                      corpus_gene_keys, edge_table, EdgeMoments, FeatureMoments, load_geneformer,
+                                      load_geneformer_dictionaries, merge_edge_moments, position_only_entropy,
+                                      save_geneformer, SmallGeneformerConfig, tokenize_cells, TokenizedCells,
+                                      train_small_geneformer, TrainedGeneformer, training_report)
 from scgrn_assets.lib.plotting import plot_histogram, plot_loss_curve
 from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.network.tokens import (TokenizedCells, build_corpus_dictionaries, convention_named, corpus_gene_keys,
-                                       load_geneformer_dictionaries, tokenize_cells)
 from scgrn_assets.partitions import STUDY
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 
