@@ -8,6 +8,7 @@ import zarr
 from anndata.io import read_elem, sparse_dataset
 
 from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.defs.corpus.checks import CORPUS_CHECKS
 from scgrn_assets.io_managers import asset_folder, file_artefact, output_path, table_artefact
 from scgrn_assets.lib.corpus import (cells_repeated_across_studies, combine_studies, measured_column, QCThresholds,
                                      row_fingerprints, scan_counts, study_gene_names)
@@ -41,18 +42,6 @@ class CorpusQCConfig(dg.Config):
     min_counts_per_cell: int | None = None
     min_genes_per_cell: int | None = None
     min_cells_per_gene: int | None = None
-
-
-CORPUS_CHECKS = [
-    dg.AssetCheckSpec("counts_are_non_negative_integers", asset="combined_corpus", blocking=True,
-                      description="No negative, non-integer, non-finite or sentinel (INT64_MIN) counts."),
-    dg.AssetCheckSpec("genes_are_the_union_of_studies", asset="combined_corpus", blocking=True,
-                      description="Corpus genes plus QC-removed genes equal the union of the studies' genes."),
-    dg.AssetCheckSpec("every_cell_has_a_study", asset="combined_corpus", blocking=True),
-    dg.AssetCheckSpec("cells_are_not_repeated_across_studies", asset="combined_corpus",
-                      description="No two studies hold an identical cell (the same count vector): a GEO "
-                                  "SuperSeries next to its subseries would count those cells twice."),
-]
 
 
 @dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", metadata=file_artefact(".zarr"),

@@ -5,6 +5,7 @@ import dagster as dg
 import pandas as pd
 
 from scgrn_assets.metadata import table_preview
+from scgrn_assets.defs.ingest.checks import STUDY_CHECKS
 from scgrn_assets.io_managers import file_artefact, output_path
 from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs, scan_counts
 from scgrn_assets.lib.ingest import ChecksumLock, fetch_pinned, url_for_messages, write_study_h5ad
@@ -40,13 +41,6 @@ def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
         "total_bytes": sum(r["bytes"] for r in rows),
         "path": dg.MetadataValue.path(str(folder)),
     })
-
-
-STUDY_CHECKS = [
-    dg.AssetCheckSpec("counts_are_non_negative_integers", asset="study_anndata", blocking=True,
-                      description="No negative, non-integer, non-finite or sentinel (INT64_MIN) counts."),
-    dg.AssetCheckSpec("every_cell_has_a_study", asset="study_anndata", blocking=True),
-]
 
 
 @dg.asset(partitions_def=STUDY, group_name="ingest", io_manager_key="artefact_io_manager",

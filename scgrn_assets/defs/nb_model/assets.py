@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.defs.nb_model.checks import POSTERIOR_CHECKS
 from scgrn_assets.io_managers import file_artefact, output_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
 from scgrn_assets.lib.corpus import read_corpus
@@ -69,17 +70,7 @@ def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
 @dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", metadata=file_artefact(".nc"),
           kinds={"pymc", "netcdf"}, pool=GPU_POOL,
           op_tags=gpu_op_tags(), tags={"stage": "nb_model"},
-          check_specs=[
-              dg.AssetCheckSpec("design_has_replicated_contrast", asset="nb_posterior", blocking=True,
-                                description="At least one study holds both conditions with >= 2 animals each; "
-                                            "single-condition studies inform only their baseline (listed)."),
-              dg.AssetCheckSpec("posterior_predictive_fits", asset="nb_posterior", blocking=True,
-                                description="Observed between-animal variance per gene sits inside the model's "
-                                            "replicates for most genes (fails when cells are treated as replicates)."),
-              dg.AssetCheckSpec("inference_is_reliable", asset="nb_posterior", blocking=True,
-                                description="Importance sampling represents each gene's posterior (PSIS k-hat < 0.7 "
-                                            "for >= 99% of genes)."),
-          ])
+          check_specs=POSTERIOR_CHECKS)
 def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
                  combined_corpus):
     """Posterior of each gene's condition effect, with the animal (GEO sample) as the replicate: a Negative-Binomial
