@@ -169,9 +169,10 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
     from scgrn_assets import definitions
 
     instance = _prepare_instance(layout)
-    resources = definitions.build_resources(home=str(layout.home), catalog=catalog_name, quick=quick)
-    assets = selected_assets(list(definitions.all_assets), selection)
-    checks = list(definitions.all_asset_checks)
+    built = definitions.build_definitions(catalog_name, home=layout.home, quick=quick)
+    resources = dict(built.resources)
+    everything = [*built.assets, *built.asset_checks]
+    assets = selected_assets(list(built.assets), selection)
     accessions = resources["storage"].load_catalog().accessions
     plan = materialisation_plan(assets)
     total = sum(len(accessions) if partitioned else 1 for _, partitioned in plan)
@@ -181,7 +182,7 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
             names = ", ".join(k.to_user_string() for a in group for k in a.keys)
             for partition in (accessions if partitioned else [None]):
                 bar.set_postfix_str(f"{names}{f' [{partition}]' if partition else ''}")
-                result = dg.materialize([*definitions.all_assets, *checks], selection=dg.AssetSelection.assets(*group),
+                result = dg.materialize(everything, selection=dg.AssetSelection.assets(*group),
                                         partition_key=partition, instance=instance, resources=resources,
                                         raise_on_error=False, tags=cli_run_tags(), run_config=QUIET)
                 for warning in run_warnings(instance, result.run_id):
@@ -355,11 +356,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from scgrn_assets import definitions
+    from scgrn_assets.settings import catalog_name
 
     layout = StorageLayout(scgrn_home())
     instance = _prepare_instance(layout)
     print(f"SCGRN_HOME: {layout.home}")
-    for asset in definitions.all_assets:
+    for asset in definitions.build_definitions(catalog_name(), home=layout.home).assets:
         for key in asset.keys:
             name = key.to_user_string()
             if asset.partitions_def is not None:

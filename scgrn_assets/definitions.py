@@ -1,46 +1,95 @@
-"""The code location: assets, checks, resources, jobs and schedules in a few lines."""
+"""The code location: the ``defs/`` folder bound to a catalog, with resources and automation.
+
+:func:`build_definitions` is what the CLI, the tests and the UI call; :func:`defs` is the entry
+point ``dg`` and ``dagster dev -m scgrn_assets.definitions`` load, and the only place that reads
+SCGRN_HOME and SCGRN_CATALOG.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 import dagster as dg
 
-from scgrn_assets.assets import benchmarks, corpus, ingest, nb_model, network, validation
-from scgrn_assets.io_managers import ArtefactIOManager
-from scgrn_assets.jobs import build_executor, build_jobs, build_schedules, build_sensors, with_downstream_automation
-from scgrn_assets.resources import (BenchmarkSettings, GeneformerSettings, GeoDownloader, NBModelSettings,
-                                    ScgrnStorage, ValidationSettings)
+import scgrn_assets
+from scgrn_assets import defs as defs_folder
+from scgrn_assets.jobs import build_automation
+from scgrn_assets.lib.ingest import Catalog, load_catalog
+from scgrn_assets.partitions import bind_study_partitions, study_partitions
+from scgrn_assets.resources import build_resources
 from scgrn_assets.settings import catalog_name, current_layout
 
+__all__ = ["GROUPS", "build_definitions", "build_resources", "defs", "load_defs_folder"]
 
-def build_resources(home: str | None = None, catalog: str | None = None, *, quick: bool = False) -> dict:
-    """Resources for one SCGRN_HOME and catalog (defaults: the environment's).
+GROUPS = ("ingest", "corpus", "nb_model", "network", "validation", "benchmarks")
+"""The asset groups (folders of ``defs/``) in pipeline order."""
 
-    ``quick`` trades accuracy for time (a few training steps, small nulls): smoke tests only.
+
+def load_defs_folder() -> dg.Definitions:
+    """The assets and checks of ``scgrn_assets/defs`` as declared (study partitions still unbound).
+
+    Loaded from the package itself, so an installed copy (the Docker image) needs no pyproject.toml.
     """
-    home = home or str(current_layout().home)
-    return {
-        "storage": ScgrnStorage(home=home, catalog=catalog or catalog_name()),
-        "downloader": GeoDownloader(),
-        # 20 steps cannot beat the position-only loss: the training gate is off in smoke tests.
-        "geneformer": GeneformerSettings(train_steps=20, max_genes_per_cell=64, min_loss_margin=None) if quick
-        else GeneformerSettings(),
-        "benchmark": BenchmarkSettings(tree_max_cells=300, tree_n_trees=5, n_null=20, grnboost2_max_cells=300,
-                                       grnboost2_max_estimators=200, regdiffusion_n_steps=20) if quick
-        else BenchmarkSettings(),
-        "validation": ValidationSettings(n_permutations=50) if quick else ValidationSettings(),
-        "nb_model": NBModelSettings(max_steps=300) if quick else NBModelSettings(),
-        "artefact_io_manager": ArtefactIOManager(home=home),
-    }
+    project_root = Path(scgrn_assets.__file__).resolve().parent.parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)  # Dagster's notice about its own module loader
+        return dg.ComponentTree.from_module(defs_module=defs_folder, project_root=project_root).build_defs()
 
 
-all_assets = dg.load_assets_from_modules([ingest, corpus, nb_model, network, validation, benchmarks])
-all_asset_checks = dg.load_asset_checks_from_modules([ingest, corpus, nb_model, network, validation, benchmarks])
-all_jobs = build_jobs(all_assets)
+def build_definitions(catalog: Catalog | str | Path = "demo", *, home: str | Path | None = None, quick: bool = False,
+                      n_gpus: int | None = None) -> dg.Definitions:
+    """The whole code location for ``catalog`` (a :class:`Catalog`, a built-in name or a YAML path).
 
-defs = dg.Definitions(
-    assets=with_downstream_automation(all_assets),
-    asset_checks=all_asset_checks,
-    jobs=all_jobs,
-    schedules=build_schedules(all_jobs),
-    sensors=build_sensors(),
-    executor=build_executor(),
-    resources=build_resources(),
-)
+    Parameters
+    ----------
+    catalog
+        The studies: one partition each. A name or path is loaded with ``${SCGRN_HOME}`` expanded; the
+        resources reload the catalog by that name or path when they run.
+    home
+        SCGRN_HOME for the resources and IO managers (default: ``$SCGRN_HOME`` or ``~/.scgrn``).
+    quick
+        Smoke-test settings (see :func:`scgrn_assets.resources.build_resources`).
+    n_gpus
+        GPUs for the executor's GPU-step limit (default: detected).
+    """
+    home = str(home or current_layout().home)
+    name = str(catalog.path) if isinstance(catalog, Catalog) else str(catalog)
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog, variables={"SCGRN_HOME": home})
+    declared = load_defs_folder()
+    assets = in_pipeline_order(bind_study_partitions(declared.assets or [], study_partitions(catalog)))
+    return dg.Definitions(asset_checks=list(declared.asset_checks or []),
+                          resources=build_resources(home=home, catalog=name, quick=quick),
+                          **build_automation(assets, study_partitions(catalog), n_gpus))
+
+
+def in_pipeline_order(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
+    """``assets`` upstream first; among those ready, by group (:data:`GROUPS`) then key."""
+    def rank(asset: dg.AssetsDefinition) -> tuple:
+        group = next(iter(asset.group_names_by_key.values()))
+        return (GROUPS.index(group) if group in GROUPS else len(GROUPS), asset.key.to_user_string())
+
+    keys = {key for asset in assets for key in asset.keys}
+    ordered, done, remaining = [], set(), sorted(assets, key=rank)
+    while remaining:
+        ready = next(a for a in remaining if {k for k in a.dependency_keys if k in keys} <= done)
+        ordered.append(ready)
+        done |= set(ready.keys)
+        remaining.remove(ready)
+    return ordered
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The definitions ``dg`` and the web UI load: SCGRN_CATALOG's studies over SCGRN_HOME."""
+    return build_definitions(catalog_name())
+
+
+def __getattr__(name: str):
+    """``all_assets`` / ``all_asset_checks``: the environment's catalog's, for callers that predate
+    :func:`build_definitions` (built on first use, never at import)."""
+    if name not in ("all_assets", "all_asset_checks"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = build_definitions(catalog_name())
+    return list(built.assets) if name == "all_assets" else list(built.asset_checks)

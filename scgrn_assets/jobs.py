@@ -1,4 +1,4 @@
-"""How the graph is operated: one job per asset group, the weekly ingest schedule, downstream
+"""Automation, in one place: how the graph is operated: one job per asset group, the weekly ingest schedule, downstream
 automation, and the executor that holds GPU steps to the number of GPUs.
 
 Model assets opt in to GPU handling with two arguments::
@@ -19,9 +19,8 @@ from collections.abc import Sequence
 import dagster as dg
 
 from scgrn_assets.instance import GPU_POOL, gpu_step_limit
-from scgrn_assets.partitions import study_partitions
 
-__all__ = ["GPU_POOL", "build_executor", "build_jobs", "build_schedules", "build_sensors",
+__all__ = ["GPU_POOL", "build_automation", "build_executor", "build_jobs", "build_schedules", "build_sensors",
            "downstream_automation_condition", "gpu_op_tags", "gpu_tag_concurrency_limits",
            "with_downstream_automation"]
 
@@ -114,12 +113,15 @@ def build_jobs(assets: Sequence[dg.AssetsDefinition]) -> list[dg.UnresolvedAsset
             for group in groups]
 
 
-def build_schedules(jobs: Sequence[dg.UnresolvedAssetJobDefinition]) -> list[dg.ScheduleDefinition]:
-    """The weekly ingest schedule: one run of ``ingest_job`` per study partition (stopped until a
-    user turns it on). Empty when ``jobs`` has no ``ingest_job``."""
+def build_schedules(jobs: Sequence[dg.UnresolvedAssetJobDefinition],
+                    studies: dg.PartitionsDefinition | None = None) -> list[dg.ScheduleDefinition]:
+    """The weekly ingest schedule: one run of ``ingest_job`` per partition of ``studies`` (stopped
+    until a user turns it on). Empty when ``jobs`` has no ``ingest_job``."""
     ingest_job = next((job for job in jobs if job.name == "ingest_job"), None)
     if ingest_job is None:
         return []
+    if studies is None:
+        raise ValueError("the weekly ingest schedule needs the study partitions")
 
     @dg.schedule(name="weekly_ingest_schedule", job=ingest_job, cron_schedule=WEEKLY_INGEST_CRON,
                  execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -128,7 +130,7 @@ def build_schedules(jobs: Sequence[dg.UnresolvedAssetJobDefinition]) -> list[dg.
         week = context.scheduled_execution_time.strftime("%Y-%m-%d")
         # The run key carries the week: Dagster never launches a run key twice, and each week must run.
         return [dg.RunRequest(run_key=f"{study}:{week}", partition_key=study, tags={"scgrn/schedule_week": week})
-                for study in study_partitions.get_partition_keys()]
+                for study in studies.get_partition_keys()]
 
     return [weekly_ingest_schedule]
 
@@ -160,3 +162,14 @@ def build_sensors() -> list[dg.AutomationConditionSensorDefinition]:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Re-materialises downstream assets after their upstream assets change.")]
 
+
+
+def build_automation(assets: Sequence[dg.AssetsDefinition], studies: dg.PartitionsDefinition,
+                     n_gpus: int | None = None) -> dict:
+    """Everything that runs the graph, as :class:`dagster.Definitions` keyword arguments: the assets
+    with downstream automation, one job per group, the weekly ingest schedule over ``studies``, the
+    automation sensor and the executor."""
+    jobs = build_jobs(assets)
+    return {"assets": with_downstream_automation(assets), "jobs": jobs,
+            "schedules": build_schedules(jobs, studies), "sensors": build_sensors(),
+            "executor": build_executor(n_gpus)}

@@ -1,4 +1,5 @@
-"""Resources: the storage root, the catalog and the download policy, as typed config."""
+"""Resources, in one place: the storage root, the catalog, the download policy and each stage's settings,
+as typed config, and :func:`build_resources` (with the IO managers) for one SCGRN_HOME and catalog."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
-from scgrn_assets.lib.ingest.download import DownloadPolicy, parse_url_mirrors
+from scgrn_assets.io_managers import ArtefactIOManager, TableIOManager
+from scgrn_assets.lib.benchmark import GrnPathSettings
+from scgrn_assets.lib.de import NBFitConfig, PosteriorConfig
+from scgrn_assets.lib.ingest import Catalog, DownloadPolicy, load_catalog, parse_url_mirrors
 from scgrn_assets.lib.storage import StorageLayout
 
 
@@ -52,8 +55,19 @@ class GeoDownloader(dg.ConfigurableResource):
         return parse_url_mirrors(text)
 
 
+# Defaults come from the library's own settings, so the assets and `scgrn benchmark` (which runs the
+# library directly) cannot drift apart.
+_GRN = GrnPathSettings()
+_ADVI = NBFitConfig()
+_POSTERIOR = PosteriorConfig()
+
+
+def _listed(values: tuple | None) -> list | None:
+    return None if values is None else list(values)
+
+
 class GeneformerSettings(dg.ConfigurableResource):
-    """Which Geneformer to use and how to run it.
+    """Which Geneformer to use and how to run it (defaults: :class:`GrnPathSettings`).
 
     With ``pretrained_model_dir`` unset (the demo), a small Geneformer-architecture model is
     trained on the corpus; set it to a published checkpoint folder (config.json +
@@ -62,58 +76,85 @@ class GeneformerSettings(dg.ConfigurableResource):
 
     pretrained_model_dir: str | None = None
     dictionary_dir: str | None = None
-    convention: str = "V1"               # V1 (2048, no special tokens) or V2 (<cls>/<eos>, 4096)
-    train_steps: int = 1000              # 300 left the demo model at the position-only loss (5.41 vs 5.51 nats)
-    train_batch_size: int = 16
-    min_loss_margin: float | None = 0.25  # nats the masked-LM loss must beat the position-only entropy by
-    device: str | None = None            # None: the GPU when one is visible, else CPU
-    max_genes_per_cell: int = 256        # genes entering each cell's attention block
-    pcorr_method: str = "cosine_shrunk_pinv"  # or cosine_shrunk_pinv_cell_z (spread independent of cell length)
-    attention_layers: list[int] | None = None  # None: the last layer; e.g. [0, 1, 2, 3] averages all (geneRNIB)
-    attention_heads: list[int] | None = None   # None: every head, summed
-    attention_batch_size: int = 32
-    min_cells_per_edge: int = 20         # downstream stages ignore pairs seen in fewer cells
+    convention: str = _GRN.convention    # V1 (2048, no special tokens) or V2 (<cls>/<eos>, 4096)
+    train_steps: int = _GRN.train_steps  # 300 left the demo model at the position-only loss (5.41 vs 5.51 nats)
+    train_batch_size: int = _GRN.train_batch_size
+    # nats the masked-LM loss must beat the position-only entropy by
+    min_loss_margin: float | None = _GRN.min_loss_margin
+    device: str | None = _GRN.device     # None: the GPU when one is visible, else CPU
+    max_genes_per_cell: int = _GRN.max_genes_per_cell  # genes entering each cell's attention block
+    pcorr_method: str = _GRN.pcorr_method  # or cosine_shrunk_pinv_cell_z (spread independent of cell length)
+    attention_layers: list[int] | None = _listed(_GRN.attention_layers)  # None: the last layer; [0, 1, 2, 3]: all
+    attention_heads: list[int] | None = _listed(_GRN.attention_heads)    # None: every head, summed
+    attention_batch_size: int = _GRN.attention_batch_size
+    min_cells_per_edge: int = _GRN.min_cells_per_edge  # downstream stages ignore pairs seen in fewer cells
     # cross-cell partial correlation (network_moments / network_edges)
-    network_features: list[str] = ["rank_value", "hidden_state", "log_expression"]
-    max_universe_genes: int = 5000       # genes of the network (TFs of BenchmarkSettings.tf_list first, then HVGs)
+    network_features: list[str] = list(_GRN.network_features)
+    max_universe_genes: int = _GRN.max_universe_genes  # genes of the network (TFs of BenchmarkSettings.tf_list first)
 
 
 class BenchmarkSettings(dg.ConfigurableResource):
-    """Settings of the co-expression baselines and the benchmark metrics."""
+    """Settings of the co-expression baselines and the benchmark metrics (defaults: :class:`GrnPathSettings`)."""
 
-    tree_max_cells: int = 1000     # cells subsampled for the tree baseline
-    tree_n_trees: int = 20
-    tree_max_features: str = "sqrt"  # regulators tried per split (GENIE3's K = sqrt(n))
-    tf_list: str | None = None     # TF list file for the tree's regulators (None: every gene; never the truth's)
-    grnboost2_max_cells: int = 1000  # cells subsampled for GRNBoost2
-    grnboost2_max_estimators: int = 5000  # arboreto's cap; early stopping usually ends sooner
-    regdiffusion_n_steps: int = 1000  # RegDiffusion's training epochs (its default)
-    regdiffusion_max_cells: int = 2000
-    n_null: int = 200              # null draws for the enrichment p-values
-    top_k: int | None = None       # top-K for enrichment (None: the number of true edges)
-    seed: int = 0
+    tree_max_cells: int = _GRN.tree_max_cells      # cells subsampled for the tree baseline
+    tree_n_trees: int = _GRN.tree_n_trees
+    tree_max_features: str = _GRN.tree_max_features  # regulators tried per split (GENIE3's K = sqrt(n))
+    tf_list: str | None = _GRN.tf_list             # TF list file for the tree's regulators (None: every gene)
+    grnboost2_max_cells: int = _GRN.grnboost2_max_cells
+    grnboost2_max_estimators: int = _GRN.grnboost2_max_estimators  # arboreto's cap; early stopping ends sooner
+    regdiffusion_n_steps: int = _GRN.regdiffusion_n_steps  # RegDiffusion's training epochs
+    regdiffusion_max_cells: int = _GRN.regdiffusion_max_cells
+    n_null: int = _GRN.n_null                      # null draws for the enrichment p-values
+    top_k: int | None = _GRN.top_k                 # top-K for enrichment (None: the number of true edges)
+    seed: int = _GRN.benchmark_seed
 
 
 class ValidationSettings(dg.ConfigurableResource):
-    """Mutual-information validation of the attention edges."""
+    """Mutual-information validation of the network edges (defaults: :class:`GrnPathSettings`)."""
 
-    top_k: int = 15                # candidate parents per gene, in each candidate network
-    candidates: list[str] = ["pcorr_rank_value", "pearson"]  # networks whose top-K MI tests (united)
-    n_bins: int = 5                # per-gene quantile bins (zeros are their own bin)
-    n_permutations: int = 1000     # per test, with sequential early stopping
-    alpha: float = 0.05
-    min_cmi_ratio: float = 0.2     # CMI min / MI below this: explained away (indirect)
-    miller_madow: bool = False
-    seed: int = 0
+    top_k: int = _GRN.mi_top_k                     # candidate parents per gene, in each candidate network
+    candidates: list[str] = list(_GRN.mi_candidates)  # networks whose top-K MI tests (united)
+    n_bins: int = _GRN.n_bins                      # per-gene quantile bins (zeros are their own bin)
+    n_permutations: int = _GRN.n_permutations      # per test, with sequential early stopping
+    alpha: float = _GRN.alpha
+    min_cmi_ratio: float = _GRN.min_cmi_ratio      # CMI min / MI below this: explained away (indirect)
+    miller_madow: bool = _GRN.miller_madow
+    seed: int = _GRN.validation_seed
 
 
 class NBModelSettings(dg.ConfigurableResource):
-    """The condition-effect model."""
+    """The condition-effect model (defaults: :class:`PosteriorConfig`, and :class:`NBFitConfig` for cell_advi)."""
 
     method: str = "pseudobulk"     # "pseudobulk" (animals as replicates, the default) or "cell_advi" (cells as replicates)
     fdr_target: float = 0.05       # calls are made at s-value <= this (expected share of false signs among calls)
     n_top_genes: int = 3000        # at most this many expressed genes (highest base mean) are tested
-    max_steps: int = 15_000        # cell_advi: ADVI steps at most (the windowed-ELBO rule usually stops earlier)
-    batch_size: int = 512          # cell_advi: cells per minibatch
-    device: str = "cpu"            # "gpu": JAX on the first GPU it sees
-    seed: int = 0
+    max_steps: int = _ADVI.max_steps    # cell_advi: ADVI steps at most (the windowed-ELBO rule usually stops earlier)
+    batch_size: int = _ADVI.batch_size  # cell_advi: cells per minibatch
+    device: str = _POSTERIOR.device     # "gpu": JAX on the first GPU it sees
+    seed: int = _POSTERIOR.seed
+
+
+def build_resources(home: str | None = None, catalog: str | None = None, *, quick: bool = False) -> dict:
+    """Every resource and IO manager of the code location, for one SCGRN_HOME and catalog
+    (a built-in name or a YAML path; defaults: the environment's, read now).
+
+    ``quick`` trades accuracy for time (a few training steps, small nulls): smoke tests only.
+    """
+    from scgrn_assets.settings import catalog_name, current_layout
+
+    home = str(home or current_layout().home)
+    catalog = catalog or catalog_name()
+    return {
+        "storage": ScgrnStorage(home=home, catalog=catalog),
+        "downloader": GeoDownloader(),
+        # 20 steps cannot beat the position-only loss: the training gate is off in smoke tests.
+        "geneformer": GeneformerSettings(train_steps=20, max_genes_per_cell=64, min_loss_margin=None) if quick
+        else GeneformerSettings(),
+        "benchmark": BenchmarkSettings(tree_max_cells=300, tree_n_trees=5, n_null=20, grnboost2_max_cells=300,
+                                       grnboost2_max_estimators=200, regdiffusion_n_steps=20) if quick
+        else BenchmarkSettings(),
+        "validation": ValidationSettings(n_permutations=50) if quick else ValidationSettings(),
+        "nb_model": NBModelSettings(max_steps=300) if quick else NBModelSettings(),
+        "artefact_io_manager": ArtefactIOManager(home=home),
+        "table_io_manager": TableIOManager(home=home),
+    }

@@ -288,7 +288,7 @@ def test_a_tf_list_without_any_gene_of_the_matrix_is_refused_before_training(sma
 def test_the_baseline_asset_does_not_read_the_references():
     import dagster as dg
 
-    from scgrn_assets.assets.benchmarks import baseline_edges, benchmark_metrics
+    from scgrn_assets.defs.benchmarks.assets import baseline_edges, benchmark_metrics
 
     assert dg.AssetKey("reference_networks") not in baseline_edges.dependency_keys
     assert dg.AssetKey("reference_networks") in benchmark_metrics.dependency_keys

@@ -3,8 +3,11 @@ GPU tags and limits, and the single-host dagster.yaml."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,17 +20,25 @@ from scgrn_assets.instance import GPU_POOL, n_gpus_available, single_host_dagste
 from scgrn_assets.jobs import (GPU_TAG_KEY, GPU_TAG_VALUE, K8S_CONFIG_TAG, build_executor, build_jobs,
                                build_schedules, gpu_op_tags, with_downstream_automation)
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets.resources import build_resources
 from scgrn_assets.settings import current_catalog
 
 STEP_LOG_VARIABLE = "SCGRN_TEST_GPU_STEP_LOG"
+ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(__file__).with_name("definitions_snapshot.json")
 
 
-def code_location():
-    """scgrn_assets.definitions, imported on first use: the executor test's step subprocesses
-    import this file, and should not pay for loading every asset."""
-    from scgrn_assets import definitions
+@functools.cache
+def code_location() -> dg.Definitions:
+    """The definitions for the environment's catalog, built on first use: the executor test's step
+    subprocesses import this file, and should not pay for loading every asset."""
+    from scgrn_assets.definitions import build_definitions
 
-    return definitions
+    return build_definitions(current_catalog())
+
+
+def all_assets() -> list[dg.AssetsDefinition]:
+    return list(code_location().assets)
 
 
 def k8s_config_of(tags: dict) -> dict:
@@ -38,38 +49,92 @@ def k8s_config_of(tags: dict) -> dict:
 
 def asset_keys_by_group() -> dict[str, set[str]]:
     groups: dict[str, set[str]] = {}
-    for asset in code_location().all_assets:
+    for asset in all_assets():
         for key, group in asset.group_names_by_key.items():
             groups.setdefault(group, set()).add(key.to_user_string())
     return groups
 
 
 def test_definitions_load_with_one_job_per_group_a_schedule_a_sensor():
-    dg.Definitions.validate_loadable(code_location().defs)
-    repository = code_location().defs.get_repository_def()
+    dg.Definitions.validate_loadable(code_location())
+    repository = code_location().get_repository_def()
     groups = asset_keys_by_group()
     assert {"ingest", "corpus"} <= set(groups)
     assert {f"{group}_job" for group in groups} <= set(repository.job_names)
     for group, keys in groups.items():
-        job = code_location().defs.resolve_job_def(f"{group}_job")
+        job = code_location().resolve_job_def(f"{group}_job")
         assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == keys
     assert "weekly_ingest_schedule" in [s.name for s in repository.schedule_defs]
     assert "downstream_automation_sensor" in [s.name for s in repository.sensor_defs]
 
 
+def test_loaded_definitions_match_the_snapshot():
+    """Asset keys, groups, partitioning, pools, tags, kinds, IO managers and checks: a change to any of them
+    shows here and in the diff of definitions_snapshot.json (regenerate it as its module says)."""
+    from scgrn_assets_tests.definitions_snapshot import snapshot
+
+    assert snapshot(code_location()) == json.loads(SNAPSHOT.read_text())
+
+
+def test_definitions_are_built_from_the_catalog_given_not_the_environment(tmp_path, monkeypatch):
+    from scgrn_assets.definitions import build_definitions
+    from scgrn_assets.lib.ingest.catalog import builtin_catalog_path, load_catalog
+
+    monkeypatch.setenv("SCGRN_CATALOG", "real")
+    raw = yaml.safe_load(builtin_catalog_path("demo").read_text())
+    raw["studies"] = raw["studies"][:1]
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(raw))
+    first = raw["studies"][0]["accession"]
+    demo = load_catalog("demo", variables={"SCGRN_HOME": str(tmp_path)})
+    for catalog, studies in ((tmp_path / "one.yaml", [first]), (demo, demo.accessions)):
+        built = build_definitions(catalog, home=tmp_path)
+        partitions = {a.key.to_user_string(): a.partitions_def.get_partition_keys()
+                      for a in built.assets if a.partitions_def is not None}
+        assert set(partitions) == {"geo_raw_archive", "study_anndata", "attention_moments", "network_moments"}
+        assert all(keys == studies for keys in partitions.values())
+        assert built.resolve_job_def("ingest_job").partitions_def.get_partition_keys() == studies
+
+
+@pytest.mark.timeout(600)
+def test_dg_check_and_list_defs_pass_and_list_every_definition():
+    """`dg check defs` and `dg list defs` from the repository root, as a user (and CI) runs them."""
+    dg_cli = Path(sys.executable).with_name("dg")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCGRN_CATALOG": "demo", "NO_COLOR": "1"}
+    env.pop("SCGRN_HOME", None)
+    check = subprocess.run([str(dg_cli), "check", "defs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert check.returncode == 0, (check.stdout + check.stderr)[-3000:]
+    assert "All definitions loaded successfully" in check.stdout + check.stderr
+    listed = subprocess.run([str(dg_cli), "list", "defs", "--json"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    listing = json.loads(listed.stdout)
+    loaded = code_location()
+    repository = loaded.get_repository_def()
+    assert {a["asset_key"] for a in listing["assets"]} == {a.key.to_user_string() for a in loaded.assets}
+    expected_checks = {f"{key.asset_key.to_user_string()}:{key.name}"
+                       for key in loaded.resolve_asset_graph().asset_check_keys}
+    assert {c["key"] for c in listing["asset_checks"]} == expected_checks
+    assert {s["name"] for s in listing["schedules"]} == {s.name for s in repository.schedule_defs} == \
+        {"weekly_ingest_schedule"}
+    assert {s["name"] for s in listing["sensors"]} == {s.name for s in repository.sensor_defs} == \
+        {"downstream_automation_sensor"}
+    assert {j["name"] for j in listing["jobs"]} >= {f"{group}_job" for group in asset_keys_by_group()}
+
+
 def test_ingest_job_is_partitioned_by_study():
-    job = code_location().defs.resolve_job_def("ingest_job")
+    job = code_location().resolve_job_def("ingest_job")
     assert job.partitions_def.get_partition_keys() == current_catalog().accessions
 
 
 def test_weekly_schedule_requests_one_run_per_study_and_a_new_run_key_each_week():
-    schedule = code_location().defs.get_schedule_def("weekly_ingest_schedule")
+    schedule = code_location().get_schedule_def("weekly_ingest_schedule")
     assert schedule.cron_schedule == "0 3 * * 1"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     run_keys = []
     for day in (23, 30):
         context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, day, 3, tzinfo=timezone.utc),
-                                            repository_def=code_location().defs.get_repository_def())
+                                            repository_def=code_location().get_repository_def())
         requests = schedule.evaluate_tick(context).run_requests
         assert sorted(r.partition_key for r in requests) == sorted(current_catalog().accessions)
         assert len({r.run_key for r in requests}) == len(requests)
@@ -107,21 +172,21 @@ def test_gpu_op_tags_request_gpus_on_kubernetes_and_mark_the_executor_tag(n_gpus
 
 
 def test_every_gpu_pool_asset_carries_the_gpu_tags():
-    gpu_assets = [a for a in code_location().all_assets if a.op.pool == GPU_POOL]
-    if not gpu_assets:
-        pytest.skip("no asset in the gpu pool yet (model assets arrive with the model issues)")
+    gpu_assets = [a for a in all_assets() if a.op.pool == GPU_POOL]
+    # The model assets (nb_posterior, geneformer_model, attention_moments, network_moments) use GPUs.
+    assert gpu_assets, "no asset is in the gpu pool: the model assets lost pool=GPU_POOL"
     for asset in gpu_assets:
         assert asset.op.tags.get(GPU_TAG_KEY) == GPU_TAG_VALUE, asset.key
         assert "nvidia.com/gpu" in k8s_config_of(asset.op.tags)["container_config"]["resources"]["limits"]
 
 
 def test_blocking_checks_guard_every_asset_that_has_downstream_assets():
-    graph = code_location().defs.resolve_asset_graph()
+    graph = code_location().resolve_asset_graph()
     guarded = set()
     # Advisory checks warn and let the run go on: what they find needs a person's judgement (e.g.
     # whether a SuperSeries really repeats its subseries' cells), not a stopped pipeline.
     advisory = {"cells_are_not_repeated_across_studies"}
-    for asset in code_location().all_assets:
+    for asset in all_assets():
         for spec in asset.check_specs:
             if spec.name in advisory:
                 assert not spec.blocking
@@ -192,9 +257,9 @@ def test_cli_writes_the_single_host_template_into_scgrn_home(scgrn_home):
 
 def test_downstream_assets_rerun_when_an_upstream_partition_changes(tmp_path):
     # The ingest and corpus groups alone: later groups would add their own (missing) assets' requests.
-    foundation = [a for a in code_location().all_assets if set(a.group_names_by_key.values()) <= {"ingest", "corpus"}]
+    foundation = [a for a in all_assets() if set(a.group_names_by_key.values()) <= {"ingest", "corpus"}]
     defs = dg.Definitions(assets=with_downstream_automation(foundation),
-                          resources=code_location().build_resources(home=str(tmp_path)))
+                          resources=build_resources(home=str(tmp_path)))
     graph = defs.resolve_asset_graph()
     assert graph.get(dg.AssetKey("geo_raw_archive")).automation_condition is None
     assert graph.get(dg.AssetKey("combined_corpus")).automation_condition is not None

@@ -25,7 +25,7 @@ import pytest
 
 from scgrn_assets import definitions
 from scgrn_assets.instance import single_host_dagster_yaml
-from scgrn_assets.assets.corpus import CORPUS_CHECKS
+from scgrn_assets.defs.corpus.assets import CORPUS_CHECKS
 
 pytestmark = pytest.mark.slow
 

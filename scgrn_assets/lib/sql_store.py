@@ -23,9 +23,9 @@ from scgrn_assets.lib.storage import atomic_path, held_file_lock
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-def _database_lock(db_path: Path, *, exclusive: bool):
-    """Hold ``<db>.lock``: exclusively to write, shared to read (released when the process dies)."""
-    return held_file_lock(db_path.with_name(db_path.name + ".lock"), exclusive=exclusive)
+def database_lock_path(db_path: Path) -> Path:
+    """``<db>.lock``, held (:func:`held_file_lock`) exclusively to write and shared to read."""
+    return db_path.with_name(db_path.name + ".lock")
 
 
 def _connect(db_path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -52,17 +52,26 @@ def register_view(db_path: Path, name: str, parquet_path: Path) -> None:
     """Create or replace view ``name`` over ``parquet_path`` in the project database."""
     if not _IDENTIFIER.match(name):
         raise ValueError(f"invalid table name {name!r}")
-    with _database_lock(db_path, exclusive=True), _connect(db_path, read_only=False) as connection:
+    with held_file_lock(database_lock_path(db_path), exclusive=True), _connect(db_path, read_only=False) as connection:
         # DDL cannot take parameters; the path is ours (quoted) and the name is validated above.
         quoted = str(parquet_path).replace("'", "''")
         connection.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{quoted}')")
+
+
+def write_table(db_path: Path, table: pd.DataFrame, path: Path, view: str | None) -> Path:
+    """Write ``table`` to ``path`` as Parquet (atomically) and, when ``view`` is given, (re)create
+    that DuckDB view over it."""
+    write_parquet(table, path)
+    if view:
+        register_view(db_path, view, path)
+    return path
 
 
 def ensure_database(db_path: Path) -> None:
     """Create the database file if it does not exist yet."""
     if db_path.exists():
         return
-    with _database_lock(db_path, exclusive=True), _connect(db_path, read_only=False):
+    with held_file_lock(database_lock_path(db_path), exclusive=True), _connect(db_path, read_only=False):
         pass
 
 
@@ -110,7 +119,7 @@ def query(db_path: Path, sql: str, parameters: list[Any] | None = None) -> pd.Da
     """
     if not db_path.exists():
         raise ScgrnInputError(f"{db_path} does not exist", fix="run `scgrn demo` (or materialise the assets) first")
-    with _database_lock(db_path, exclusive=False), _connect(db_path, read_only=True) as connection:
+    with held_file_lock(database_lock_path(db_path), exclusive=False), _connect(db_path, read_only=True) as connection:
         refuse_statements_that_write(connection, sql, db_path)
         # Order matters: the allowed files must be set while external access is still on.
         connection.execute("SET allowed_paths = ?", [registered_parquet_files(connection, db_path.parent)])

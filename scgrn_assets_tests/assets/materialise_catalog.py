@@ -1,19 +1,8 @@
-"""Materialise the ingest assets and the corpus for SCGRN_CATALOG, in a process of its own.
-
-Study partitions are fixed when the definitions are imported (from SCGRN_CATALOG), so a test of
-a catalog other than the demo runs this module in a subprocess with the environment it needs::
-
-    python -m scgrn_assets_tests.assets.materialise_catalog OUT.json [--partitions GSE1 ...] [--no-corpus]
-
-It writes a JSON summary: per run, success, the failure message chain, the materialised assets'
-metadata (plain values) and the asset check results.
-"""
+"""Materialise the ingest assets and the corpus for any catalog, in this process: the study
+partitions come from :func:`scgrn_assets.definitions.build_definitions`, not from the environment."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -49,32 +38,24 @@ def _summary(result) -> dict:
     return {"success": result.success, "failures": failures, "materialised": materialised, "checks": checks}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--partitions", nargs="*")
-    parser.add_argument("--no-corpus", action="store_true")
-    args = parser.parse_args(argv)
+def materialise_catalog(home: Path, catalog: Path | str, *, partitions: list[str] | None = None,
+                        corpus: bool = True) -> dict:
+    """Per run (each study's ingest, then ``corpus``): success, the failure message chain, the
+    materialised assets' metadata (plain values) and the asset check results."""
+    from scgrn_assets.definitions import build_definitions
 
-    from scgrn_assets import definitions
-    from scgrn_assets.settings import current_catalog
-
-    assets = [*definitions.all_assets, *definitions.all_asset_checks]
-    resources = definitions.build_resources(home=os.environ["SCGRN_HOME"], catalog=os.environ["SCGRN_CATALOG"],
-                                            quick=True)
+    built = build_definitions(str(catalog), home=home, quick=True)
+    assets = [*built.assets, *built.asset_checks]
+    resources = dict(built.resources)
     instance = dg.DagsterInstance.ephemeral()
     runs = {}
-    for accession in args.partitions or current_catalog().accessions:
+    for accession in partitions or resources["storage"].load_catalog().accessions:
         result = dg.materialize(assets, selection=dg.AssetSelection.groups("ingest"), partition_key=accession,
                                 instance=instance, resources=resources, raise_on_error=False, run_config=QUIET)
         runs[accession] = _summary(result)
-    if not args.no_corpus:
+    if corpus:
         result = dg.materialize(assets, selection=dg.AssetSelection.assets("gene_annotation", "combined_corpus"),
                                 instance=instance, resources=resources, raise_on_error=False,
                                 run_config={**NO_QC, **QUIET})
         runs["corpus"] = _summary(result)
-    Path(args.out).write_text(json.dumps(runs, indent=1, default=str))
-
-
-if __name__ == "__main__":
-    main()
+    return runs

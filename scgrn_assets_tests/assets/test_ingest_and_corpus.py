@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 import yaml
 
-from scgrn_assets import definitions
+from scgrn_assets.definitions import build_definitions
 from scgrn_assets.lib.ingest.catalog import builtin_catalog_path
 from scgrn_assets.lib.corpus.build import read_corpus
 from scgrn_assets_tests.archives import tar_bytes
 
 def materialise(home: Path, catalog: str, instance, *, partition: str | None = None, selection=None):
-    resources = definitions.build_resources(home=str(home), catalog=catalog, quick=True)
-    return dg.materialize([*definitions.all_assets, *definitions.all_asset_checks],
+    built = build_definitions(catalog, home=home, quick=True)
+    return dg.materialize([*built.assets, *built.asset_checks],
                           selection=selection or dg.AssetSelection.groups("ingest"),
-                          partition_key=partition, instance=instance, resources=resources, raise_on_error=False)
+                          partition_key=partition, instance=instance, resources=dict(built.resources),
+                          raise_on_error=False)
 
 
 def test_packaged_demo_catalog_pins_the_simulators_output(demo_files):
@@ -43,7 +44,8 @@ def test_demo_graph_materialises_with_passing_checks(demo_files, scgrn_home):
     shutil.copytree(demo_files.home / "demo_geo", scgrn_home / "demo_geo")
     instance = dg.DagsterInstance.ephemeral()
     evaluations = []
-    for group, partitioned in materialisation_plan(list(definitions.all_assets)):
+    assets = list(build_definitions("demo", home=scgrn_home).assets)
+    for group, partitioned in materialisation_plan(assets):
         for partition in (demo_files.catalog().accessions if partitioned else [None]):
             result = materialise(scgrn_home, "demo", instance, partition=partition,
                                  selection=dg.AssetSelection.assets(*group))
@@ -52,9 +54,9 @@ def test_demo_graph_materialises_with_passing_checks(demo_files, scgrn_home):
     assert {e.check_name for e in evaluations} >= {"counts_are_non_negative_integers",
                                                    "genes_are_the_union_of_studies", "every_cell_has_a_study"}
     assert all(e.passed for e in evaluations), [e.check_name for e in evaluations if not e.passed]
-    materialised = {key.to_user_string() for a in definitions.all_assets for key in a.keys
+    materialised = {key.to_user_string() for a in assets for key in a.keys
                     if instance.get_latest_materialization_event(key) is not None}
-    assert materialised == {key.to_user_string() for a in definitions.all_assets for key in a.keys}
+    assert materialised == {key.to_user_string() for a in assets for key in a.keys}
 
     corpus = read_corpus(scgrn_home / "assets" / "combined_corpus" / "combined_corpus.zarr")
     truth = demo_files.truth

@@ -25,18 +25,19 @@ from scgrn_assets.lib.ingest.catalog import builtin_catalog_path, load_catalog
 from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock
 from scgrn_assets.lib.corpus.build import read_corpus
 from scgrn_assets_tests.archives import tar_bytes
+from scgrn_assets_tests.assets.materialise_catalog import materialise_catalog
 from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
 from scgrn_assets_tests.real_geo_miniature import (BAD_MARS_SEQ_SAMPLE, mirror_rules, serve_miniature_geo,
                                                    write_miniature_geo)
 
 
-def _materialise(home: Path, catalog: Path, mirror: str, out: Path, *extra: str) -> dict:
-    env = {**os.environ, "SCGRN_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
-           "SCGRN_CATALOG": str(catalog), "SCGRN_URL_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, "-m", "scgrn_assets_tests.assets.materialise_catalog", str(out),
-                                *extra], env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(out.read_text())
+def _materialise(home: Path, catalog: Path, mirror: str, *, partitions: list[str] | None = None,
+                 corpus: bool = True) -> dict:
+    """The catalog's ingest runs (and corpus), in this process, with downloads through ``mirror``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SCGRN_URL_MIRROR", mirror)
+        runs = materialise_catalog(home, catalog, partitions=partitions, corpus=corpus)
+    return json.loads(json.dumps(runs, default=str))  # plain values, as a report would hold them
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_real_catalog_ingests_all_seven_studies_from_miniature_geo(http_server, 
     serve_miniature_geo(http_server, miniature)
     mirror = mirror_rules(http_server.base_url, catalog)
     home = tmp_path / "home"
-    runs = _materialise(home, real_catalog_copy, mirror, tmp_path / "runs.json")
+    runs = _materialise(home, real_catalog_copy, mirror)
 
     assert all(run["success"] for run in runs.values()), {k: r["failures"][:2] for k, r in runs.items()}
     # GSE123030 (the SuperSeries) re-reads GSE123025's table, so the corpus holds those cells twice:
@@ -99,8 +100,7 @@ def test_real_catalog_refuses_a_file_changed_after_its_pin(http_server, tmp_path
     serve_miniature_geo(http_server, miniature)
     mirror = mirror_rules(http_server.base_url, catalog)
     home = tmp_path / "home"
-    first = _materialise(home, real_catalog_copy, mirror, tmp_path / "first.json", "--partitions", "GSE121654",
-                         "--no-corpus")
+    first = _materialise(home, real_catalog_copy, mirror, partitions=["GSE121654"], corpus=False)
     assert first["GSE121654"]["success"], first["GSE121654"]["failures"][:2]
     pinned = catalog.lock_path.read_text()
 
@@ -115,8 +115,7 @@ def test_real_catalog_refuses_a_file_changed_after_its_pin(http_server, tmp_path
     serve_miniature_geo(http_server, miniature)
     raw_file = home / "assets" / "geo_raw_archive" / "GSE121654" / "GSE121654_RAW.tar"
     raw_file.unlink()
-    second = _materialise(home, real_catalog_copy, mirror, tmp_path / "second.json", "--partitions", "GSE121654",
-                          "--no-corpus")
+    second = _materialise(home, real_catalog_copy, mirror, partitions=["GSE121654"], corpus=False)
     run = second["GSE121654"]
     assert not run["success"]
     message = "\n".join(run["failures"])

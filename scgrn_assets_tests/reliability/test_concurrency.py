@@ -101,10 +101,11 @@ HOLD_DUCKDB = """
     import duckdb
     from pathlib import Path
     from scgrn_assets.lib import sql_store
+    from scgrn_assets.lib.storage import held_file_lock
 
     db, seconds, cooperative = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "ours"
     if cooperative:  # a writer of this package: its lock file, then DuckDB's own write lock
-        with sql_store._database_lock(db, exclusive=True), duckdb.connect(str(db)) as connection:
+        with held_file_lock(sql_store.database_lock_path(db)), duckdb.connect(str(db)) as connection:
             print("holding", flush=True)
             time.sleep(seconds)
             connection.execute("CREATE OR REPLACE VIEW late AS SELECT 42 AS answer")

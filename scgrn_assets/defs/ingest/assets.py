@@ -4,19 +4,17 @@
 import dagster as dg
 import pandas as pd
 
-from scgrn_assets.assets.metadata import table_preview
-from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock, fetch_pinned
-from scgrn_assets.lib.corpus.qc_checks import scan_counts
-from scgrn_assets.lib.corpus.build import iter_row_chunks, read_study_obs
-from scgrn_assets.lib.ingest.download import url_for_messages
+from scgrn_assets.metadata import table_preview
+from scgrn_assets.defs.ingest.checks import STUDY_CHECKS
+from scgrn_assets.io_managers import file_artefact, output_path
+from scgrn_assets.lib.corpus import iter_row_chunks, read_study_obs, scan_counts
+from scgrn_assets.lib.ingest import ChecksumLock, fetch_pinned, url_for_messages, write_study_h5ad
 from scgrn_assets.lib.storage import remove_stale_temporaries
-from scgrn_assets.lib.ingest.study_anndata import write_study_h5ad
-from scgrn_assets.partitions import study_partitions
+from scgrn_assets.partitions import STUDY
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 
 
-@dg.asset(partitions_def=study_partitions, group_name="ingest", io_manager_key="artefact_io_manager",
+@dg.asset(partitions_def=STUDY, group_name="ingest", io_manager_key="artefact_io_manager",
           kinds={"geo"}, tags={"stage": "ingest"})
 def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, downloader: GeoDownloader):
     """The study's supplementary files (count archive, metadata table) fetched from the catalog URLs,
@@ -25,7 +23,7 @@ def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
     catalog = storage.load_catalog()
     study = catalog.study(context.partition_key)
     lock = ChecksumLock(catalog.lock_path)
-    folder = artefact_path(storage.layout, "geo_raw_archive", study.accession)
+    folder = output_path(context, storage.layout)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
     rows = []
@@ -45,21 +43,14 @@ def geo_raw_archive(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
     })
 
 
-STUDY_CHECKS = [
-    dg.AssetCheckSpec("counts_are_non_negative_integers", asset="study_anndata", blocking=True,
-                      description="No negative, non-integer, non-finite or sentinel (INT64_MIN) counts."),
-    dg.AssetCheckSpec("every_cell_has_a_study", asset="study_anndata", blocking=True),
-]
-
-
-@dg.asset(partitions_def=study_partitions, group_name="ingest", io_manager_key="artefact_io_manager",
-          kinds={"anndata"}, check_specs=STUDY_CHECKS, tags={"stage": "ingest"})
+@dg.asset(partitions_def=STUDY, group_name="ingest", io_manager_key="artefact_io_manager",
+          metadata=file_artefact(".h5ad"), kinds={"anndata"}, check_specs=STUDY_CHECKS, tags={"stage": "ingest"})
 def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_raw_archive):
     """One study as AnnData (.h5ad): samples streamed from the archive, gene IDs harmonised,
     metadata joined, ``condition`` derived by the catalog's rule."""
     catalog = storage.load_catalog()
     study = catalog.study(context.partition_key)
-    path = artefact_path(storage.layout, "study_anndata", study.accession)
+    path = output_path(context, storage.layout)
     adata = write_study_h5ad(study, geo_raw_archive, path, condition_levels=catalog.condition_levels,
                              progress=lambda done, total, **detail: context.log.info(
                                  f"{study.accession}: reading {detail.get('file', '')}"))

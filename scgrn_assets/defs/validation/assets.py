@@ -4,14 +4,13 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from scgrn_assets.assets.metadata import png_metadata, table_preview
-from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets.lib.benchmark.pipeline import chosen_networks, network_predictions, union_candidates
-from scgrn_assets.lib.validation.discretization import discretize_expression
-from scgrn_assets.lib.validation.mutual_information import cmi_tables, mi_edge_table
+from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.io_managers import asset_folder
+from scgrn_assets.lib.benchmark import chosen_networks, network_predictions, union_candidates
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.validation import cmi_tables, discretize_expression, mi_edge_table
 from scgrn_assets.lib.plotting import plot_histogram
-from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.lib.sql_store import write_table
 from scgrn_assets.resources import ScgrnStorage, ValidationSettings
 
 
@@ -22,49 +21,42 @@ def _discretized(combined_corpus, candidates: pd.DataFrame, settings: Validation
                                  genes=genes, n_bins=settings.n_bins)
 
 
-@dg.asset(group_name="validation", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="validation", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "validation"})
-def mi_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, validation: ValidationSettings,
-             combined_corpus, network_edges, baseline_edges):
+def mi_edges(context: dg.AssetExecutionContext, validation: ValidationSettings,
+             combined_corpus, network_edges: pd.DataFrame, baseline_edges: pd.DataFrame):
     """Each gene's top-K neighbours in each candidate network (``ValidationSettings.candidates``, default
     the rank-value partial-correlation network and Pearson, united) scored by mutual information of
     discretised log1p-normalised expression (nats), with permutation p-values and BH q-values."""
-    networks = network_predictions(None, pd.read_parquet(baseline_edges), network=pd.read_parquet(network_edges))
+    networks = network_predictions(None, baseline_edges, network=network_edges)
     candidates = union_candidates(chosen_networks(networks, validation.candidates), top_k=validation.top_k)
     discretized = _discretized(combined_corpus, candidates, validation)
     table = mi_edge_table(discretized, candidates, n_permutations=validation.n_permutations, alpha=validation.alpha,
                           miller_madow=validation.miller_madow, seed=validation.seed,
                           progress=lambda done, total: context.log.info(f"MI: {done}/{total} edges"))
-    path = artefact_path(storage.layout, "mi_edges", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "mi_edges", path)
-    return dg.Output(path, metadata={
+    return dg.Output(table, metadata={
         "n_edges": len(table), "significant_q_0.05": int((table["q_value"] <= 0.05).sum()),
         "top_edges": table_preview(table.sort_values("mi", ascending=False), n_rows=15),
         "mi": png_metadata(plot_histogram(table["mi"].to_numpy(), "mutual information (nats)")),
     })
 
 
-@dg.asset(group_name="validation", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="validation", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "validation"})
 def cmi_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, validation: ValidationSettings,
-              combined_corpus, mi_edges):
+              combined_corpus, mi_edges: pd.DataFrame):
     """Conditional MI of each edge given every other candidate parent of its target; the minimum
     over conditioners decides directness (an edge explained away by some Z is indirect)."""
-    mi_table = pd.read_parquet(mi_edges)
+    mi_table = mi_edges
     discretized = _discretized(combined_corpus, mi_table, validation)
     triplets, edges = cmi_tables(discretized, mi_table, n_permutations=validation.n_permutations,
                                  alpha=validation.alpha, min_cmi_ratio=validation.min_cmi_ratio,
                                  miller_madow=validation.miller_madow, seed=validation.seed,
                                  progress=lambda done, total: context.log.info(f"CMI: {done}/{total}"))
-    path = artefact_path(storage.layout, "cmi_edges", None)
-    triplet_path = path.with_name("cmi_triplets.parquet")
-    write_parquet(triplets, triplet_path)
-    write_parquet(edges, path)
-    register_view(storage.layout.duckdb_path, "cmi_edges", path)
-    register_view(storage.layout.duckdb_path, "cmi_triplets", triplet_path)
+    write_table(storage.layout.duckdb_path, triplets, asset_folder(context, storage.layout) / "cmi_triplets.parquet",
+                "cmi_triplets")
     ratio = edges["cmi_ratio"].replace([np.inf, -np.inf], np.nan).dropna().to_numpy()
-    return dg.Output(path, metadata={
+    return dg.Output(edges, metadata={
         "n_edges": len(edges), "n_triplets": len(triplets), "direct": int(edges["direct"].sum()),
         "direct_rule": f"q(MI) <= {validation.alpha} and q(CMI min) <= {validation.alpha} and "
                        f"CMI min / MI >= {validation.min_cmi_ratio}",

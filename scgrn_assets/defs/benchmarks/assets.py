@@ -3,28 +3,26 @@
 import dagster as dg
 import pandas as pd
 
-from scgrn_assets.assets.metadata import png_metadata, table_preview
-from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets.lib.ingest.download import fetch_file
-from scgrn_assets.lib.benchmark.expression import log_normalized
-from scgrn_assets.lib.benchmark.metrics import benchmark_table, epr_bar_chart_png, pr_curves_png
-from scgrn_assets.lib.benchmark.pipeline import baseline_predictions, baseline_table, prediction_tables, tree_regulators
-from scgrn_assets.lib.benchmark.references import ReferenceSource, load_reference
-from scgrn_assets.lib.sql_store import register_view, write_parquet
-from scgrn_assets.assets.network import read_edges, read_gene_universe
+from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.io_managers import asset_folder, table_artefact
+from scgrn_assets.lib.benchmark import (baseline_predictions, baseline_table, benchmark_table, epr_bar_chart_png,
+                                        load_reference, log_normalized, pr_curves_png, prediction_tables,
+                                        ReferenceSource, stable_edges, tree_regulators)
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.ingest import fetch_file
+from scgrn_assets.defs.network.assets import read_gene_universe
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 
 
-@dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
-          tags={"stage": "benchmarks"})
+@dg.asset(group_name="benchmarks", io_manager_key="table_io_manager", metadata=table_artefact("reference_edges"),
+          kinds={"parquet", "duckdb"}, tags={"stage": "benchmarks"})
 def reference_networks(context: dg.AssetExecutionContext, storage: ScgrnStorage, combined_corpus):
     """The catalog's reference networks for the corpus species (STRING, TRRUST, ...), downloaded,
     checksum-verified and normalised to (source, target, sign, directed, reference)."""
     catalog = storage.load_catalog()
     species = {s.species for s in catalog.studies}
     corpus_genes = read_corpus(combined_corpus).var_names.tolist()
-    folder = artefact_path(storage.layout, "reference_networks", None).parent
+    folder = asset_folder(context, storage.layout)
     tables = []
     for entry in catalog.references:
         if entry.species not in species:
@@ -41,17 +39,14 @@ def reference_networks(context: dg.AssetExecutionContext, storage: ScgrnStorage,
         tables.append(load_reference(source, gene_symbols=corpus_genes))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["source", "target", "sign", "directed", "reference"])
-    path = artefact_path(storage.layout, "reference_networks", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "reference_edges", path)
     counts = table.groupby("reference").size().to_dict() if len(table) else {}
-    return dg.Output(path, metadata={"edges_per_reference": dg.MetadataValue.json(counts),
+    return dg.Output(table, metadata={"edges_per_reference": dg.MetadataValue.json(counts),
                                      "preview": table_preview(table)})
 
 
-@dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="benchmarks", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
-def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
+def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings,
                    combined_corpus, gene_universe):
     """Pearson, Spearman, tree-based (GENIE3-style), GRNBoost2 and RegDiffusion predictions, a gene-level
     null and random, on the gene universe, from log1p-normalised expression; co-expression and the
@@ -77,32 +72,27 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
         grnboost2_max_estimators=benchmark.grnboost2_max_estimators,
         regdiffusion_n_steps=benchmark.regdiffusion_n_steps, regdiffusion_max_cells=benchmark.regdiffusion_max_cells,
         progress=progress))
-    path = artefact_path(storage.layout, "baseline_edges", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "baseline_edges", path)
-    return dg.Output(path, metadata={"n_genes": len(genes), "n_regulators": len(tf_list or genes),
+    return dg.Output(table, metadata={"n_genes": len(genes), "n_regulators": len(tf_list or genes),
                                      "tree_regulators": benchmark.tf_list or "all genes",
                                      "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict())})
 
 
-@dg.asset(group_name="benchmarks", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="benchmarks", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "benchmarks"})
-def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings, storage: ScgrnStorage,
+def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSettings,
                       geneformer: GeneformerSettings, edge_stability, network_edges, baseline_edges, mi_edges,
                       cmi_edges, reference_networks, gene_universe):
     """AUROC, AUPRC (average precision and trapezoid), AUPRC ratio, EPR, degree correlation and
     top-K enrichment with two nulls, for every method x reference x universe, on the gene universe."""
-    predictions = prediction_tables(read_edges(edge_stability, geneformer.min_cells_per_edge),
-                                    pd.read_parquet(baseline_edges), pd.read_parquet(mi_edges),
-                                    pd.read_parquet(cmi_edges), network=pd.read_parquet(network_edges))
+    # Pairs seen in fewer than min_cells_per_edge cells are left out: with n = 2 or 3 the sample sd is
+    # tiny by chance and mean/sd explodes, which would put noise at the top.
+    predictions = prediction_tables(stable_edges(edge_stability, geneformer.min_cells_per_edge), baseline_edges,
+                                    mi_edges, cmi_edges, network=network_edges)
     genes, _ = read_gene_universe(gene_universe)
-    references_table = pd.read_parquet(reference_networks)
+    references_table = reference_networks
     references = {name: group.reset_index(drop=True) for name, group in references_table.groupby("reference")}
     table = benchmark_table(predictions, references, genes, top_k=benchmark.top_k, n_null=benchmark.n_null,
                             seed=benchmark.seed)
-    path = artefact_path(storage.layout, "benchmark_metrics", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "benchmark_metrics", path)
     metadata = {"n_rows": len(table)}
     headline = table[(table["universe"] == "all_pairs") & table["metric"].isin(["epr", "auprc_ratio"])]
     if len(headline):
@@ -111,4 +101,4 @@ def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSet
     for name, reference in references.items():
         metadata[f"pr_curves_{name}"] = png_metadata(pr_curves_png(predictions, reference, genes, reference_name=name))
         metadata[f"epr_{name}"] = png_metadata(epr_bar_chart_png(table, name))
-    return dg.Output(path, metadata=metadata)
+    return dg.Output(table, metadata=metadata)

@@ -6,28 +6,21 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
-import pandas as pd
 
-from scgrn_assets.assets.metadata import png_metadata, table_preview
-from scgrn_assets.io_managers import artefact_path
+from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.io_managers import file_artefact, output_path, table_artefact
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.network.edge_moments import merge_edge_moments, EdgeMoments
-from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
-from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets.lib.network.feature_moments import FeatureMoments
-from scgrn_assets.lib.benchmark.expression import log_normalized
-from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, load_geneformer,
-                                         position_only_entropy, save_geneformer, train_small_geneformer,
-                                         training_report)
-from scgrn_assets.lib.benchmark.pipeline import (cross_cell_tables, model_genes, network_universe, stable_edges,
-                                           study_feature_moments, tree_regulators)
+from scgrn_assets.lib.benchmark import (cross_cell_tables, log_normalized, model_genes, network_universe,
+                                        study_feature_moments, tree_regulators)
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.network import (attention_edge_moments, build_corpus_dictionaries, convention_named,
+                                      corpus_gene_keys, edge_table, EdgeMoments, FeatureMoments, load_geneformer,
+                                      load_geneformer_dictionaries, merge_edge_moments, position_only_entropy,
+                                      save_geneformer, SmallGeneformerConfig, tokenize_cells, TokenizedCells,
+                                      train_small_geneformer, TrainedGeneformer, training_report)
 from scgrn_assets.lib.plotting import plot_histogram, plot_loss_curve
-from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.storage import atomic_path
-from scgrn_assets.lib.network.dictionaries import (build_corpus_dictionaries, convention_named, corpus_gene_keys,
-                                                   load_geneformer_dictionaries)
-from scgrn_assets.lib.network.tokens import TokenizedCells, tokenize_cells
-from scgrn_assets.partitions import study_partitions
+from scgrn_assets.partitions import STUDY
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
 
 
@@ -47,7 +40,7 @@ def tokenized_cells(context: dg.AssetExecutionContext, storage: ScgrnStorage, ge
     keys = corpus_gene_keys(corpus.var, dictionaries.gene_name_id)
     cells = tokenize_cells(corpus.X, corpus.obs["n_counts"].to_numpy(), keys, dictionaries,
                            progress=lambda done, total: context.log.info(f"tokenized {done}/{total} cells"))
-    folder = artefact_path(storage.layout, "tokenized_cells", None)
+    folder = output_path(context, storage.layout)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         cells.save_npz(tmp / "cells.npz")
@@ -78,7 +71,7 @@ def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, g
                      tokenized_cells):
     """The Geneformer whose attention we read: a configured pretrained checkpoint, or (demo)
     a small Geneformer-architecture masked-LM trained here and saved with ``save_pretrained``."""
-    folder = artefact_path(storage.layout, "geneformer_model", None)
+    folder = output_path(context, storage.layout)
     if geneformer.pretrained_model_dir:
         loaded = load_geneformer(geneformer.pretrained_model_dir, geneformer.dictionary_dir, device="cpu")
         with atomic_path(folder) as tmp:
@@ -125,8 +118,8 @@ def open_model(folder: Path, geneformer: GeneformerSettings):
     return load_geneformer(folder, device=geneformer.device)
 
 
-@dg.asset(partitions_def=study_partitions, group_name="network", io_manager_key="artefact_io_manager",
-          kinds={"pytorch"}, pool=GPU_POOL, op_tags=gpu_op_tags(), tags={"stage": "network"})
+@dg.asset(partitions_def=STUDY, group_name="network", io_manager_key="artefact_io_manager",
+          metadata=file_artefact(".npz"), kinds={"pytorch"}, pool=GPU_POOL, op_tags=gpu_op_tags(), tags={"stage": "network"})
 def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
                       tokenized_cells, geneformer_model):
     """Per study: each cell's last-layer attention (summed over heads) on its first
@@ -143,61 +136,30 @@ def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
         method=geneformer.pcorr_method, batch_size=geneformer.attention_batch_size, device=geneformer.device,
         layers=geneformer.attention_layers, heads=geneformer.attention_heads,
         progress=lambda done, total: context.log.info(f"{context.partition_key}: {done}/{total} cells"))
-    path = artefact_path(storage.layout, "attention_moments", context.partition_key)
+    path = output_path(context, storage.layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     moments.save_npz(path)
     return dg.Output(path, metadata={"n_cells": len(selected), "n_edges": moments.n_edges,
                                      "n_genes": len(moments.gene_names)})
 
 
-@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="network", io_manager_key="table_io_manager", metadata=table_artefact("edges"),
+          kinds={"parquet", "duckdb"},
           ins={"attention_moments": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
           tags={"stage": "network"})
-def edge_stability(context: dg.AssetExecutionContext, storage: ScgrnStorage, attention_moments: dict,
+def edge_stability(context: dg.AssetExecutionContext, attention_moments: dict,
                    tokenized_cells):
     """Moments merged across studies → one edge table (gene_i < gene_j, n_cells, pcorr mean/sd,
     stability = mean/sd); Parquet and DuckDB table ``edges``."""
     merged = merge_edge_moments([EdgeMoments.load_npz(path) for path in attention_moments.values()])
     _, _, _, symbols = load_tokenized(tokenized_cells)
     edges = edge_table(merged, symbols)
-    path = artefact_path(storage.layout, "edge_stability", None)
-    write_parquet(edges, path)
-    register_view(storage.layout.duckdb_path, "edges", path)
     finite = edges["stability"].replace([np.inf, -np.inf], np.nan).dropna()
-    return dg.Output(path, metadata={
+    return dg.Output(edges, metadata={
         "n_edges": len(edges), "studies": sorted(attention_moments),
         "top_edges": table_preview(edges, n_rows=15),
         "stability": png_metadata(plot_histogram(finite.to_numpy(), "edge stability (mean / sd of pcorr)")),
     })
-
-
-@dg.asset_check(asset=edge_stability, blocking=True, additional_ins={"geneformer_model": dg.AssetIn()},
-                description="Attention edges are published only from a model whose masked-LM loss beats the "
-                            "position-only entropy by GeneformerSettings.min_loss_margin nats.")
-def model_beats_position_only(geneformer_model) -> dg.AssetCheckResult:
-    report_path = Path(geneformer_model) / TRAINING_REPORT
-    if (Path(geneformer_model) / "pretrained.json").exists():
-        return dg.AssetCheckResult(passed=True, description="a pretrained checkpoint: trained elsewhere")
-    if not report_path.exists():
-        return dg.AssetCheckResult(passed=False, description=f"{report_path} is missing: re-materialise "
-                                                             "geneformer_model")
-    report = json.loads(report_path.read_text())
-    metadata = {key: report[key] for key in ("final_loss", "position_only_entropy", "margin", "n_steps")}
-    if report["beats_position_only"] is None:
-        return dg.AssetCheckResult(passed=True, metadata=metadata, description="no margin required (gate off)")
-    if report["beats_position_only"]:
-        return dg.AssetCheckResult(passed=True, metadata=metadata)
-    return dg.AssetCheckResult(passed=False, metadata=metadata, description=(
-        f"the model's masked-LM loss {report['final_loss']:.3f} is not {report['required_margin']} nats below the "
-        f"position-only entropy {report['position_only_entropy']:.3f}: it has learnt rank positions, not genes, so "
-        f"its attention edges are not published. Train longer: set the geneformer resource's train_steps above "
-        f"{report['n_steps']} (e.g. {2 * report['n_steps']}) and re-materialise geneformer_model."))
-
-
-def read_edges(path: Path, min_cells: int) -> pd.DataFrame:
-    """The edge table without pairs seen in fewer than ``min_cells`` cells: with n = 2 or 3 the
-    sample sd is tiny by chance and mean/sd explodes, which would put noise at the top."""
-    return stable_edges(pd.read_parquet(path), min_cells)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +167,8 @@ def read_edges(path: Path, min_cells: int) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"json"}, tags={"stage": "network"})
+@dg.asset(group_name="network", io_manager_key="artefact_io_manager", metadata=file_artefact(".json"), kinds={"json"},
+          tags={"stage": "network"})
 def gene_universe(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
                   benchmark: BenchmarkSettings, combined_corpus, tokenized_cells):
     """The genes every network method is computed and scored on: those the model can pair (among some
@@ -219,7 +182,7 @@ def gene_universe(context: dg.AssetExecutionContext, storage: ScgrnStorage, gene
     transcription_factors = (tree_regulators(benchmark.tf_list, candidates) or []) if benchmark.tf_list else []
     genes = network_universe(candidates, expression, geneformer.max_universe_genes, transcription_factors)
     key_of = {symbol: key for key, symbol in symbols.items()}
-    path = artefact_path(storage.layout, "gene_universe", None)
+    path = output_path(context, storage.layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps({"genes": genes, "keys": [key_of.get(g, g) for g in genes]}))
@@ -233,7 +196,7 @@ def read_gene_universe(path: Path) -> tuple[list[str], list[str]]:
     return universe["genes"], universe["keys"]
 
 
-@dg.asset(partitions_def=study_partitions, group_name="network", io_manager_key="artefact_io_manager",
+@dg.asset(partitions_def=STUDY, group_name="network", io_manager_key="artefact_io_manager",
           kinds={"pytorch", "numpy"}, pool=GPU_POOL, op_tags=gpu_op_tags(), tags={"stage": "network"})
 def network_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
                     combined_corpus, tokenized_cells, geneformer_model, gene_universe):
@@ -246,7 +209,7 @@ def network_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, ge
     study_cells = cells.subset(selected)
     model = open_model(geneformer_model, geneformer).model if "hidden_state" in geneformer.network_features else None
     max_input_length = None if geneformer.pretrained_model_dir else SmallGeneformerConfig().max_train_length
-    folder = artefact_path(storage.layout, "network_moments", context.partition_key)
+    folder = output_path(context, storage.layout)
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         for kind in geneformer.network_features:
@@ -263,10 +226,10 @@ def network_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, ge
                                        "features": list(geneformer.network_features)})
 
 
-@dg.asset(group_name="network", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="network", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           ins={"network_moments": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
           tags={"stage": "network"})
-def network_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, geneformer: GeneformerSettings,
+def network_edges(context: dg.AssetExecutionContext, geneformer: GeneformerSettings,
                   network_moments: dict, gene_universe):
     """Studies merged (each centred on its own mean) → Ledoit–Wolf shrunk covariance → partial correlations,
     one network per feature kind (``method`` = ``pcorr_<kind>``), with a leave-one-study-out stability;
@@ -276,13 +239,10 @@ def network_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, gene
                        for kind in geneformer.network_features}
     genes, keys = read_gene_universe(gene_universe)
     table, shrinkage = cross_cell_tables(moments_by_kind, dict(zip(keys, genes)))
-    path = artefact_path(storage.layout, "network_edges", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "network_edges", path)
     metadata = {"n_edges": len(table), "studies": sorted(network_moments),
                 "ledoit_wolf_shrinkage": dg.MetadataValue.json(shrinkage)}
     for method, group in table.groupby("method"):
         metadata[f"top_edges_{method}"] = table_preview(group, n_rows=15)
         metadata[f"pcorr_{method}"] = png_metadata(plot_histogram(group["pcorr"].to_numpy(),
                                                                   f"{method}: partial correlation"))
-    return dg.Output(path, metadata=metadata)
+    return dg.Output(table, metadata=metadata)

@@ -4,20 +4,20 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from scgrn_assets.assets.metadata import png_metadata, table_preview
-from scgrn_assets.io_managers import artefact_path
+from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.defs.nb_model.checks import POSTERIOR_CHECKS
+from scgrn_assets.io_managers import file_artefact, output_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.de.condition_effects import (METHODS, corpus_pseudobulk, effects_by_study, load_pseudobulk_posterior,
-                                                plot_ma, plot_sample_ppc, plot_volcano, ppc_summary,
-                                                replicated_pseudobulk_from_cells, safe_plot,
-                                                save_pseudobulk_posterior, sample_level_ppc)
-from scgrn_assets.lib.corpus.build import read_corpus
+from scgrn_assets.lib.corpus import read_corpus
+from scgrn_assets.lib.de import (agreement_with_peer, corpus_pseudobulk, effect_draws, effect_table, effects_by_study,
+                                 fit_pseudobulk_model, load_pseudobulk_posterior, plot_ma, plot_sample_ppc,
+                                 plot_volcano, posterior_diagnostics, PosteriorConfig, ppc_summary, PseudobulkPosterior,
+                                 pydeseq2_effects, replicated_pseudobulk, replicated_pseudobulk_from_cells, safe_plot,
+                                 sample_level_ppc, save_pseudobulk_posterior)
+from scgrn_assets.lib.de.condition_effects import METHODS
+from scgrn_assets.lib.de.model import MAX_PARETO_K
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.de.peer import agreement_with_peer, pydeseq2_effects
-from scgrn_assets.lib.de.model import (MAX_PARETO_K, PosteriorConfig, PseudobulkPosterior, effect_draws,
-                                               effect_table, fit_pseudobulk_model, posterior_diagnostics,
-                                               replicated_pseudobulk)
-from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.lib.sql_store import write_parquet
 from scgrn_assets.resources import NBModelSettings, ScgrnStorage
 
 #: Share of genes whose importance sampler may fail its k-hat check before the posterior is refused.
@@ -40,8 +40,7 @@ def _plots_metadata(*plots) -> dict:
 
 def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
     """The original pipeline's cell-level minibatch ADVI model on the same cells and genes (cells as replicates)."""
-    from scgrn_assets.lib.de.cell_model_inference import fit_nb_posterior
-    from scgrn_assets.lib.de.cell_model import NBFitConfig
+    from scgrn_assets.lib.de import fit_nb_posterior, NBFitConfig
 
     pseudobulk = prepared.pseudobulk
     cells = corpus[prepared.cell_rows][:, pseudobulk.gene_names]
@@ -69,19 +68,10 @@ def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
                                                             "against NUTS; see the sample-level PPC"}
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"pymc", "netcdf"}, pool=GPU_POOL,
+@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", metadata=file_artefact(".nc"),
+          kinds={"pymc", "netcdf"}, pool=GPU_POOL,
           op_tags=gpu_op_tags(), tags={"stage": "nb_model"},
-          check_specs=[
-              dg.AssetCheckSpec("design_has_replicated_contrast", asset="nb_posterior", blocking=True,
-                                description="At least one study holds both conditions with >= 2 animals each; "
-                                            "single-condition studies inform only their baseline (listed)."),
-              dg.AssetCheckSpec("posterior_predictive_fits", asset="nb_posterior", blocking=True,
-                                description="Observed between-animal variance per gene sits inside the model's "
-                                            "replicates for most genes (fails when cells are treated as replicates)."),
-              dg.AssetCheckSpec("inference_is_reliable", asset="nb_posterior", blocking=True,
-                                description="Importance sampling represents each gene's posterior (PSIS k-hat < 0.7 "
-                                            "for >= 99% of genes)."),
-          ])
+          check_specs=POSTERIOR_CHECKS)
 def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
                  combined_corpus):
     """Posterior of each gene's condition effect, with the animal (GEO sample) as the replicate: a Negative-Binomial
@@ -109,7 +99,7 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
         idata, replicated, fit_metadata = _fit_cell_advi(context, nb_model, corpus, prepared)
         inference = {"passed": True, "note": fit_metadata.pop("inference_check")}
     idata.posterior.attrs["method"] = nb_model.method
-    path = artefact_path(storage.layout, "nb_posterior", None)
+    path = output_path(context, storage.layout)
     save_pseudobulk_posterior(idata, pseudobulk, path)
     ppc = sample_level_ppc(pseudobulk, replicated)
     write_parquet(ppc, path.with_name("posterior_predictive_check.parquet"))
@@ -141,7 +131,7 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
         metadata=inference)
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="nb_model", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "nb_model"})
 def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
                       nb_posterior):
@@ -153,10 +143,7 @@ def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
     contrast = pseudobulk.samples[pseudobulk.samples.groupby("study")["condition"].transform("nunique") > 1]
     table = effect_table(effect_draws(posterior), pseudobulk, fdr_target=nb_model.fdr_target,
                          contrast_samples=contrast)
-    path = artefact_path(storage.layout, "condition_effects", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "condition_effects", path)
-    return dg.Output(path, metadata={
+    return dg.Output(table, metadata={
         "n_genes": len(table), "n_called": int(table["called"].sum()), "fdr_target": nb_model.fdr_target,
         "method": str(idata.posterior.attrs.get("method", "pseudobulk")),
         "top_genes": table_preview(table.sort_values("svalue"), n_rows=15),
@@ -164,7 +151,7 @@ def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
     })
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="nb_model", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "nb_model"})
 def condition_effects_by_study(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
                                nb_posterior):
@@ -175,28 +162,23 @@ def condition_effects_by_study(context: dg.AssetExecutionContext, storage: Scgrn
     contrast = [study for study, group in pseudobulk.samples.groupby("study")
                 if group["condition"].value_counts().min() >= 2 and group["condition"].nunique() == 2]
     table = effects_by_study(pseudobulk, contrast, fdr_target=nb_model.fdr_target, seed=nb_model.seed,
-                             progress=lambda done, total, study="", **_: context.log.info(f"fitted {study} ({done}/{total})"))
-    path = artefact_path(storage.layout, "condition_effects_by_study", None)
-    write_parquet(table, path)
-    register_view(storage.layout.duckdb_path, "condition_effects_by_study", path)
+                             progress=lambda done, total, study="", **_: context.log.info(
+                                 f"fitted {study} ({done}/{total})"))
     called = table.groupby("study")["called"].sum().to_dict() if len(table) else {}
-    return dg.Output(path, metadata={"studies": contrast, "n_called_per_study": str(called),
+    return dg.Output(table, metadata={"studies": contrast, "n_called_per_study": str(called),
                                      "n_rows": len(table), "animals_per_study": table_preview(counts.reset_index())})
 
 
-@dg.asset(group_name="nb_model", io_manager_key="artefact_io_manager", kinds={"parquet", "duckdb"},
+@dg.asset(group_name="nb_model", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
           tags={"stage": "nb_model"})
 def condition_effects_pydeseq2(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_model: NBModelSettings,
-                               nb_posterior, condition_effects):
+                               nb_posterior, condition_effects: pd.DataFrame):
     """PyDESeq2 (``~ study + condition``, Wald test, BH) on the same pseudobulk, and how it agrees with
     ``condition_effects``; DuckDB table ``condition_effects_pydeseq2``."""
     _, pseudobulk = load_pseudobulk_posterior(nb_posterior)
     contrast = pseudobulk.samples.groupby("study")["condition"].transform("nunique") > 1
     peer = pydeseq2_effects(pseudobulk.subset(samples=contrast.to_numpy()), fdr_target=nb_model.fdr_target)
-    ours = pd.read_parquet(condition_effects)
+    ours = condition_effects
     agreement = agreement_with_peer(ours, peer)
-    path = artefact_path(storage.layout, "condition_effects_pydeseq2", None)
-    write_parquet(peer, path)
-    register_view(storage.layout.duckdb_path, "condition_effects_pydeseq2", path)
-    return dg.Output(path, metadata={"seconds": round(peer.attrs["seconds"], 1), **agreement,
+    return dg.Output(peer, metadata={"seconds": round(peer.attrs["seconds"], 1), **agreement,
                                      "top_genes": table_preview(peer.sort_values("padj"), n_rows=10)})

@@ -7,33 +7,32 @@ import pandas as pd
 import zarr
 from anndata.io import read_elem, sparse_dataset
 
-from scgrn_assets.assets.metadata import png_metadata, table_preview
-from scgrn_assets.io_managers import artefact_path
-from scgrn_assets.lib.corpus.build import QCThresholds, combine_studies, measured_column, study_gene_names
-from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock, fetch_pinned
-from scgrn_assets.lib.ingest.gene_annotation import empty_gene_annotation, read_gene_annotation
+from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.defs.corpus.checks import CORPUS_CHECKS
+from scgrn_assets.io_managers import asset_folder, file_artefact, output_path, table_artefact
+from scgrn_assets.lib.corpus import (cells_repeated_across_studies, combine_studies, measured_column, QCThresholds,
+                                     row_fingerprints, scan_counts, study_gene_names)
+from scgrn_assets.lib.ingest import ChecksumLock, empty_gene_annotation, fetch_pinned, read_gene_annotation
 from scgrn_assets.lib.plotting import plot_cells_by_condition, plot_library_sizes
-from scgrn_assets.lib.corpus.qc_checks import cells_repeated_across_studies, row_fingerprints, scan_counts
-from scgrn_assets.lib.sql_store import register_view, write_parquet
+from scgrn_assets.lib.sql_store import write_table
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
 
 
-@dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", kinds={"parquet"}, tags={"stage": "corpus"})
+@dg.asset(group_name="corpus", io_manager_key="table_io_manager", metadata=table_artefact(None), kinds={"parquet"},
+          tags={"stage": "corpus"})
 def gene_annotation(context: dg.AssetExecutionContext, storage: ScgrnStorage, downloader: GeoDownloader):
     """Gene symbol, Ensembl ID and length (bp) from the catalog's annotation file (empty when it has none)."""
     catalog = storage.load_catalog()
-    path = artefact_path(storage.layout, "gene_annotation", None)
     if catalog.gene_annotation is None:
         context.log.warning("the catalog names no gene_annotation file: gene lengths stay unknown (NaN)")
         table = empty_gene_annotation()
     else:
-        source = path.with_name(catalog.gene_annotation.name)
+        source = asset_folder(context, storage.layout) / catalog.gene_annotation.name
         fetch_pinned(catalog.gene_annotation.url, source, sha256=catalog.gene_annotation.sha256,
                      lock=ChecksumLock(catalog.lock_path), study="catalog", policy=downloader.policy,
                      mirrors=downloader.mirrors)
         table = read_gene_annotation(source)
-    write_parquet(table.reset_index(drop=True), path)
-    return dg.Output(path, metadata={"n_genes": len(table), "preview": table_preview(table)})
+    return dg.Output(table.reset_index(drop=True), metadata={"n_genes": len(table), "preview": table_preview(table)})
 
 
 class CorpusQCConfig(dg.Config):
@@ -45,29 +44,18 @@ class CorpusQCConfig(dg.Config):
     min_cells_per_gene: int | None = None
 
 
-CORPUS_CHECKS = [
-    dg.AssetCheckSpec("counts_are_non_negative_integers", asset="combined_corpus", blocking=True,
-                      description="No negative, non-integer, non-finite or sentinel (INT64_MIN) counts."),
-    dg.AssetCheckSpec("genes_are_the_union_of_studies", asset="combined_corpus", blocking=True,
-                      description="Corpus genes plus QC-removed genes equal the union of the studies' genes."),
-    dg.AssetCheckSpec("every_cell_has_a_study", asset="combined_corpus", blocking=True),
-    dg.AssetCheckSpec("cells_are_not_repeated_across_studies", asset="combined_corpus",
-                      description="No two studies hold an identical cell (the same count vector): a GEO "
-                                  "SuperSeries next to its subseries would count those cells twice."),
-]
-
-
-@dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", kinds={"zarr", "anndata"},
+@dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", metadata=file_artefact(".zarr"),
+          kinds={"zarr", "anndata"},
           ins={"study_anndata": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
           check_specs=CORPUS_CHECKS, tags={"stage": "corpus"})
 def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, storage: ScgrnStorage,
-                    study_anndata: dict, gene_annotation):
+                    study_anndata: dict, gene_annotation: pd.DataFrame):
     """All studies over the union of genes (sparse zero padding), QC-filtered, as AnnData Zarr;
     ``var["measured_in_<study>"]`` tells a padded zero from a measured one."""
     catalog = storage.load_catalog()
     study_files = {accession: study_anndata[accession] for accession in catalog.accessions if accession in study_anndata}
-    annotation = pd.read_parquet(gene_annotation).set_index("gene_symbol", drop=False)
-    path = artefact_path(storage.layout, "combined_corpus", None)
+    annotation = gene_annotation.set_index("gene_symbol", drop=False)
+    path = output_path(context, storage.layout)
     overrides = {k: v for k, v in config.model_dump().items() if v is not None}
     qc = QCThresholds(**{**(catalog.qc or {}), **overrides})
     summary = combine_studies(study_files, path, gene_annotation=annotation, qc=qc,
@@ -94,9 +82,8 @@ def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, s
                .groupby(["study", "condition"], observed=True)
                .agg(n_cells=("n_counts", "size"), median_counts=("n_counts", "median")).reset_index())
     studies["n_genes_measured"] = [int(var[measured_column(s)].sum()) for s in studies["study"]]
-    table_path = storage.layout.asset_dir("combined_corpus") / "corpus_studies.parquet"
-    write_parquet(studies, table_path)
-    register_view(storage.layout.duckdb_path, "corpus_studies", table_path)
+    write_table(storage.layout.duckdb_path, studies, asset_folder(context, storage.layout) / "corpus_studies.parquet",
+                "corpus_studies")
 
     yield dg.Output(path, metadata={
         "n_cells": summary.n_cells,

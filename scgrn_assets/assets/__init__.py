@@ -1,1 +1,0 @@
-"""Thin Dagster assets, grouped by stage: ingest (per study), corpus."""

@@ -1,0 +1,1 @@
+"""The nb_model asset group."""
