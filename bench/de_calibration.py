@@ -1,6 +1,6 @@
 """Benchmark: condition effects, calibration and speed, ours beside PyDESeq2 (and the cell-level ADVI model).
 
-Calibration: designs with animals within conditions within studies (``lib/de/simulate.py``):
+Calibration: designs with animals within conditions within studies (``lib/condition_effects/simulate.py``):
 tau (animal x gene sd) in {0, 0.1, 0.25, 0.4}, balanced (2 studies x 4 animals per arm) and
 unbalanced (3 studies, 3-5 animals per arm), 100-1,000 cells per animal, 1,000 genes, plus
 null-only mock comparisons and a confounded design (which must be refused). Every method is
@@ -27,15 +27,14 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scgrn_assets.lib.de.calibration import run_cell_advi, run_methods  # noqa: E402
-from scgrn_assets.lib.de.simulate import DesignConfig, simulate_comparison  # noqa: E402
+from scgrn_assets.lib.condition_effects.calibration import run_cell_advi, run_methods  # noqa: E402
+from scgrn_assets.lib.condition_effects.simulate import DesignConfig, simulate_comparison  # noqa: E402
 from scgrn_assets.lib.errors import ScgrnInputError  # noqa: E402
-from scgrn_assets.lib.de.pseudobulk import Pseudobulk, check_design, pseudobulk_by_animal  # noqa: E402
+from scgrn_assets.lib.condition_effects.pseudobulk import Pseudobulk, check_design, pseudobulk_by_animal  # noqa: E402
 
 TAUS = (0.0, 0.1, 0.25, 0.4)
 UNBALANCED = ((3, 5), (4, 3), (5, 4))
@@ -79,9 +78,9 @@ def confounded_is_refused() -> bool:
 
 def speed(n_cells: int, n_genes: int) -> dict:
     """Ours (pseudobulk from cells + fit + table) vs PyDESeq2 on the same pseudobulk, wall seconds."""
-    from scgrn_assets.lib.de.condition_effects import select_expressed_genes
-    from scgrn_assets.lib.de.peer import pydeseq2_effects
-    from scgrn_assets.lib.de.model import effect_draws, effect_table, fit_pseudobulk_model
+    from scgrn_assets.lib.condition_effects.pipeline import select_expressed_genes
+    from scgrn_assets.lib.condition_effects.peer import pydeseq2_effects
+    from scgrn_assets.lib.condition_effects.model import effect_draws, effect_table, fit_pseudobulk_model
 
     per_animal = n_cells // 16
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Straightforward = the same model with a dense ``pm.NegativeBinomial`` likelihood on the
 minibatch, stock mean-field ADVI, PyMC's default compile (C backend, float64).
-Ours = ``scgrn_assets.lib.de.cell_model_inference`` (exact sparse/sufficient-statistic decomposition,
+Ours = ``scgrn_assets.lib.condition_effects.cell_model_inference`` (exact sparse/sufficient-statistic decomposition,
 float32, JAX backend).
 
 Measures steps/s of both on 512 x n_genes minibatches of the same simulated corpus, then the
@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scgrn_assets.lib.de.cell_model_inference import compile_advi_step, fit_nb_posterior, jax_device  # noqa: E402
-from scgrn_assets.lib.de.cell_model import NBFitConfig, build_nb_model  # noqa: E402
-from scgrn_assets.lib.de.cell_model_readout import condition_effect_table  # noqa: E402
-from scgrn_assets.lib.de.cell_model_data import prepare_nb_data  # noqa: E402
-from scgrn_assets_tests.support.de import NULL_CALL_RATE_LIMIT, fit_inputs, simulate_nb_corpus  # noqa: E402
+from scgrn_assets.lib.condition_effects.cell_model_inference import compile_advi_step, fit_nb_posterior, jax_device  # noqa: E402
+from scgrn_assets.lib.condition_effects.cell_model import NBFitConfig, build_nb_model  # noqa: E402
+from scgrn_assets.lib.condition_effects.cell_model_readout import condition_effect_table  # noqa: E402
+from scgrn_assets.lib.condition_effects.cell_model_data import prepare_nb_data  # noqa: E402
+from scgrn_assets_tests.support.condition_effects import NULL_CALL_RATE_LIMIT, fit_inputs, simulate_nb_corpus  # noqa: E402
 
 
 def steps_per_second(step, seconds: float, min_steps: int = 5) -> tuple[float, int]:

@@ -1,10 +1,10 @@
 """`scgrn benchmark`: the GRN path on an expression matrix plus a ground-truth network given as files.
 
-The same library path the assets run (``scgrn_assets.lib.benchmark.pipeline``): a small Geneformer-architecture
+The same library path the assets run (``scgrn_assets.lib.benchmarks.pipeline``): a small Geneformer-architecture
 model trained on the given cells; cross-cell partial correlations of its rank-value tokens, of its hidden
 states and of log expression; attention stability; MI and CMI-pruned edges on a chosen candidate network;
 Pearson, Spearman, tree (GENIE3-style), GRNBoost2, RegDiffusion, a gene-level null and random, scored by
-``scgrn_assets.lib.benchmark.metrics`` against each truth network.
+``scgrn_assets.lib.benchmarks.metrics`` against each truth network.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ Example: scgrn benchmark --expression ../shared/data/reference/beeline_example_g
 def add_benchmark_parser(commands) -> None:
     """Add the ``benchmark`` sub-command to the ``scgrn`` parser."""
     # Light imports only: this runs for every `scgrn` command (the GRN path imports torch when it runs).
-    from scgrn_assets.lib.benchmark.expression_files import ORIENTATIONS, VALUE_KINDS
-    from scgrn_assets.lib.benchmark.references import TRUTH_FORMATS
+    from scgrn_assets.lib.benchmarks.expression_files import ORIENTATIONS, VALUE_KINDS
+    from scgrn_assets.lib.benchmarks.references import TRUTH_FORMATS
 
     parser = commands.add_parser(
         "benchmark", help="run the GRN path on an expression file and score it against a ground-truth network",
@@ -77,8 +77,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from scgrn_assets.lib.ingest.download import sha256_of
-    from scgrn_assets.lib.benchmark.expression_files import genes_missing_from, read_expression
-    from scgrn_assets.lib.benchmark.references import load_ground_truth
+    from scgrn_assets.lib.benchmarks.expression_files import genes_missing_from, read_expression
+    from scgrn_assets.lib.benchmarks.references import load_ground_truth
 
     if args.duckdb and not re.fullmatch(r"[a-z_][a-z0-9_]*", args.table):
         raise ScgrnInputError(f"--table {args.table!r} is not a plain SQL name", fix="use lower-case letters, digits, _")
@@ -105,7 +105,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 + ("" if len(missing) == len(truth_genes) else
                    ", or pass --allow-missing-genes to evaluate on the genes present"))
     if args.tf_list:  # checked before the model trains: a missing file or no listed TF among the genes
-        from scgrn_assets.lib.benchmark.references import load_tf_list
+        from scgrn_assets.lib.benchmarks.references import load_tf_list
 
         listed = {symbol.upper() for symbol in load_tf_list(args.tf_list)}  # case ignored, as the path does
         if not listed & {str(gene).upper() for gene in data.gene_names}:
@@ -115,9 +115,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"{dataset}: {data.n_cells} cells x {data.n_genes} genes, read as {data.orientation}; "
           f"values: {data.value_kind}; truth: {', '.join(f'{n} ({len(t)} edges)' for n, t in references.items())}")
     # The GRN path imports torch: only once the inputs are known to be good.
-    from scgrn_assets.lib.benchmark.outputs import headline_markdown, headline_table, write_benchmark_outputs
-    from scgrn_assets.lib.benchmark.grn_benchmark import run_grn_benchmark
-    from scgrn_assets.lib.benchmark.pipeline import GrnPathSettings
+    from scgrn_assets.lib.benchmarks.outputs import headline_markdown, headline_table, write_benchmark_outputs
+    from scgrn_assets.lib.benchmarks.grn_benchmark import run_grn_benchmark
+    from scgrn_assets.lib.benchmarks.pipeline import GrnPathSettings
 
     overrides = {name: getattr(args, name) for name in ("train_steps", "n_permutations", "n_null",
                                                         "min_cells_per_edge", "device", "grnboost2_max_estimators")

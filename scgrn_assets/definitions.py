@@ -22,7 +22,7 @@ from scgrn_assets.settings import catalog_name, current_layout
 
 __all__ = ["GROUPS", "build_definitions", "build_resources", "defs", "load_defs_folder"]
 
-GROUPS = ("ingest", "corpus", "nb_model", "network", "validation", "benchmarks")
+GROUPS = ("ingest", "corpus", "condition_effects", "network", "validation", "benchmarks")
 """The asset groups (folders of ``defs/``) in pipeline order."""
 
 

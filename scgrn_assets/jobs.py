@@ -3,7 +3,7 @@ automation, and the executor that holds GPU steps to the number of GPUs.
 
 Model assets opt in to GPU handling with two arguments::
 
-    @dg.asset(group_name="nb_model", pool=GPU_POOL, op_tags=gpu_op_tags(), ...)
+    @dg.asset(group_name="condition_effects", pool=GPU_POOL, op_tags=gpu_op_tags(), ...)
 
 ``pool`` makes the instance hold GPU steps to the pool limit across runs (``dagster.yaml``:
 ``concurrency > pools``); the ``scgrn/resource: gpu`` tag lets the executor hold them to the
@@ -35,7 +35,7 @@ EXECUTOR_VARIABLE = "SCGRN_EXECUTOR"
 JOB_DESCRIPTIONS = {
     "ingest": "Per study: fetch the GEO files and build the study's AnnData (one run per study partition).",
     "corpus": "The gene annotation and the combined multi-study corpus, with its blocking checks.",
-    "nb_model": "The Bayesian (hierarchical Negative-Binomial) condition-effect model and its gene table.",
+    "condition_effects": "The Bayesian (hierarchical Negative-Binomial) condition-effect model and its gene table.",
     "network": "The attention-derived gene network: tokens, model, attention moments, edge tables.",
     "validation": "Expression checks of the network: mutual information, conditional MI, baselines.",
     "benchmarks": "Benchmarks of the network against reference networks (AUROC, AUPRC, EPR, ...).",

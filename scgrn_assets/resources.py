@@ -9,8 +9,8 @@ from pathlib import Path
 import dagster as dg
 
 from scgrn_assets.io_managers import ArtefactIOManager, TableIOManager
-from scgrn_assets.lib.benchmark import GrnPathSettings
-from scgrn_assets.lib.de import NBFitConfig, PosteriorConfig
+from scgrn_assets.lib.benchmarks import GrnPathSettings
+from scgrn_assets.lib.condition_effects import NBFitConfig, PosteriorConfig
 from scgrn_assets.lib.ingest import Catalog, DownloadPolicy, load_catalog, parse_url_mirrors
 from scgrn_assets.lib.storage import StorageLayout
 

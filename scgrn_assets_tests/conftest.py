@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scgrn_assets.lib.ingest.catalog import Catalog, load_catalog
+from scgrn_assets_tests.support.http_server import http_server  # noqa: F401 (the fixture, for every test)
 from scgrn_assets.lib.demo.geo_layouts import WrittenFile, demo_catalog, write_catalog_yaml, write_demo_geo
 from scgrn_assets.lib.demo.simulator import DemoConfig, DemoTruth
 

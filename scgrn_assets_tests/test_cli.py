@@ -164,7 +164,7 @@ def write_tiny_catalog(tmp_path: Path, bodies: dict[str, bytes]) -> tuple[Path, 
     """A catalog of one-sample dense studies (accession -> the sample's text) under a fresh home."""
     import gzip
 
-    from scgrn_assets_tests.archives import write_tar
+    from scgrn_assets_tests.support.archives import write_tar
 
     home = tmp_path / "home"
     studies = []

@@ -10,10 +10,10 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from scgrn_assets.cli import main
-from scgrn_assets.lib.benchmark.metrics import ranking_metrics
-from scgrn_assets.lib.benchmark.universes import evaluation_pairs
-from scgrn_assets.lib.benchmark.pipeline import METHOD_LABELS
-from scgrn_assets.lib.benchmark.references import load_ground_truth
+from scgrn_assets.lib.benchmarks.metrics import ranking_metrics
+from scgrn_assets.lib.benchmarks.universes import evaluation_pairs
+from scgrn_assets.lib.benchmarks.pipeline import METHOD_LABELS
+from scgrn_assets.lib.benchmarks.references import load_ground_truth
 from scgrn_assets_tests.conftest import shared_data
 
 
@@ -129,7 +129,7 @@ def test_benchmark_is_reproducible_for_a_seed(small_benchmark_files, tmp_path):
 
 
 def test_the_cli_path_has_the_assets_settings():
-    from scgrn_assets.lib.benchmark.pipeline import GrnPathSettings
+    from scgrn_assets.lib.benchmarks.pipeline import GrnPathSettings
     from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ValidationSettings
 
     settings, geneformer = GrnPathSettings(), GeneformerSettings()
@@ -298,7 +298,7 @@ def test_tree_regulators_come_from_a_tf_list_file_never_from_a_reference():
     import inspect
 
     from scgrn_assets.lib.errors import ScgrnInputError
-    from scgrn_assets.lib.benchmark.pipeline import tree_regulators
+    from scgrn_assets.lib.benchmarks.pipeline import tree_regulators
 
     assert "reference" not in inspect.signature(tree_regulators).parameters
     genes = ["Sox2", "Pou5f1", "Actb", "Gapdh", "Nanog"]

@@ -144,7 +144,7 @@ def test_weekly_schedule_requests_one_run_per_study_and_a_new_run_key_each_week(
 
 
 def test_a_new_group_gets_its_job_and_no_ingest_group_means_no_schedule():
-    @dg.asset(group_name="nb_model", pool=GPU_POOL, op_tags=gpu_op_tags())
+    @dg.asset(group_name="condition_effects", pool=GPU_POOL, op_tags=gpu_op_tags())
     def nb_posterior():
         return 1
 
@@ -153,10 +153,10 @@ def test_a_new_group_gets_its_job_and_no_ingest_group_means_no_schedule():
         return 1
 
     jobs = build_jobs([nb_posterior, benchmark_metrics])
-    assert [job.name for job in jobs] == ["benchmarks_job", "nb_model_job"]
+    assert [job.name for job in jobs] == ["benchmarks_job", "condition_effects_job"]
     assert build_schedules(jobs) == []
     defs = dg.Definitions(assets=[nb_posterior, benchmark_metrics], jobs=jobs)
-    assert {k.to_user_string() for k in defs.resolve_job_def("nb_model_job").asset_layer.executable_asset_keys} == \
+    assert {k.to_user_string() for k in defs.resolve_job_def("condition_effects_job").asset_layer.executable_asset_keys} == \
         {"nb_posterior"}
 
 

@@ -1,4 +1,4 @@
-"""The assets and checks, one folder per asset group (``ingest``, ``corpus``, ``nb_model``, ``network``,
+"""The assets and checks, one folder per asset group (``ingest``, ``corpus``, ``condition_effects``, ``network``,
 ``validation``, ``benchmarks``), loaded by :func:`scgrn_assets.definitions.build_definitions`.
 
 Each folder's ``assets.py`` holds its assets and ``checks.py`` its checks: the check specs an asset

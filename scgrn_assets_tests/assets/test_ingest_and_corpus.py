@@ -18,7 +18,7 @@ import yaml
 from scgrn_assets.definitions import build_definitions
 from scgrn_assets.lib.ingest.catalog import builtin_catalog_path
 from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets_tests.archives import tar_bytes
+from scgrn_assets_tests.support.archives import tar_bytes
 
 def materialise(home: Path, catalog: str, instance, *, partition: str | None = None, selection=None):
     built = build_definitions(catalog, home=home, quick=True)

@@ -24,10 +24,9 @@ import pytest
 from scgrn_assets.lib.ingest.catalog import builtin_catalog_path, load_catalog
 from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock
 from scgrn_assets.lib.corpus.build import read_corpus
-from scgrn_assets_tests.archives import tar_bytes
+from scgrn_assets_tests.support.archives import tar_bytes
 from scgrn_assets_tests.assets.materialise_catalog import materialise_catalog
-from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
-from scgrn_assets_tests.real_geo_miniature import (BAD_MARS_SEQ_SAMPLE, mirror_rules, serve_miniature_geo,
+from scgrn_assets_tests.support.real_geo_miniature import (BAD_MARS_SEQ_SAMPLE, mirror_rules, serve_miniature_geo,
                                                    write_miniature_geo)
 
 
@@ -144,7 +143,7 @@ def test_real_catalog_runs_through_the_condition_effects_with_scgrn_materialize(
     env = {**os.environ, "SCGRN_HOME": str(home), "SCGRN_CATALOG": str(real_catalog_copy),
            "SCGRN_URL_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run([sys.executable, "-m", "scgrn_assets.cli", "materialize", "--quick", "--select",
-                                "group:ingest or group:corpus or group:nb_model"], env=env, capture_output=True,
+                                "group:ingest or group:corpus or group:condition_effects"], env=env, capture_output=True,
                                text=True, timeout=900)
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
     import pandas as pd

@@ -84,7 +84,7 @@ def test_ingest_and_corpus(staged):
 
 
 def test_condition_effects(staged):
-    evaluations = staged.run_group("nb_model")
+    evaluations = staged.run_group("condition_effects")
     assert {e.check_name for e in evaluations} >= {"design_has_replicated_contrast", "posterior_predictive_fits"}
     assert (staged.home / "assets" / "nb_posterior" / "nb_posterior.nc").exists()
     for name in ("condition_effects", "condition_effects_by_study", "condition_effects_pydeseq2"):

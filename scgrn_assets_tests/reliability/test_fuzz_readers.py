@@ -32,7 +32,7 @@ from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.readers import read_metadata_table
 from scgrn_assets.lib.ingest.study_anndata import build_study_anndata
 from scgrn_assets_tests.reliability import ledger
-from scgrn_assets_tests.archives import tar_bytes
+from scgrn_assets_tests.support.archives import tar_bytes
 
 STUDY = "GSE1"
 SHA = "0" * 64

@@ -31,8 +31,7 @@ from scgrn_assets.lib.ingest.readers import read_metadata_table
 from scgrn_assets.lib.sql_store import register_view, write_parquet
 from scgrn_assets.lib.ingest.study_anndata import build_study_anndata, write_study_h5ad
 from scgrn_assets_tests.reliability import ledger
-from scgrn_assets_tests.archives import tar_bytes
-from scgrn_assets_tests.http_server import http_server  # noqa: F401 (fixture)
+from scgrn_assets_tests.support.archives import tar_bytes
 
 PACKAGE = Path(__file__).resolve().parents[2] / "scgrn_assets"
 SHA = "0" * 64
@@ -512,7 +511,7 @@ def test_url_query_strings_never_reach_logs_or_errors(http_server, tmp_path, cap
     import logging
 
     from scgrn_assets.lib.ingest.download import DownloadPolicy, fetch_file
-    from scgrn_assets_tests.http_server import Reply
+    from scgrn_assets_tests.support.http_server import Reply
 
     ledger.record("bad_input")
     url = http_server.serve("/collect?k=hunter2", b"x", replies=[Reply(status=500), Reply(status=404)])

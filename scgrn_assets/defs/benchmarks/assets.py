@@ -5,7 +5,7 @@ import pandas as pd
 
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import asset_folder, table_artefact
-from scgrn_assets.lib.benchmark import (baseline_predictions, baseline_table, benchmark_table, epr_bar_chart_png,
+from scgrn_assets.lib.benchmarks import (baseline_predictions, baseline_table, benchmark_table, epr_bar_chart_png,
                                         load_reference, log_normalized, pr_curves_png, prediction_tables,
                                         ReferenceSource, stable_edges, tree_regulators)
 from scgrn_assets.lib.corpus import read_corpus

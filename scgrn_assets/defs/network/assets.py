@@ -10,7 +10,7 @@ import numpy as np
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import file_artefact, output_path, table_artefact
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
-from scgrn_assets.lib.benchmark import (cross_cell_tables, log_normalized, model_genes, network_universe,
+from scgrn_assets.lib.benchmarks import (cross_cell_tables, log_normalized, model_genes, network_universe,
                                         study_feature_moments, tree_regulators)
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.network import (attention_edge_moments, build_corpus_dictionaries, convention_named,

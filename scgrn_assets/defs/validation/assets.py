@@ -6,7 +6,7 @@ import pandas as pd
 
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import asset_folder
-from scgrn_assets.lib.benchmark import chosen_networks, network_predictions, union_candidates
+from scgrn_assets.lib.benchmarks import chosen_networks, network_predictions, union_candidates
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.validation import cmi_tables, discretize_expression, mi_edge_table
 from scgrn_assets.lib.plotting import plot_histogram

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Values that mean "missing" in exported matrices: NaN cast to int64, and its int32 twin.
 SENTINELS = (np.iinfo(np.int64).min, np.iinfo(np.int32).min)

@@ -89,7 +89,7 @@ def rank_value_chunks(cells, dictionaries, genes: Sequence[str], *, max_genes: i
 def log_expression_chunks(values: sp.spmatrix, n_counts: np.ndarray, columns: np.ndarray, *, chunk_size: int = 2048,
                           progress: Progress | None = None):
     """Yield log1p(counts / n_counts × 10⁴) of the ``columns`` of ``values`` (cells × all genes), by chunk."""
-    from scgrn_assets.lib.benchmark.expression import log_normalized
+    from scgrn_assets.lib.benchmarks.expression import log_normalized
 
     values = sp.csr_matrix(values)
     for start in range(0, values.shape[0], chunk_size):

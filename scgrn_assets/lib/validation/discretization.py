@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgrn_assets.lib.benchmark.expression import log_normalized
+from scgrn_assets.lib.benchmarks.expression import log_normalized
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.validation._kernels import column_codes_kernel
 

@@ -18,7 +18,7 @@ from scgrn_assets.lib.demo.simulator import DemoConfig
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.readers import read_metadata_table
 from scgrn_assets.lib.ingest.study_anndata import build_study_anndata
-from scgrn_assets_tests.archives import write_tar
+from scgrn_assets_tests.support.archives import write_tar
 
 MATRIX = "GSE1_series_matrix.txt.gz"
 

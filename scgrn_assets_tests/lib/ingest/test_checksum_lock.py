@@ -15,7 +15,7 @@ import yaml
 from scgrn_assets.lib.ingest.checksum_lock import ChecksumLock, fetch_pinned
 from scgrn_assets.lib.ingest.download import DownloadPolicy, apply_url_mirrors, parse_url_mirrors
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets_tests.http_server import FaultyHTTPServer
+from scgrn_assets_tests.support.http_server import FaultyHTTPServer
 
 FAST = DownloadPolicy(max_attempts=2, backoff_seconds=0.01, timeout_seconds=5.0, chunk_bytes=4096)
 GEO = "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE98nnn/GSE98969/suppl"

@@ -12,7 +12,7 @@ import pytest
 
 from scgrn_assets.lib.ingest.download import DownloadPolicy, _backoff_seconds, fetch_file, sha256_of
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets_tests.http_server import FaultyHTTPServer, Reply
+from scgrn_assets_tests.support.http_server import FaultyHTTPServer, Reply
 
 FAST = DownloadPolicy(max_attempts=3, backoff_seconds=0.01, timeout_seconds=5.0, chunk_bytes=4096)
 STUDY = "GSE98969"

@@ -15,7 +15,7 @@ from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.readers import read_dense_count_block, read_study_samples
 from scgrn_assets.lib.demo.simulator import simulate_sample_counts
 from scgrn_assets.lib.ingest.study_anndata import build_study_anndata, write_study_h5ad
-from scgrn_assets_tests.archives import write_tar
+from scgrn_assets_tests.support.archives import write_tar
 from scgrn_assets_tests.conftest import shared_data
 from scgrn_assets_tests.reliability import ledger
 

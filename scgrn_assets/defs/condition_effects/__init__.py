@@ -1,0 +1,1 @@
+"""The condition_effects asset group."""

@@ -1,1 +1,0 @@
-"""The nb_model asset group."""
