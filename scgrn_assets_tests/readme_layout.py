@@ -24,7 +24,8 @@ def _summary(path: Path) -> str:
     if not source.exists():
         return ""
     doc = ast.get_docstring(ast.parse(source.read_text())) or ""
-    return doc.strip().split("\n")[0].rstrip(".")
+    first_sentence = " ".join(doc.split("\n\n")[0].split()).split(". ")[0]
+    return first_sentence.rstrip(".")
 
 
 def _entries(folder: Path, depth: int) -> list[str]:

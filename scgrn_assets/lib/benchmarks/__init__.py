@@ -1,25 +1,36 @@
-"""Benchmarks: reference networks, co-expression and peer baselines, one implementation of each metric, the GRN path end to end.
+"""Benchmarks: reference networks, co-expression and peer baselines, one implementation of each metric, the
+GRN path end to end.
 
 Modules:
 
-- ``baselines``: Baseline gene networks on the same genes as ours: co-expression, tree-based regression, random.
+- ``baselines``: Baseline gene networks on the same genes as ours: co-expression, tree-based regression,
+  random.
 - ``expression``: Expression values shared by the co-expression, MI and benchmark stages.
-- ``expression_files``: Expression matrices given as files, for running the GRN path on data we did not simulate.
-- ``grn_benchmark``: The whole GRN path in memory on one expression matrix (``scgrn benchmark``): tokens, model,
-- ``metrics``: GRN benchmark metrics: one implementation of each, on explicitly named universes of gene pairs.
-- ``network_metrics``: Network-level GRN metrics: degree correlation and top-K enrichment against two degree-keeping nulls.
-- ``outputs``: The files a benchmark run writes: the long metric table, the headline summary, every method's
+- ``expression_files``: Expression matrices given as files, for running the GRN path on data we did not
+  simulate.
+- ``grn_benchmark``: The whole GRN path in memory on one expression matrix (``scgrn benchmark``):
+  tokens, model, attention, cross-cell networks, baselines, MI / CMI, and every metric against every
+  reference.
+- ``metrics``: GRN benchmark metrics: one implementation of each, on explicitly named universes of gene
+  pairs.
+- ``network_metrics``: Network-level GRN metrics: degree correlation and top-K enrichment against two
+  degree-keeping nulls.
+- ``outputs``: The files a benchmark run writes: the long metric table, the headline summary, every
+  method's predictions, the intermediate edge tables and ``run.json``, each through a temporary name.
 - ``pipeline``: The GRN path's settings and the steps the Dagster assets and ``scgrn benchmark`` share.
 - ``ranking``: Ranking metrics on (labels, scores, weights): AUROC, both AUPRCs, early precision.
-- ``reference_files``: Readers of reference network files (TRRUST, DoRothEA / CollecTRI regulon tables, plain edge lists,
-- ``references``: Which reference networks apply, read through the configuration; ground truths and TF lists for a run.
-- ``universes``: Universes of gene pairs for the GRN metrics: which pairs are ranked, with which labels and directions.
+- ``reference_files``: Readers of reference network files (TRRUST, DoRothEA / CollecTRI regulon tables,
+  plain edge lists, STRING v12), each into the normalised form of :func:`normalise_reference`.
+- ``references``: Which reference networks apply, read through the configuration; ground truths and TF
+  lists for a run.
+- ``universes``: Universes of gene pairs for the GRN metrics: which pairs are ranked, with which labels
+  and directions.
 
 Public names are importable from the package (``from scgrn_assets.lib.benchmarks import X``); each
 module loads on first use, so importing the package stays cheap.
 """
 
-import importlib
+from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
@@ -46,15 +57,4 @@ _PUBLIC = {
         "load_tf_list"),
     "universes": ("EvaluationPairs", "method_is_directed", "evaluation_pairs"),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

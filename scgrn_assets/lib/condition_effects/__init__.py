@@ -1,26 +1,38 @@
-"""Condition effects: per-animal pseudobulk, the Bayesian NB model, adaptive shrinkage, the peer (PyDESeq2), calibration on structured simulations.
+"""Condition effects: per-animal pseudobulk, the Bayesian NB model, adaptive shrinkage, the peer
+(PyDESeq2), calibration on structured simulations.
 
 Modules:
 
-- ``adaptive_shrinkage``: Adaptive shrinkage (Stephens 2017, ``ashr``): let "no effect" be an answer, and call at a stated error rate.
-- ``calibration``: Calibration of condition-effect methods on simulated designs: coverage, false discovery rate, power.
+- ``adaptive_shrinkage``: Adaptive shrinkage (Stephens 2017, ``ashr``): let "no effect" be an answer,
+  and call at a stated error rate.
+- ``calibration``: Calibration of condition-effect methods on simulated designs: coverage, false
+  discovery rate, power.
 - ``cell_model``: The hierarchical Negative-Binomial model of condition effects, cell by cell.
-- ``cell_model_data``: The cell-level NB model's inputs: which cells and genes, as arrays the model reads, and its exact count tables.
-- ``cell_model_inference``: Minibatch ADVI for the hierarchical NB model: initialisation, training loop, stopping rule, draws.
-- ``cell_model_plots``: Figures of a cell-level NB fit for the asset metadata (PNG bytes): ELBO, volcano, PPC.
-- ``cell_model_ppc``: Posterior predictive checks of the cell-level NB model: does data drawn from the fit look like the counts?
-- ``cell_model_readout``: What we read off the cell-level NB posterior (per-gene effects, global parameters), and saving it.
-- ``model``: The default condition-effect model: a Bayesian Negative-Binomial GLM on per-animal pseudobulk.
+- ``cell_model_data``: The cell-level NB model's inputs: which cells and genes, as arrays the model
+  reads, and its exact count tables.
+- ``cell_model_inference``: Minibatch ADVI for the hierarchical NB model: initialisation, training loop,
+  stopping rule, draws.
+- ``cell_model_plots``: Figures of a cell-level NB fit for the asset metadata (PNG bytes): ELBO,
+  volcano, PPC.
+- ``cell_model_ppc``: Posterior predictive checks of the cell-level NB model: does data drawn from the
+  fit look like the counts?
+- ``cell_model_readout``: What we read off the cell-level NB posterior (per-gene effects, global
+  parameters), and saving it.
+- ``model``: The default condition-effect model: a Bayesian Negative-Binomial GLM on per-animal
+  pseudobulk.
 - ``peer``: PyDESeq2 on the same per-animal pseudobulk: the peer a user puts beside our answer.
-- ``pipeline``: From a corpus to "which genes change with condition, and how sure are we": the path the assets share.
-- ``pseudobulk``: Cells summed per animal (the replicate of a condition study) and the checks a design must pass.
-- ``simulate``: Designs with the structure real condition studies have, for calibrating condition effects.
+- ``pipeline``: From a corpus to "which genes change with condition, and how sure are we": the path the
+  assets share.
+- ``pseudobulk``: Cells summed per animal (the replicate of a condition study) and the checks a design
+  must pass.
+- ``simulate``: Designs with the structure real condition studies have, for calibrating condition
+  effects.
 
 Public names are importable from the package (``from scgrn_assets.lib.condition_effects import X``); each
 module loads on first use, so importing the package stays cheap.
 """
 
-import importlib
+from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
@@ -48,15 +60,4 @@ _PUBLIC = {
     "pseudobulk": ("Pseudobulk", "pseudobulk_by_animal", "DesignReport", "check_design"),
     "simulate": ("DesignConfig", "SimulatedComparison", "simulate_comparison"),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

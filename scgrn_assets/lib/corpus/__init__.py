@@ -1,17 +1,22 @@
-"""Corpus: every study's cells over the union of genes, QC-filtered, as one AnnData Zarr; the integrity scans behind the checks.
+"""Corpus: every study's cells over the union of genes, QC-filtered, as one AnnData Zarr; the integrity
+scans behind the checks.
 
 Modules:
 
-- ``build``: The combined corpus: every study's cells over the union of genes, QC-filtered, as AnnData Zarr.
-- ``qc_checks``: Integrity scans behind the asset checks: counts are finite non-negative integers, no sentinels.
-- ``study_files``: A study's ``.h5ad`` as the corpus reads it: obs and var alone, or X in blocks of rows.
-- ``thresholds``: The corpus QC thresholds: their fields are the keys a catalog's ``qc:`` section may set.
+- ``build``: The combined corpus: every study's cells over the union of genes, QC-filtered, as AnnData
+  Zarr.
+- ``qc_checks``: Integrity scans behind the asset checks: counts are finite non-negative integers, no
+  sentinels.
+- ``study_files``: A study's ``.h5ad`` as the corpus reads it: obs and var alone, or X in blocks of
+  rows.
+- ``thresholds``: The corpus QC thresholds: their fields are the keys a catalog's ``qc:`` section may
+  set.
 
 Public names are importable from the package (``from scgrn_assets.lib.corpus import X``); each
 module loads on first use, so importing the package stays cheap.
 """
 
-import importlib
+from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
@@ -21,15 +26,4 @@ _PUBLIC = {
     "study_files": ("read_study_frames", "CsrBlock", "BlockBuffers", "iter_csr_blocks"),
     "thresholds": ("QC_FIELDS",),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

@@ -2,16 +2,20 @@
 
 Modules:
 
-- ``design``: What the demo simulates: study designs, the configuration, and the truth :func:`simulator.simulate_truth` draws.
-- ``draws``: The random draws behind the demo's truth and cells: genes, network, effects, samples, barcodes.
-- ``geo_layouts``: Writes the simulated demo studies in real GEO layouts, plus the truth and the demo catalog.
-- ``simulator``: The demo simulator: a known gene regulatory network and the single-cell counts it drives.
+- ``design``: What the demo simulates: study designs, the configuration, and the truth
+  :func:`simulator.simulate_truth` draws.
+- ``draws``: The random draws behind the demo's truth and cells: genes, network, effects, samples,
+  barcodes.
+- ``geo_layouts``: Writes the simulated demo studies in real GEO layouts, plus the truth and the demo
+  catalog.
+- ``simulator``: The demo simulator: a known gene regulatory network and the single-cell counts it
+  drives.
 
 Public names are importable from the package (``from scgrn_assets.lib.demo import X``); each
 module loads on first use, so importing the package stays cheap.
 """
 
-import importlib
+from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
@@ -22,15 +26,4 @@ _PUBLIC = {
     "simulator": ("simulate_truth", "measured_gene_indices", "simulate_sample_counts", "cell_state_term",
         "sample_negative_binomial_outer"),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

@@ -1,29 +1,37 @@
-"""Ingest: catalogs, safe downloads and checksum pins, archives, one reader per study layout, gene harmonisation, one study as AnnData.
+"""Ingest: catalogs, safe downloads and checksum pins, archives, one reader per study layout, gene
+harmonisation, one study as AnnData.
 
 Modules:
 
 - ``archive``: Safe, streaming reading of tar archives (GEO ``*_RAW.tar`` and the like).
-- ``catalog``: Study catalogs: which public studies make up a corpus, where their files are, how to read them.
-- ``catalog_schema``: The shape of a catalog file, as pydantic models: what :func:`catalog.parse_catalog` validates first.
-- ``checksum_lock``: Trust on first use: sha256 pins for catalog files whose catalog entry carries no sha256.
+- ``catalog``: Study catalogs: which public studies make up a corpus, where their files are, how to read
+  them.
+- ``catalog_schema``: The shape of a catalog file, as pydantic models: what
+  :func:`catalog.parse_catalog` validates first.
+- ``checksum_lock``: Trust on first use: sha256 pins for catalog files whose catalog entry carries no
+  sha256.
 - ``dense_text``: Streaming parser for genes x cells count matrices written as delimited text.
 - ``download``: Safe downloads: retries, resume, size guard, sha256 verification and an atomic rename.
 - ``formats``: The study layouts a catalog's ``format:`` may name: the one list of them.
 - ``gene_annotation``: The gene annotation table: symbol, Ensembl ID and gene length (bp) per gene.
 - ``genes``: Gene identifier harmonisation: one mouse (or human) symbol namespace across studies.
-- ``metadata_tables``: Metadata tables of a study: an SraRunTable, a GEO series matrix, or any CSV/TSV, as strings.
+- ``metadata_tables``: Metadata tables of a study: an SraRunTable, a GEO series matrix, or any CSV/TSV,
+  as strings.
 - ``mtx_text``: Streaming parser for Matrix Market coordinate files (10x ``matrix.mtx.gz``).
 - ``read_ahead``: Run an iterator one or more items ahead in a background thread.
 - ``readers``: One reader per study layout. Each yields the samples of a study as cells x genes counts.
-- ``strict_yaml``: YAML for files a user may get from someone else (catalogs, their lock files): plain data, read as written.
-- ``study_anndata``: One study as an AnnData: read its samples, harmonise genes, join metadata, derive condition.
-- ``transfer``: One attempt at a download: an HTTP(S) body, resumed with Range, or a local file copied, hashed as written.
+- ``strict_yaml``: YAML for files a user may get from someone else (catalogs, their lock files): plain
+  data, read as written.
+- ``study_anndata``: One study as an AnnData: read its samples, harmonise genes, join metadata, derive
+  condition.
+- ``transfer``: One attempt at a download: an HTTP(S) body, resumed with Range, or a local file copied,
+  hashed as written.
 
 Public names are importable from the package (``from scgrn_assets.lib.ingest import X``); each
 module loads on first use, so importing the package stays cheap.
 """
 
-import importlib
+from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
@@ -54,15 +62,4 @@ _PUBLIC = {
     "transfer": ("url_for_messages", "TransientFailure", "RangeNotSatisfiable", "Download",
         "copy_local_file", "download_http"),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

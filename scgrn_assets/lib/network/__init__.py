@@ -1,24 +1,34 @@
-"""Gene networks from the model: rank-value tokens, the Geneformer-architecture model, attention and cross-cell partial correlation, streamed moments.
+"""Gene networks from the model: rank-value tokens, the Geneformer-architecture model, attention and
+cross-cell partial correlation, streamed moments.
 
 Modules:
 
-- ``attention``: Gene networks from Geneformer attention: attention → partial correlation → streaming edge moments → edge table.
-- ``cell_features``: Per-cell gene features for the cross-cell network, chunk by chunk, and the gene universe they cover.
+- ``attention``: Gene networks from Geneformer attention: attention → partial correlation → streaming
+  edge moments → edge table.
+- ``cell_features``: Per-cell gene features for the cross-cell network, chunk by chunk, and the gene
+  universe they cover.
 - ``cross_cell``: Gene networks from a partial correlation computed across cells, streamed per study.
-- ``dense_moments``: Dense per-pair moment stores: one slot per gene pair, for gene universes up to a few thousand genes.
-- ``dictionaries``: Geneformer's dictionaries and conventions: token and gene-median dictionaries, published or built
-- ``edge_moments``: Per-edge streaming moments (n, mean, M2) of partial correlation over cells, merged exactly.
-- ``feature_moments``: Mergeable sufficient statistics of a per-cell gene feature: n, Σx, Σxxᵀ over a gene universe,
+- ``dense_moments``: Dense per-pair moment stores: one slot per gene pair, for gene universes up to a
+  few thousand genes.
+- ``dictionaries``: Geneformer's dictionaries and conventions: token and gene-median dictionaries,
+  published or built from the corpus, and the two conventions (Theodoris et al. 2023; Chen et al. 2024):
+- ``edge_moments``: Per-edge streaming moments (n, mean, M2) of partial correlation over cells, merged
+  exactly.
+- ``feature_moments``: Mergeable sufficient statistics of a per-cell gene feature: n, Σx, Σxxᵀ over a
+  gene universe, plus the two higher sums Ledoit–Wolf shrinkage needs (Σ‖x‖²x and Σ‖x‖⁴), streamed chunk
+  by chunk.
 - ``model``: Geneformer models: load a published checkpoint, or train a small one on the corpus.
-- ``pair_moments``: Per gene pair streaming moments (n, mean, M2) in an open-addressing hash map, for large gene universes.
-- ``partial_correlation``: Partial correlation of each cell's gene × gene attention block, by named methods.
+- ``pair_moments``: Per gene pair streaming moments (n, mean, M2) in an open-addressing hash map, for
+  large gene universes.
+- ``partial_correlation``: Partial correlation of each cell's gene × gene attention block, by named
+  methods.
 - ``tokens``: Geneformer's rank-value encoding of a cells × genes count matrix.
 
 Public names are importable from the package (``from scgrn_assets.lib.network import X``); each
 module loads on first use, so importing the package stays cheap.
 """
 
-import importlib
+from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
@@ -44,15 +54,4 @@ _PUBLIC = {
         "partial_correlation", "partial_correlation_triangle"),
     "tokens": ("TokenizedCells", "tokenize_cells"),
 }
-_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)
