@@ -210,6 +210,22 @@ def tree_edges(
         ``source`` (regulator), ``target``, ``score`` >= 0; one row per regulator-target pair with
         regulator != target; ``attrs["directed"] = True``.
     """
+    def importance(regulators: np.ndarray, target: np.ndarray, target_index: int) -> np.ndarray:
+        forest = ExtraTreesRegressor(
+            n_estimators=n_trees, max_features=max_features, min_samples_leaf=min_samples_leaf,
+            random_state=seed + target_index, n_jobs=n_jobs,
+        ).fit(regulators, target)
+        return np.mean([tree.tree_.compute_feature_importances(normalize=False) for tree in forest.estimators_],
+                       axis=0)
+
+    return _per_target_regressions(expression, gene_names, tf_list, max_cells, seed, groups, importance, progress)
+
+
+def _per_target_regressions(expression, gene_names, tf_list, max_cells, seed, groups, importance,
+                            progress: Progress | None) -> pd.DataFrame:
+    """The directed edge table of a per-target regression method: for each target, ``importance(regulators,
+    target, target_index)`` scores its candidate regulators (every regulator but itself) on the
+    standardised cells; a constant target has nothing to explain and scores 0."""
     standardised, standard_deviation, regulator_indices = _regression_inputs(expression, gene_names, tf_list,
                                                                              max_cells, seed, groups)
     names = np.asarray(gene_names, dtype=object)
@@ -217,24 +233,14 @@ def tree_edges(
     for target_index in range(len(gene_names)):
         candidates = regulator_indices[regulator_indices != target_index]
         if len(candidates) and standard_deviation[target_index] > 0:
-            forest = ExtraTreesRegressor(
-                n_estimators=n_trees, max_features=max_features, min_samples_leaf=min_samples_leaf,
-                random_state=seed + target_index, n_jobs=n_jobs,
-            ).fit(standardised[:, candidates], standardised[:, target_index])
-            importance = np.mean(
-                [tree.tree_.compute_feature_importances(normalize=False) for tree in forest.estimators_], axis=0
-            )
+            scores.append(importance(standardised[:, candidates], standardised[:, target_index], target_index))
         else:
-            importance = np.zeros(len(candidates))  # a constant target has nothing to explain
+            scores.append(np.zeros(len(candidates)))
         sources.append(names[candidates])
         targets.append(np.full(len(candidates), names[target_index], dtype=object))
-        scores.append(importance)
         report(progress, target_index + 1, len(gene_names))
-    predictions = pd.DataFrame({
-        "source": np.concatenate(sources),
-        "target": np.concatenate(targets),
-        "score": np.concatenate(scores),
-    })
+    predictions = pd.DataFrame({"source": np.concatenate(sources), "target": np.concatenate(targets),
+                                "score": np.concatenate(scores)})
     predictions.attrs["directed"] = True
     return predictions
 
@@ -299,28 +305,13 @@ def grnboost2_edges(
     """
     from sklearn.ensemble import GradientBoostingRegressor
 
-    standardised, standard_deviation, regulator_indices = _regression_inputs(expression, gene_names, tf_list,
-                                                                             max_cells, seed, groups)
-    names = np.asarray(gene_names, dtype=object)
-    sources, targets, scores = [], [], []
-    for target_index in range(len(gene_names)):
-        candidates = regulator_indices[regulator_indices != target_index]
-        if len(candidates) and standard_deviation[target_index] > 0:
-            booster = GradientBoostingRegressor(learning_rate=0.01, n_estimators=max_estimators, max_features=0.1,
-                                                subsample=0.9, random_state=seed + target_index)
-            booster.fit(standardised[:, candidates], standardised[:, target_index],
-                        monitor=_EarlyStopOnOutOfBag(early_stop_window))
-            importance = booster.feature_importances_ * len(booster.estimators_)
-        else:
-            importance = np.zeros(len(candidates))
-        sources.append(names[candidates])
-        targets.append(np.full(len(candidates), names[target_index], dtype=object))
-        scores.append(importance)
-        report(progress, target_index + 1, len(gene_names))
-    predictions = pd.DataFrame({"source": np.concatenate(sources), "target": np.concatenate(targets),
-                                "score": np.concatenate(scores)})
-    predictions.attrs["directed"] = True
-    return predictions
+    def importance(regulators: np.ndarray, target: np.ndarray, target_index: int) -> np.ndarray:
+        booster = GradientBoostingRegressor(learning_rate=0.01, n_estimators=max_estimators, max_features=0.1,
+                                            subsample=0.9, random_state=seed + target_index)
+        booster.fit(regulators, target, monitor=_EarlyStopOnOutOfBag(early_stop_window))
+        return booster.feature_importances_ * len(booster.estimators_)
+
+    return _per_target_regressions(expression, gene_names, tf_list, max_cells, seed, groups, importance, progress)
 
 
 def regdiffusion_edges(expression, gene_names: Sequence[str], *, n_steps: int = 1000, max_cells: int = 2000,

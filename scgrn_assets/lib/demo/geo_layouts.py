@@ -130,29 +130,44 @@ def _study_samples(truth: DemoTruth, study: str) -> pd.DataFrame:
     return truth.samples[truth.samples["study"] == study].reset_index(drop=True)
 
 
-def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
+def _write_sample_tar(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None, *,
+                      member_suffix: str, corner: str, symbol_of, run_rows_of, extra_members=()) -> list[dict]:
+    """A GEO ``<study>_RAW.tar`` of one gzipped genes x cells text file per sample (the layouts differ
+    in the file suffix, the header's first cell and how symbols are written); returns the SRA run rows
+    ``run_rows_of(index, sample)`` gives for each sample."""
     symbols_all = truth.genes["gene_symbol"].tolist()
-    tar_name = f"{study}_RAW.tar"
     runs = []
     samples = _study_samples(truth, study)
-    with _DeterministicTar(study_dir / tar_name) as archive:
+    with _DeterministicTar(study_dir / f"{study}_RAW.tar") as archive:
         for index, sample in samples.iterrows():
             counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
-            header = [""] + cells["barcode"].tolist()
-            member = f"{sample['sample']}_{sample['sample_name']}.txt.gz"
-            archive.add(member, _gzip_bytes(_dense_text([symbols_all[g] for g in genes], counts, header, "\t")))
+            header = [corner] + cells["barcode"].tolist()
+            member = f"{sample['sample']}_{sample['sample_name']}{member_suffix}"
+            symbols = [symbol_of(symbols_all[g]) for g in genes]
+            archive.add(member, _gzip_bytes(_dense_text(symbols, counts, header, "\t")))
             report(progress, index + 1, len(samples), file=f"{study}/{member}")
-            strain = {"AD": "5XFAD", "control": "C57BL/6"}.get(sample["condition"], "C57BL/6")
-            for run in range(2):  # two sequencing runs per sample, as SRA lists them
-                runs.append({"Run": f"SRR{9_000_000 + index * 2 + run + int(study[3:]) * 100}",
-                             "Assay Type": "RNA-Seq", "AvgSpotLen": 75, "BioSample": f"SAMN{int(study[3:])}{index:03d}",
-                             "Organism": "Mus musculus", "Sample Name": sample["sample"],
-                             "source_name": "microglia", "strain": strain, "tissue": "brain"})
-        # GEO RAW tars also carry files the reader must skip.
-        archive.add("filelist.txt", b"Archive\tName\n")
+            runs.extend(run_rows_of(index, sample))
+        for name, data in extra_members:
+            archive.add(name, data)
+    return runs
+
+
+def _write_raw_tar_dense_tsv(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
+    def run_rows(index: int, sample) -> list[dict]:
+        strain = {"AD": "5XFAD", "control": "C57BL/6"}.get(sample["condition"], "C57BL/6")
+        # Two sequencing runs per sample, as SRA lists them.
+        return [{"Run": f"SRR{9_000_000 + index * 2 + run + int(study[3:]) * 100}",
+                 "Assay Type": "RNA-Seq", "AvgSpotLen": 75, "BioSample": f"SAMN{int(study[3:])}{index:03d}",
+                 "Organism": "Mus musculus", "Sample Name": sample["sample"],
+                 "source_name": "microglia", "strain": strain, "tissue": "brain"} for run in range(2)]
+
+    # GEO RAW tars also carry files the reader must skip.
+    runs = _write_sample_tar(truth, study, study_dir, progress, member_suffix=".txt.gz", corner="",
+                             symbol_of=lambda symbol: symbol, run_rows_of=run_rows,
+                             extra_members=[("filelist.txt", b"Archive\tName\n")])
     metadata_name = f"{study}_SraRunTable.csv"
     _write_bytes(study_dir / metadata_name, _sra_run_table(runs))
-    return [(tar_name, "counts"), (metadata_name, "metadata")]
+    return [(f"{study}_RAW.tar", "counts"), (metadata_name, "metadata")]
 
 
 def _write_processed_csv_well_plate(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
@@ -189,25 +204,16 @@ def _write_processed_csv_well_plate(truth: DemoTruth, study: str, study_dir: Pat
 
 
 def _write_raw_tar_dropseq_dge(truth: DemoTruth, study: str, study_dir: Path, progress: Progress | None):
-    symbols_all = truth.genes["gene_symbol"].tolist()
-    tar_name = f"{study}_RAW.tar"
-    runs = []
-    samples = _study_samples(truth, study)
-    with _DeterministicTar(study_dir / tar_name) as archive:
-        for index, sample in samples.iterrows():
-            counts, cells, genes = simulate_sample_counts(truth, study, sample["sample"])
-            header = ["GENE"] + cells["barcode"].tolist()
-            member = f"{sample['sample']}_{sample['sample_name']}.dge.txt.gz"
-            symbols = [_r_make_names(symbols_all[g]) for g in genes]
-            archive.add(member, _gzip_bytes(_dense_text(symbols, counts, header, "\t")))
-            report(progress, index + 1, len(samples), file=f"{study}/{member}")
-            runs.append({"Run": f"SRR{7_000_000 + index}", "Assay Type": "RNA-Seq", "AvgSpotLen": 60,
-                         "Organism": "Mus musculus", "Sample Name": sample["sample"],
-                         "age": ["P5", "P30", "P100"][index % 3], "source_name": "microglia",
-                         "strain": "C57BL/6J"})
+    def run_rows(index: int, sample) -> list[dict]:
+        return [{"Run": f"SRR{7_000_000 + index}", "Assay Type": "RNA-Seq", "AvgSpotLen": 60,
+                 "Organism": "Mus musculus", "Sample Name": sample["sample"],
+                 "age": ["P5", "P30", "P100"][index % 3], "source_name": "microglia", "strain": "C57BL/6J"}]
+
+    runs = _write_sample_tar(truth, study, study_dir, progress, member_suffix=".dge.txt.gz", corner="GENE",
+                             symbol_of=_r_make_names, run_rows_of=run_rows)
     metadata_name = f"{study}_SraRunTable.csv"
     _write_bytes(study_dir / metadata_name, _sra_run_table(runs))
-    return [(tar_name, "counts"), (metadata_name, "metadata")]
+    return [(f"{study}_RAW.tar", "counts"), (metadata_name, "metadata")]
 
 
 def _mtx_bytes(counts: sp.csr_matrix) -> bytes:
