@@ -34,7 +34,7 @@ SUMMARY = {
 def init_text(pkg: str) -> str:
     summary = SUMMARY[pkg]
     d = ROOT / pkg
-    lines, mapping = [], {}
+    lines, mapping, defined_in = [], {}, {}
     for f in sorted(d.glob("*.py")):
         if f.name.startswith("_"):
             continue
@@ -44,12 +44,23 @@ def init_text(pkg: str) -> str:
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
                 explicit = [ast.literal_eval(e) for e in node.value.elts]
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | {
+            t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
         names = explicit or [n.name for n in tree.body
                              if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
         lines.append(textwrap.fill(f"- ``{f.stem}``: {doc}", 104, subsequent_indent="  ",
                                    break_on_hyphens=False))
         for n in names:
+            if n in defined:
+                # Two modules of one package defining one public name would make the package's name
+                # ambiguous: refuse, so it is renamed rather than silently shadowed.
+                if n in defined_in:
+                    raise ValueError(f"{pkg}: {n!r} is defined in both {defined_in[n]} and {f.stem}")
+                defined_in[n] = f.stem
             mapping.setdefault(n, f.stem)
+    # A name a module only re-exports is taken from the module that defines it.
+    mapping = {n: defined_in.get(n, m) for n, m in mapping.items()}
     body = ('"""' + textwrap.fill(summary, 104, break_on_hyphens=False) + "\n\nModules:\n\n" + "\n".join(lines)
             + "\n\n") + \
         "Public names are importable from the package (``from scgrn_assets.lib." + pkg + " import X``); each\n" \

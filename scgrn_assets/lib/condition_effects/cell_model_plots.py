@@ -30,7 +30,7 @@ def plot_elbo(elbo_history: np.ndarray) -> bytes:
     return figure_png(figure)
 
 
-def plot_volcano(effect_table: pd.DataFrame, lfsr_threshold: float = 0.05) -> bytes:
+def plot_cell_model_volcano(effect_table: pd.DataFrame, lfsr_threshold: float = 0.05) -> bytes:
     """PNG: posterior mean log fold change vs -log10 lfsr, called genes highlighted."""
     figure, axes = _new_figure()
     axis = axes[0, 0]

@@ -20,10 +20,10 @@ from scgrn_assets.lib._lazy import lazy_exports
 
 # Each module and the public names it holds.
 _PUBLIC = {
-    "build": ("CorpusSummary", "measured_column", "combine_studies", "align_csr", "read_corpus",
-        "read_study_obs", "study_gene_names", "iter_row_chunks", "QCThresholds"),
+    "build": ("CorpusSummary", "measured_column", "combine_studies", "align_csr", "read_corpus"),
+    "study_files": ("read_study_obs", "study_gene_names", "iter_row_chunks", "read_study_frames",
+        "CsrBlock", "BlockBuffers", "iter_csr_blocks"),
+    "thresholds": ("QCThresholds", "QC_FIELDS"),
     "qc_checks": ("CountScan", "scan_counts", "row_fingerprints", "cells_repeated_across_studies"),
-    "study_files": ("read_study_frames", "CsrBlock", "BlockBuffers", "iter_csr_blocks"),
-    "thresholds": ("QC_FIELDS",),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

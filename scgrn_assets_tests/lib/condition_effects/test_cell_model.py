@@ -20,7 +20,7 @@ from scgrn_assets.lib.condition_effects.cell_model_data import (
 )
 from scgrn_assets.lib.condition_effects.cell_model import NBFitConfig, NBPosterior, build_nb_model, nb_log_likelihood
 from scgrn_assets.lib.condition_effects.cell_model_readout import condition_effect_table, load_posterior, save_posterior
-from scgrn_assets.lib.condition_effects.cell_model_plots import plot_elbo, plot_ppc, plot_volcano
+from scgrn_assets.lib.condition_effects.cell_model_plots import plot_cell_model_volcano, plot_elbo, plot_ppc
 from scgrn_assets.lib.condition_effects.cell_model_ppc import posterior_predictive_check, ppc_misfit_summary
 from scgrn_assets_tests.support.condition_effects import NULL_CALL_RATE_LIMIT, SimulatedCorpus, fit_inputs, simulate_nb_corpus
 
@@ -226,7 +226,7 @@ def test_saved_posterior_opens_with_arviz_and_holds_no_data_matrix(tmp_path, ove
 def test_plots_are_png(overdispersed_corpus):
     idata = truth_inference_data(overdispersed_corpus)
     ppc = posterior_predictive_check(idata, *fit_inputs(overdispersed_corpus)[:5], n_cells=300, n_draws=5)
-    for picture in (plot_elbo(np.asarray(idata["elbo"]["elbo"])), plot_volcano(condition_effect_table(idata)), plot_ppc(ppc)):
+    for picture in (plot_elbo(np.asarray(idata["elbo"]["elbo"])), plot_cell_model_volcano(condition_effect_table(idata)), plot_ppc(ppc)):
         assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 2000
 
 
