@@ -4,14 +4,15 @@
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pydantic
 import zarr
 from anndata.io import read_elem, sparse_dataset
 
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.defs.corpus.checks import CORPUS_CHECKS
 from scgrn_assets.io_managers import asset_folder, file_artefact, output_path, table_artefact
-from scgrn_assets.lib.corpus import (cells_repeated_across_studies, combine_studies, measured_column, QCThresholds,
-                                     row_fingerprints, scan_counts, study_gene_names)
+from scgrn_assets.lib.corpus import (cells_repeated_across_studies, combine_studies, measured_column, QC_FIELDS,
+                                     QCThresholds, row_fingerprints, scan_counts, study_gene_names)
 from scgrn_assets.lib.ingest import ChecksumLock, empty_gene_annotation, fetch_pinned, read_gene_annotation
 from scgrn_assets.lib.plotting import plot_cells_by_condition, plot_library_sizes
 from scgrn_assets.lib.sql_store import write_table
@@ -35,13 +36,13 @@ def gene_annotation(context: dg.AssetExecutionContext, storage: ScgrnStorage, do
     return dg.Output(table.reset_index(drop=True), metadata={"n_genes": len(table), "preview": table_preview(table)})
 
 
-class CorpusQCConfig(dg.Config):
-    """QC filters applied when combining; unset fields come from the catalog's ``qc`` section,
-    then from the library defaults (see the README)."""
-
-    min_counts_per_cell: int | None = None
-    min_genes_per_cell: int | None = None
-    min_cells_per_gene: int | None = None
+# One field per QC threshold of the library (QC_FIELDS), each unset by default: the fields are not
+# repeated here, so a threshold added to QCThresholds reaches the launchpad without an edit.
+CorpusQCConfig = pydantic.create_model(
+    "CorpusQCConfig", __base__=dg.Config,
+    __doc__="QC filters applied when combining; unset fields come from the catalog's ``qc`` section, "
+            "then from the library defaults (see the README).",
+    **{name: (int | None, None) for name in QC_FIELDS})
 
 
 @dg.asset(group_name="corpus", io_manager_key="artefact_io_manager", metadata=file_artefact(".zarr"),
