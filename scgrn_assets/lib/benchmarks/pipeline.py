@@ -13,7 +13,7 @@ The Dagster assets run these steps one asset at a time (with storage between the
 attention per study, merged exactly); :func:`scgrn_assets.lib.benchmarks.grn_benchmark.run_grn_benchmark`
 runs them in memory on one expression matrix and :mod:`scgrn_assets.lib.benchmarks.outputs` writes what
 it found. Each step below is the one function both use, with the same settings
-(:class:`GrnPathSettings`, whose defaults are the Dagster resources' defaults; a test keeps them equal).
+(:class:`GrnPathSettings`; the Dagster resources take their defaults from it).
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ METHOD_LABELS = {
 
 @dataclass(frozen=True)
 class GrnPathSettings:
-    """Every setting of the GRN path. Defaults = the Dagster resources' defaults
-    (``GeneformerSettings``, ``ValidationSettings``, ``BenchmarkSettings``)."""
+    """Every setting of the GRN path, with its default: the one place those defaults live (the
+    Dagster resources ``GeneformerSettings``, ``ValidationSettings`` and ``BenchmarkSettings`` read
+    theirs from here)."""
 
     # attention network
     convention: str = "V1"
