@@ -84,12 +84,3 @@ def in_pipeline_order(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefini
 def defs() -> dg.Definitions:
     """The definitions ``dg`` and the web UI load: SCGRN_CATALOG's studies over SCGRN_HOME."""
     return build_definitions(catalog_name())
-
-
-def __getattr__(name: str):
-    """``all_assets`` / ``all_asset_checks``: the environment's catalog's, for callers that predate
-    :func:`build_definitions` (built on first use, never at import)."""
-    if name not in ("all_assets", "all_asset_checks"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    built = build_definitions(catalog_name())
-    return list(built.assets) if name == "all_assets" else list(built.asset_checks)

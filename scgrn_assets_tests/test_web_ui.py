@@ -90,7 +90,8 @@ def demo_home(demo_files, tmp_path_factory) -> Path:
     (home / "dagster").mkdir()
     (home / "dagster" / "dagster.yaml").write_text(single_host_dagster_yaml(n_gpus=1))
     resources = definitions.build_resources(home=str(home), catalog="demo")
-    everything = [*definitions.all_assets, *definitions.all_asset_checks]
+    built = definitions.build_definitions("demo", home=home)
+    everything = [*built.assets, *built.asset_checks]
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         for study in STUDIES:
             result = dg.materialize(everything, selection=dg.AssetSelection.groups("ingest"), partition_key=study,

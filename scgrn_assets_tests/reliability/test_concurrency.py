@@ -151,7 +151,8 @@ MATERIALISE_PARTITION = """
     layout = StorageLayout(home)
     instance = cli._prepare_instance(layout)  # the instance the CLI uses: SCGRN_HOME/dagster
     resources = definitions.build_resources(home=str(home))
-    result = dg.materialize([*definitions.all_assets, *definitions.all_asset_checks],
+    built = definitions.build_definitions(definitions.catalog_name(), home=str(home))
+    result = dg.materialize([*built.assets, *built.asset_checks],
                             selection=dg.AssetSelection.groups("ingest"), partition_key=accession,
                             instance=instance, resources=resources, raise_on_error=False)
     cli._raise_on_failure(result, f"study {accession}")
