@@ -87,6 +87,9 @@ class Study:
     skip_bad_samples: bool = False
     # Samples (GSM accessions; ``plate<N>`` in well/plate layouts) left out without being read.
     exclude_samples: tuple[str, ...] = ()
+    # Encoding of the study's text files (names in count files, metadata tables): a byte not valid in
+    # it is an error naming the line. A UTF-16 or UTF-8 byte-order mark on a table decides over it.
+    encoding: str = "utf-8"
 
     def files_with_role(self, role: str) -> list[StudyFile]:
         return [f for f in self.files if f.role == role]
@@ -255,7 +258,7 @@ def _study(entry: StudyDoc, where: str, levels: tuple[str, str], variables: dict
                  species=entry.species, format=entry.format, gene_id_type=entry.gene_id_type, files=files,
                  metadata=metadata, condition=condition, strip_r_prefix=strip_r_prefix,
                  condition_na_reason=condition_na_reason, skip_bad_samples=entry.skip_bad_samples,
-                 exclude_samples=tuple(entry.exclude_samples or ()))
+                 exclude_samples=tuple(entry.exclude_samples or ()), encoding=entry.encoding)
 
 
 def _file(entry: FileDoc, here: str, accession: str, variables: dict[str, str]) -> StudyFile:

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from scgrn_assets.lib.corpus.thresholds import QC_FIELDS
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.formats import STUDY_FORMATS
+from scgrn_assets.lib.text_files import TEXT_ENCODINGS
 
 KNOWN_GENE_ID_TYPES = ("symbol", "ensembl", "entrez")
 KNOWN_SPECIES = ("mouse", "human")
@@ -117,6 +118,8 @@ class StudyDoc(_Document):
     strip_r_prefix: StrictBool | None = None  # None: true for Drop-seq DGE files, false otherwise
     skip_bad_samples: StrictBool = False
     exclude_samples: list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]] | None = None
+    # Of the study's text files; a byte not valid in it is an error naming the file and line.
+    encoding: Literal[TEXT_ENCODINGS] = "utf-8"
 
     @field_validator("accession")
     @classmethod
@@ -304,7 +307,7 @@ def _choices(field: Any, loc: tuple) -> list[str]:
     if loc[0] == "references":
         return sorted(REFERENCE_FORMATS)
     return {"format": sorted(STUDY_FORMATS), "species": list(KNOWN_SPECIES),
-            "gene_id_type": list(KNOWN_GENE_ID_TYPES)}.get(field, [])
+            "gene_id_type": list(KNOWN_GENE_ID_TYPES), "encoding": list(TEXT_ENCODINGS)}.get(field, [])
 
 
 __all__ = ["CatalogDoc", "StudyDoc", "FileDoc", "MetadataDoc", "ReferenceDoc", "validate_catalog_document"]
