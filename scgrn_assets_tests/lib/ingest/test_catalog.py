@@ -214,3 +214,73 @@ def test_metadata_is_optional_for_a_study_without_a_condition(tmp_path):
 def test_a_condition_rule_without_a_metadata_table_is_refused(tmp_path):
     with pytest.raises(ScgrnInputError, match="a condition rule needs the metadata table it reads"):
         parse(_broken(lambda s, r: s.pop("metadata")), tmp_path)
+
+
+# --- hostile catalogs that used to give raw tracebacks, and catalog scale ------------------------
+
+
+@pytest.mark.parametrize("nesting", [
+    pytest.param("[" * 50_000 + "]" * 50_000, id="flow"),
+    pytest.param("".join("\n" + " " * depth + "-" for depth in range(1, 2_000)), id="block"),
+    pytest.param("".join("\n" + " " * depth + f"k{depth}:" for depth in range(1, 2_000)), id="mapping"),
+])
+def test_a_deeply_nested_catalog_names_the_file_not_a_recursion_error(tmp_path, nesting):
+    path = tmp_path / "deep.yaml"
+    path.write_text(yaml.safe_dump(minimal_catalog()) + "options: " + nesting + "\n")
+    with pytest.raises(ScgrnInputError, match=r"(?s)deep.yaml is not valid YAML: .*nest") as error:
+        load_catalog(str(path))
+    assert "fix the YAML" in str(error.value)
+
+
+def test_an_integer_of_5000_digits_names_the_file_not_a_value_error(tmp_path):
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(minimal_catalog()) + "qc: {min_genes_per_cell: " + "9" * 5000 + "}\n")
+    with pytest.raises(ScgrnInputError, match=r"digits.yaml is not valid YAML: an integer of 5000 digits"):
+        load_catalog(str(path))
+
+
+def test_yaml_tags_beyond_plain_data_are_refused(tmp_path):
+    path = tmp_path / "tagged.yaml"
+    path.write_text(yaml.safe_dump(minimal_catalog()) + "description: !!binary aGVsbG8=\n")
+    with pytest.raises(ScgrnInputError, match=r"tagged.yaml is not valid YAML: the tag .*binary is not allowed"):
+        load_catalog(str(path))
+
+
+@pytest.mark.parametrize("libyaml", [True, False], ids=["libyaml", "pure_python"])
+def test_libyaml_and_pure_python_parsers_read_the_same_values_and_refuse_the_same_files(monkeypatch, libyaml):
+    from scgrn_assets.lib.ingest.strict_yaml import StrictYamlError, load_strict_yaml
+
+    if libyaml and not yaml.__with_libyaml__:
+        pytest.skip("PyYAML without libyaml")
+    monkeypatch.setattr(yaml, "__with_libyaml__", libyaml)
+    real = builtin_catalog_path("real").read_text()
+    assert load_strict_yaml(real) == yaml.safe_load(real)  # nothing YAML 1.1-specific in it
+    text = "a: [1, -2, 1.5, .inf, ~, '', true, yes, 01, 2020-01-01, !!str 3, \"4\"]\nyes: {off: ~}\n"
+    assert load_strict_yaml(text) == {"a": [1, -2, 1.5, float("inf"), None, "", True, "yes", "01", "2020-01-01",
+                                            "3", "4"], "yes": {"off": None}}
+    for bad, message in [("a: &x 1\nb: *x\n", r"aliases \(\*x\)"), ("a: 1\na: 2\n", "duplicate key 'a'"),
+                         ("? [1]\n: 2\n", "mapping key must be plain text"), ("a: 1\n---\nb: 2\n", "single document"),
+                         ("a: " + "[" * 101 + "]" * 101 + "\n", "nested more than 100 levels"),
+                         ("a: " + "7" * 5000 + "\n", "an integer of 5000 digits")]:
+        with pytest.raises(StrictYamlError, match=message):
+            load_strict_yaml(bad)
+
+
+def test_a_10000_study_catalog_loads_in_under_5_seconds(tmp_path):
+    """The scale goal of bench/catalog_scale.py; it took 29-46 s through SafeLoader's composer."""
+    import json
+    import time
+
+    raw = minimal_catalog()
+    study = raw["studies"][0]
+    raw["studies"] = [{**copy.deepcopy(study), "accession": f"GSE{100_000 + index}", "files": [
+        {"name": f["name"], "url": f["url"].replace("GSE98969", f"GSE{100_000 + index}"), "role": f["role"]}
+        for f in study["files"]]} for index in range(10_000)]
+    path = tmp_path / "scale.yaml"
+    # JSON (YAML in flow style) because yaml.safe_dump of 10,000 studies takes longer than the load.
+    path.write_text(json.dumps(raw, indent=1))
+    started = time.process_time()  # CPU time: other processes on a shared machine do not count against it
+    catalog = load_catalog(path, variables={"SCGRN_HOME": str(tmp_path)})
+    seconds = time.process_time() - started
+    assert len(catalog.studies) == 10_000 and catalog.studies[-1].accession == "GSE109999"
+    assert seconds < 5, f"{seconds:.1f} s"
