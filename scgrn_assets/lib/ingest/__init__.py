@@ -52,7 +52,7 @@ _PUBLIC = {
         "harmonise_gene_ids", "refuse_identifiers_of_another_type", "drop_spike_ins",
         "sum_duplicate_genes"),
     "metadata_tables": ("read_metadata_table", "read_series_matrix"),
-    "mtx_text": ("read_mtx_coo",),
+    "mtx_text": ("read_mtx_coo", "refuse_repeated_coordinates"),
     "read_ahead": ("read_ahead",),
     "readers": ("SampleCounts", "SkippedSample", "READERS", "read_study_samples", "read_dense_count_block",
         "normalise_plate_id"),

@@ -321,3 +321,16 @@ def _parse_entries(buf, rows, cols, vals):  # pragma: no cover - compiled
         vals[k] = value
         k += 1
     return k, pos, 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_not_increasing(major, minor):  # pragma: no cover - compiled
+    """The first ``i`` whose pair ``(major[i], minor[i])`` is not above the one before it, or -1.
+
+    -1 means the pairs are strictly increasing, so no coordinate repeats: one pass, no copy (10x
+    writes its entries sorted by barcode, then feature).
+    """
+    for i in range(1, major.shape[0]):
+        if major[i] < major[i - 1] or (major[i] == major[i - 1] and minor[i] <= minor[i - 1]):
+            return i
+    return -1

@@ -23,6 +23,7 @@ from scgrn_assets.lib.ingest._kernels import (_FIELD_COUNT, _NEGATIVE, _NOT_A_NU
                                               _scatter_to_rows, _split_by_group)
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
 from scgrn_assets.lib.progress import Progress, report
+from scgrn_assets.lib.text_files import decode_text, undecodable_error
 
 
 BLOCK_BYTES = 8 << 20
@@ -118,15 +119,16 @@ def _prefetched_blocks(stream: IO[bytes], block_bytes: int) -> Iterator[bytes]:
     return read_ahead(_blocks(stream, block_bytes), depth=2, name="dense-text-read-ahead")
 
 
-def _split_header(header: bytes, sep: bytes) -> list[str]:
-    fields = header.rstrip(b"\r\n").split(sep)
-    return [f.decode("utf-8", errors="replace").strip().strip('"') for f in fields]
+def _split_header(header: bytes, sep: bytes, *, encoding: str, study: str, file: str) -> list[str]:
+    text = decode_text(header.rstrip(b"\r\n"), encoding=encoding, study=study, file=file)
+    return [f.strip().strip('"') for f in text.split(sep.decode())]
 
 
 def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str,
                            header_has_gene_column: bool | None = None,
                            progress: Progress | None = None,
-                           cell_groups: Callable[[list[str]], list] | None = None) -> DenseTextMatrix:
+                           cell_groups: Callable[[list[str]], list] | None = None,
+                           encoding: str = "utf-8") -> DenseTextMatrix:
     """Parse a genes x cells delimited text matrix into cells x genes sparse counts.
 
     Parameters
@@ -144,9 +146,13 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
     progress
         Called as ``progress(n_bytes_parsed, 0, unit="bytes")`` after each block (the total is
         not known: the stream is decompressed as it is read).
+    encoding
+        Of the header and the gene names (an ASCII-compatible one: the catalog's ``encoding:``);
+        a byte not valid in it is an error naming the line, never a replacement character.
 
     Counts must be non-negative integers (``3``, ``3.0`` and R's ``1e+05`` are accepted)
     that fit in int32; anything else raises :class:`ScgrnInputError` naming the line and the fix.
+    A file with a header but no gene line is refused too: read, its cells would be measured zeros.
     """
     sep_byte = sep.encode()
     header = stream.readline(MAX_LINE_BYTES + 1)
@@ -160,7 +166,7 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
                               study=study, file=file,
                               fix="convert the line endings (e.g. tr '\\r' '\\n' < FILE > FILE.fixed), or exclude "
                                   "the sample")
-    header_fields = _split_header(header, sep_byte)
+    header_fields = _split_header(header, sep_byte, encoding=encoding, study=study, file=file)
     pending = b""
     gene_names: list[str] = []
     chunks: list[list[tuple]] = [[]]
@@ -218,7 +224,8 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
             raise ScgrnInputError(f"line {error_line_or_blanks} {detail}", study=study, file=file,
                                   fix="re-download the file or exclude the sample")
         if n_lines:
-            gene_names.extend(_decode_names(buf, name_start[:n_lines], name_end[:n_lines]))
+            gene_names.extend(_decode_names(buf, name_start[:n_lines], name_end[:n_lines], encoding=encoding,
+                                            first_line=line_number, study=study, file=file))
             first_gene = len(gene_names) - n_lines
             if len(chunks) == 1:
                 chunks[0].append((first_gene, line_nnz[:n_lines].copy(), cells[:nnz].astype(_index_dtype(n_cells)),
@@ -229,11 +236,11 @@ def read_dense_text_matrix(stream: IO[bytes], *, sep: str, study: str, file: str
         line_number += n_lines + error_line_or_blanks
         bytes_read += len(block)
         report(progress, bytes_read, 0, unit="bytes")  # total 0: the decompressed size is not known
-    if n_cells is None:
-        cell_names = header_fields[1:]
-        cell_nnz = np.zeros(len(cell_names), dtype=np.int64)
-        group_of, local_index = _cell_groups(cell_groups, cell_names)
-        chunks = [[] for _ in range(int(group_of.max()) + 1 if len(cell_names) else 1)]
+    if not gene_names:
+        n_header_cells = len(cell_names) if n_cells is not None else len(header_fields) - 1
+        raise ScgrnInputError(f"has a header of {n_header_cells} cells but no gene lines (read as is, its cells "
+                              "would hold measured zeros)", study=study, file=file,
+                              fix="re-download the file (it is cut short or empty), or exclude the sample")
     return DenseTextMatrix(gene_names=gene_names, cell_names=cell_names, chunks=chunks, cell_nnz=cell_nnz,
                            group_of=group_of, local_index=local_index)
 
@@ -287,10 +294,21 @@ def _scratch(store: dict[str, np.ndarray], key: str, size: int, dtype) -> np.nda
     return store[key]
 
 
-def _decode_names(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
-    """The gene names of a block's lines, decoded in one call rather than one per line."""
+def _decode_names(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, *, encoding: str, first_line: int,
+                  study: str, file: str) -> list[str]:
+    """The gene names of a block's lines (the first is line ``first_line``), decoded in one call rather
+    than one per line; an undecodable name is an error naming its line."""
     blob = _gather_names(buf, starts, ends).tobytes()
-    names = blob.decode("utf-8", errors="replace").split("\n")[:-1]
+    try:
+        text = blob.decode(encoding)
+    except UnicodeDecodeError as error:
+        index = blob.count(b"\n", 0, error.start)  # the name holding the byte
+        line = first_line + int(np.count_nonzero(buf[:starts[index]] == 10))
+        column = error.start - (blob.rfind(b"\n", 0, error.start) + 1)
+        name = bytes(buf[starts[index]:ends[index]])
+        raise undecodable_error(name, UnicodeDecodeError(error.encoding, name, column, column + 1, error.reason),
+                                encoding=encoding, study=study, file=file, first_line=line) from None
+    names = text.split("\n")[:-1]
     return [name.strip('"') for name in names] if b'"' in blob else names
 
 

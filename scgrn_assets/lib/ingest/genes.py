@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,17 +24,21 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 def normalise_name(name: str) -> str:
     """The one spelling of a gene or cell name, whichever reader found it.
 
-    A byte-order mark, surrounding spaces and one pair of surrounding double quotes (R and
-    some 10x exports quote names) are removed: ``"Apoe"``, `` Apoe `` and ``Apoe`` are one gene.
+    Format characters (Unicode category Cf: a byte-order mark, zero-width spaces and joiners,
+    direction marks) are removed, no-break spaces become plain spaces, then surrounding spaces
+    and one pair of surrounding double quotes (R and some 10x exports quote names) are removed:
+    ``"Apoe"``, `` Apoe ``, ``Apo\u200be`` and ``Apoe`` are one gene.
     """
-    text = name.replace("\ufeff", "").strip()
+    if not name.isascii():  # the usual name is ASCII: no per-character look-up
+        name = "".join(" " if c == "\u00a0" else c for c in name if unicodedata.category(c) != "Cf")
+    text = name.strip()
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1].strip()
     return text
 
 
 def normalise_names(names: list[str], *, kind: str, study: str, file: str) -> list[str]:
-    """:func:`normalise_name` of each; a name holding a control character is an error naming the file."""
+    """:func:`normalise_name` of each; a name holding a control character or U+FFFD is an error naming the file."""
     normalised = [normalise_name(name) for name in names]
     for index, name in enumerate(normalised):
         if _CONTROL_CHARACTER.search(name):
@@ -41,6 +46,12 @@ def normalise_names(names: list[str], *, kind: str, study: str, file: str) -> li
                                   study=study, file=file,
                                   fix="re-download the file (it is corrupt or was written with the wrong line "
                                       "endings), or exclude the sample")
+        if "\ufffd" in name:
+            # Names that differed in their undecodable bytes would merge on it (and their counts be summed).
+            raise ScgrnInputError(f"{kind} name {name!r} (entry {index + 1}) holds U+FFFD, the replacement "
+                                  "character: the file was decoded with the wrong encoding before it was saved",
+                                  study=study, file=file,
+                                  fix="re-download the original file (from GEO), or exclude the sample")
     return normalised
 
 

@@ -11,25 +11,37 @@ import pandas as pd
 
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.ingest.archive import ExtractionLimits, open_maybe_gzip, read_guard
+from scgrn_assets.lib.text_files import decode_text_file, iter_decoded_lines
 
 
 _SERIES_MATRIX = re.compile(r"_series_matrix\.txt(\.gz)?$")
+# Separators a table may use whatever its name says: Excel in many locales saves "CSV" with ";".
+_SEPARATORS = (",", "\t", ";")
 
 
-def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
+def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits(),
+                        encoding: str = "utf-8") -> pd.DataFrame:
     """An SraRunTable (CSV, one row per run), a GEO series matrix (``…_series_matrix.txt.gz``,
     one row per GSM: :func:`read_series_matrix`) or any CSV/TSV metadata table, as strings (at
-    most ``limits.max_member_bytes`` decompressed)."""
+    most ``limits.max_member_bytes`` decompressed).
+
+    Text is decoded strictly in ``encoding`` (an undecodable byte is an error naming the line); a
+    UTF-16 or UTF-8 byte-order mark decides over it. The separator is the name's (tab for ``.tsv``
+    and ``.txt``, else comma) unless the header holds none of it but another of ``, TAB ;``: then
+    that one. ``table.attrs["read_as"]`` says which encoding and separator were used, for errors.
+    """
     if _SERIES_MATRIX.search(path.name):
-        return read_series_matrix(path, study=study, limits=limits)
+        return read_series_matrix(path, study=study, limits=limits, encoding=encoding)
     sep = "\t" if path.name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
     try:
         with read_guard(study=study, file=path.name):
             raw = path.open("rb")
             with open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study) as stream:
-                table = pd.read_csv(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), sep=sep, dtype=str,
-                                    keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+                data = stream.read()
+        text, encoding = decode_text_file(data, encoding=encoding, study=study, file=path.name)
+        sep = _sniff_separator(text, sep)
+        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ScgrnInputError(f"cannot be read as a metadata table ({str(exc).splitlines()[0]})", study=study,
                               file=path.name, fix="re-download the metadata table (e.g. the SraRunTable)") from None
     if not isinstance(table.index, pd.RangeIndex):
@@ -37,10 +49,22 @@ def read_metadata_table(path: Path, *, study: str, limits: ExtractionLimits = Ex
         raise ScgrnInputError("has rows with more fields than its header", study=study, file=path.name,
                               fix="re-download the metadata table (e.g. the SraRunTable)")
     table.columns = [str(c).strip() for c in table.columns]
+    table.attrs["read_as"] = f"{encoding}, separated by {sep!r}"
     return table
 
 
-def read_series_matrix(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits()) -> pd.DataFrame:
+def _sniff_separator(text: str, default: str) -> str:
+    """``default`` unless the header line holds none of it but another separator (the most frequent)."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    if default in header:
+        return default
+    counts = {sep: header.count(sep) for sep in _SEPARATORS if sep != default}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else default
+
+
+def read_series_matrix(path: Path, *, study: str, limits: ExtractionLimits = ExtractionLimits(),
+                       encoding: str = "utf-8") -> pd.DataFrame:
     """The sample header of a GEO series matrix as one row per GSM, all strings.
 
     Columns: each ``!Sample_<field>`` line by its field name (``geo_accession``, ``title``,
@@ -48,15 +72,16 @@ def read_series_matrix(path: Path, *, study: str, limits: ExtractionLimits = Ext
     of the ``!Sample_characteristics_ch1`` lines' ``key: value`` cells. GEO aligns those
     lines by position, not by key, so each sample's keys are read from its own cells; a
     sample without a key gets ``""``. The expression table after
-    ``!series_matrix_table_begin`` is never read.
+    ``!series_matrix_table_begin`` is never read. Lines are decoded strictly in ``encoding``
+    (a UTF-16 or UTF-8 byte-order mark decides over it): an undecodable byte is an error naming the line.
     """
     fields: dict[str, list[str]] = {}
     characteristics: list[list[str]] = []
     try:
         with read_guard(study=study, file=path.name), path.open("rb") as raw, \
                 open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study) as stream:
-            text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
-            for line_number, cells in enumerate(csv.reader(text, delimiter="\t", quotechar='"'), start=1):
+            text = iter_decoded_lines(stream, encoding=encoding, study=study, file=path.name)
+            for cells in csv.reader(text, delimiter="\t", quotechar='"'):
                 if not cells:
                     continue
                 key = cells[0].strip()

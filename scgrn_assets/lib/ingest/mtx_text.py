@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgrn_assets.lib.ingest import dense_text
-from scgrn_assets.lib.ingest._kernels import _parse_entries
+from scgrn_assets.lib.ingest._kernels import _first_not_increasing, _parse_entries
 from scgrn_assets.lib.ingest.dense_text import _prefetched_blocks
 from scgrn_assets.lib.errors import ScgrnInputError
 
@@ -71,10 +71,10 @@ def _read_with_pandas(stream: IO[bytes], *, study: str, file: str):
 def read_mtx_coo(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
     """Matrix Market coordinate file (1-based), streamed in blocks; counts must be integers >= 0.
 
-    Returns the matrix as written (rows x columns, int64 values, duplicate coordinates not
-    yet summed). Raises :class:`ScgrnInputError` naming the file on a bad header or size
-    line, a malformed entry, fewer or more entries than declared, a negative, missing,
-    non-integer or above-int32 count, or an index outside the declared shape.
+    Returns the matrix as written (rows x columns, int64 values). Raises :class:`ScgrnInputError`
+    naming the file on a bad header or size line, a malformed entry, fewer or more entries than
+    declared, a negative, missing, non-integer or above-int32 count, an index outside the declared
+    shape, or a coordinate given twice (:func:`refuse_repeated_coordinates`).
     """
     header = stream.readline(MAX_MTX_LINE_BYTES).decode("ascii", errors="replace").lower()
     if not header.startswith("%%matrixmarket matrix coordinate"):
@@ -164,7 +164,29 @@ def read_mtx_coo(stream: IO[bytes], *, study: str, file: str) -> sp.coo_matrix:
     if row.size and (row.min() < 1 or row.max() > n_rows or col.min() < 1 or col.max() > n_cols):
         raise ScgrnInputError(f"has an index outside its declared {n_rows} x {n_cols} shape", study=study, file=file,
                               fix=_FIX)
-    # coo -> csr later sums duplicate coordinates, as Matrix Market allows (in int64: no wrap-around).
+    refuse_repeated_coordinates(row, col, study=study, file=file)
     row -= 1
     col -= 1
     return sp.coo_matrix((value.astype(np.int64, copy=False), (row, col)), shape=(n_rows, n_cols))
+
+
+def refuse_repeated_coordinates(row: np.ndarray, col: np.ndarray, *, study: str, file: str) -> None:
+    """Raise naming the first entry that repeats an earlier entry's (row, column).
+
+    10x never writes a coordinate twice; a file that does was concatenated or damaged, and
+    summing the two values (what coo -> csr does) would pass for real counts without a word.
+    Sorted files (by column then row, as 10x writes them, or by row then column) are checked
+    in one pass; others are sorted once to find the repeat.
+    """
+    if len(row) < 2 or _first_not_increasing(col, row) < 0 or _first_not_increasing(row, col) < 0:
+        return
+    order = np.lexsort((col, row))  # stable: of equal coordinates, the earlier entry comes first
+    sorted_row, sorted_col = row[order], col[order]
+    repeats = (sorted_row[1:] == sorted_row[:-1]) & (sorted_col[1:] == sorted_col[:-1])
+    if not repeats.any():
+        return
+    entry = int(order[1:][repeats].min())
+    raise ScgrnInputError(f"entry {entry + 1} repeats the coordinate (row {int(row[entry])}, column "
+                          f"{int(col[entry])}) of an earlier entry: 10x writes each coordinate once", study=study,
+                          file=file, fix="re-download the file (two matrices may have been joined), or exclude "
+                                         "the sample")

@@ -8,6 +8,7 @@ extracted whole and never held in memory whole.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -26,12 +27,15 @@ from scgrn_assets.lib.ingest.dense_text import read_dense_text_matrix
 from scgrn_assets.lib.ingest.metadata_tables import read_metadata_table, read_series_matrix
 from scgrn_assets.lib.ingest.mtx_text import read_mtx_coo
 from scgrn_assets.lib.progress import Progress, report
+from scgrn_assets.lib.text_files import decode_text
 
 
 _GSM_MEMBER = re.compile(r"^(?P<sample>GSM\d+)_(?P<name>.+?)(?P<suffix>\.dge\.txt\.gz|\.txt\.gz)$")
 _TENX_MEMBER = re.compile(
     r"^(?P<sample>GSM\d+)_(?P<name>.+?)_?(?P<kind>matrix\.mtx|features\.tsv|genes\.tsv|barcodes\.tsv)\.gz$")
 _GSM = re.compile(r"^GSM\d+$")
+# Any member named after a sample: one the layout cannot read is listed, never dropped without a word.
+_GSM_PREFIXED = re.compile(r"^(?P<sample>GSM\d+)_")
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ class SkippedSample:
 
 def read_study_samples(study: Study, raw_dir: Path, progress: Progress | None = None, *,
                        limits: ExtractionLimits = ExtractionLimits(),
-                       skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+                       skipped: list[SkippedSample] | None = None,
+                       unread: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """Dispatch to the reader of ``study.format``; files are in ``raw_dir`` by catalog name.
 
     ``limits`` bound archive members and every decompressed file (``max_member_bytes``).
@@ -74,15 +79,22 @@ def read_study_samples(study: Study, raw_dir: Path, progress: Progress | None = 
     ``progress(done, total, file=name)`` is called as each sample file is begun: ``done`` samples
     of the count file were read before it, of ``total`` (0 where an archive is read in one pass
     and the number is not known in advance).
+
+    Archive members named after a sample (``GSM…_``) that the layout cannot read: when the sample
+    has no member the layout reads, it would vanish, so the member is handled like a sample file that
+    fails to parse (an error naming ``exclude_samples`` and ``skip_bad_samples``; listed in ``skipped``
+    under either); when the sample was read from another member, it is appended to ``unread`` and
+    logged (a GEO supplement such as ``GSM…_notes.csv``).
     """
     reader = READERS[study.format]
     skipped = skipped if skipped is not None else []
+    unread = unread if unread is not None else []
     for count_file in study.files_with_role("counts"):
         path = raw_dir / count_file.name
         if not path.exists():
             raise ScgrnInputError(f"count file {path} is missing", study=study.accession, file=count_file.name,
                                   fix="materialise geo_raw_archive for this study first")
-        for sample in reader(study, path, progress, limits=limits, skipped=skipped):
+        for sample in reader(study, path, progress, limits=limits, skipped=skipped, unread=unread):
             if _excluded(study, skipped, sample.sample, sample.source_file):
                 continue  # one-file layouts (plates, bulk columns) are read whole; the sample is dropped here
             yield sample
@@ -123,59 +135,107 @@ def _member_name(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
+def _settle_unread_members(study: Study, path: Path, unreadable: dict[str, str], read_samples: set[str],
+                           skipped: list[SkippedSample], unread: list[SkippedSample], *, expected: str) -> None:
+    """Members named after a sample that the layout cannot read (``unreadable``: member -> sample).
+
+    A sample read from another member keeps it listed in ``unread`` (and logged); a sample with no
+    member the layout reads is a sample that failed to parse (:func:`_skip_or_raise`), or excluded.
+    """
+    settled: set[str] = set()  # samples without a readable member, already raised or listed
+    for member, sample in unreadable.items():
+        if sample in settled:
+            continue
+        if sample in read_samples:
+            unread.append(SkippedSample(sample=sample, file=member, reason=f"not a {expected} file"))
+            logger.warning("%s: %s: not a %s file, not read (sample %s is read from another file)",
+                           study.accession, member, expected, sample)
+            continue
+        settled.add(sample)  # one entry per sample, by its first unreadable member
+        if _excluded(study, skipped, sample, member):
+            continue
+        problem = (f"sample {sample}'s only file is not a {expected} file, which the study's format "
+                   f"{study.format} reads: the sample would be left out")
+        _skip_or_raise(study, skipped, sample, member, ScgrnInputError(
+            problem, study=study.accession, file=f"{path.name}:{member}",
+            fix=f"check the catalog's format ({study.format}) against the archive's contents"))
+
+
 def read_raw_tar_dense_tsv(study: Study, path: Path, progress: Progress | None = None, *,
                            limits: ExtractionLimits = ExtractionLimits(),
-                           skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+                           skipped: list[SkippedSample] | None = None,
+                           unread: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE98969-style RAW tar: per-sample ``GSM…_<name>.txt.gz``, genes x cells, tab-separated.
 
     MARS-seq tables are R ``write.table`` output: the header lists the cells (wells) only,
     one field shorter than the data lines, which start with the gene.
     """
     yield from _read_dense_members(study, path, suffix=".txt.gz", progress=progress, limits=limits,
-                                   skipped=skipped if skipped is not None else [])
+                                   skipped=skipped if skipped is not None else [],
+                                   unread=unread if unread is not None else [])
 
 
 def read_raw_tar_dropseq_dge(study: Study, path: Path, progress: Progress | None = None, *,
                              limits: ExtractionLimits = ExtractionLimits(),
-                             skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+                             skipped: list[SkippedSample] | None = None,
+                             unread: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE121654-style RAW tar: per-sample Drop-seq ``GSM…_<name>.dge.txt.gz`` (header ``GENE``)."""
     yield from _read_dense_members(study, path, suffix=".dge.txt.gz", progress=progress, limits=limits,
-                                   skipped=skipped if skipped is not None else [])
+                                   skipped=skipped if skipped is not None else [],
+                                   unread=unread if unread is not None else [])
 
 
 def _read_dense_members(study: Study, path: Path, *, suffix: str, progress: Progress | None,
-                        limits: ExtractionLimits, skipped: list[SkippedSample]) -> Iterator[SampleCounts]:
+                        limits: ExtractionLimits, skipped: list[SkippedSample],
+                        unread: list[SkippedSample]) -> Iterator[SampleCounts]:
     found = 0
     n_skipped_before = len(skipped)
+    unreadable: dict[str, str] = {}  # members named after a sample that this layout cannot read
+    read_samples: set[str] = set()
     for member, stream in iter_tar_members(path, study=study.accession, limits=limits):
         name = _member_name(member)
         match = _GSM_MEMBER.match(name)
         if not match or match.group("suffix") != suffix:
-            continue  # GEO RAW tars also hold unrelated supplementary files
+            named = _GSM_PREFIXED.match(name)
+            if named:  # listed at the end, once we know whether its sample was read from another member
+                unreadable.setdefault(name, named.group("sample"))
+            continue  # GEO RAW tars also hold unrelated supplementary files (filelist.txt)
+        read_samples.add(match.group("sample"))
         if _excluded(study, skipped, match.group("sample"), name):
             continue  # never parsed: an excluded sample may be one that cannot be
         report(progress, found, 0, file=name)
         try:
             with read_guard(study=study.accession, file=f"{path.name}:{name}"):
                 text = open_maybe_gzip(stream, name=name, max_bytes=limits.max_member_bytes, study=study.accession)
-                matrix = read_dense_text_matrix(text, sep="\t",
-                                                study=study.accession, file=f"{path.name}:{name}")
+                matrix = read_dense_text_matrix(text, sep="\t", study=study.accession, file=f"{path.name}:{name}",
+                                                encoding=study.encoding)
         except ScgrnInputError as error:
             _skip_or_raise(study, skipped, match.group("sample"), name, error)
             continue
         found += 1
         yield SampleCounts(sample=match.group("sample"), sample_name=match.group("name"), source_file=name,
                            cell_names=matrix.cell_names, gene_ids=matrix.gene_names, counts=matrix.counts)
+    if not read_samples:
+        raise ScgrnInputError(f"holds no GSM…{suffix} sample files{_holding(unreadable)}", study=study.accession,
+                              file=path.name,
+                              fix=f"check the catalog's format ({study.format}) against the archive's contents")
+    _settle_unread_members(study, path, unreadable, read_samples, skipped, unread, expected=f"GSM…{suffix}")
     if not found and len(skipped) > n_skipped_before:
         raise _no_sample_left(study, path, skipped[n_skipped_before:])
-    if not found:
-        raise ScgrnInputError(f"holds no GSM…{suffix} sample files", study=study.accession, file=path.name,
-                              fix=f"check the catalog's format ({study.format}) against the archive's contents")
+
+
+def _holding(unreadable: dict[str, str]) -> str:
+    """`` (it holds GSM1_a.csv, ...)``: what the archive has instead, for the error that found nothing."""
+    if not unreadable:
+        return ""
+    names = list(unreadable)
+    return f" (it holds {', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
 
 
 def read_processed_csv_well_plate(study: Study, path: Path, progress: Progress | None = None, *,
                                   limits: ExtractionLimits = ExtractionLimits(),
-                                  skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+                                  skipped: list[SkippedSample] | None = None,
+                                  unread: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GSE123025-style processed CSV: genes x cells, cells named ``<well>.<plate>``.
 
     One "sample" per plate, so per-sample checks (duplicate barcodes) stay meaningful.
@@ -185,7 +245,8 @@ def read_processed_csv_well_plate(study: Study, path: Path, progress: Progress |
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         # Values stored plate by plate: each plate's counts below are built from its own values only.
         matrix = read_dense_text_matrix(text, sep=",", study=study.accession, file=path.name,
-                                        cell_groups=lambda cells: [split_well_plate(c)[1] for c in cells])
+                                        cell_groups=lambda cells: [split_well_plate(c)[1] for c in cells],
+                                        encoding=study.encoding)
     if not matrix.cell_names:
         raise ScgrnInputError("has no cell columns", study=study.accession, file=path.name,
                               fix="re-download the file; check the catalog's format for this study")
@@ -247,22 +308,30 @@ def _natural_key(text: str):
 
 def read_raw_tar_10x_mtx(study: Study, path: Path, progress: Progress | None = None, *,
                          limits: ExtractionLimits = ExtractionLimits(),
-                         skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+                         skipped: list[SkippedSample] | None = None,
+                         unread: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """RAW tar of per-sample 10x triplets ``GSM…_<name>_{matrix.mtx,features.tsv,barcodes.tsv}.gz``.
 
     Members of one sample may come in any order; each sample is yielded once all three
     have been read (features and barcodes are small; only the matrix is large).
     """
     skipped = skipped if skipped is not None else []
+    unread = unread if unread is not None else []
     pending: dict[tuple[str, str], dict[str, object]] = {}
     bad: set[tuple[str, str]] = set()
     found = 0
+    unreadable: dict[str, str] = {}  # members named after a sample that this layout cannot read
+    read_samples: set[str] = set()
     for member, stream in iter_tar_members(path, study=study.accession, limits=limits):
         name = _member_name(member)
         match = _TENX_MEMBER.match(name)
         if not match:
+            named = _GSM_PREFIXED.match(name)
+            if named:
+                unreadable.setdefault(name, named.group("sample"))
             continue
         key = (match.group("sample"), match.group("name").rstrip("_"))
+        read_samples.add(key[0])
         if key in bad:
             continue  # a sibling member already failed: the sample is out
         if key[0] in study.exclude_samples:
@@ -279,7 +348,8 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress: Progress | None = N
                     parts = pending.setdefault(key, {})
                     parts["matrix"] = _read_mtx(text, study=study.accession, file=where)
                 else:
-                    pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where)
+                    pending.setdefault(key, {})[kind] = _read_10x_names(text, study=study.accession, file=where,
+                                                                        encoding=study.encoding)
                 pending[key][f"{kind}_member"] = where
                 parts = pending[key]
             assembled = _assemble_10x(study, key, pending.pop(key), where) \
@@ -297,16 +367,20 @@ def read_raw_tar_10x_mtx(study: Study, path: Path, progress: Progress | None = N
         missing = sorted({"matrix", "features", "barcodes"} - set(parts))
         raise ScgrnInputError(f"sample {sample}_{name} lacks its {', '.join(missing)} file(s)", study=study.accession,
                               file=path.name, fix="re-download the archive or exclude the sample")
-    if not found and bad:
-        raise _no_sample_left(study, path, skipped)
-    if not found:
-        raise ScgrnInputError("holds no 10x matrix/features/barcodes triplets", study=study.accession, file=path.name,
+    if not read_samples:
+        raise ScgrnInputError(f"holds no 10x matrix/features/barcodes triplets{_holding(unreadable)}",
+                              study=study.accession, file=path.name,
                               fix=f"check the catalog's format ({study.format}) against the archive's contents")
+    _settle_unread_members(study, path, unreadable, read_samples, skipped, unread,
+                           expected="10x GSM…_{matrix.mtx,features.tsv,genes.tsv,barcodes.tsv}.gz")
+    if not found and (bad or skipped):
+        raise _no_sample_left(study, path, skipped)
 
 
 def read_ncbi_rnaseq_counts(study: Study, path: Path, progress: Progress | None = None, *,
                             limits: ExtractionLimits = ExtractionLimits(),
-                            skipped: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
+                            skipped: list[SkippedSample] | None = None,
+                            unread: list[SkippedSample] | None = None) -> Iterator[SampleCounts]:
     """GEO's NCBI-generated raw counts of a bulk RNA-seq series: ``GeneID<TAB>GSM…<TAB>GSM…``.
 
     Each column is one bulk library; it becomes one sample holding one profile (named by its
@@ -316,7 +390,7 @@ def read_ncbi_rnaseq_counts(study: Study, path: Path, progress: Progress | None 
     with path.open("rb") as raw, read_guard(study=study.accession, file=path.name):
         text = open_maybe_gzip(raw, name=path.name, max_bytes=limits.max_member_bytes, study=study.accession)
         matrix = read_dense_text_matrix(text, sep="\t", study=study.accession, file=path.name,
-                                        header_has_gene_column=True)
+                                        header_has_gene_column=True, encoding=study.encoding)
     if not matrix.cell_names:
         raise ScgrnInputError("has no sample columns", study=study.accession, file=path.name,
                               fix="re-download the file; check the catalog's format for this study")
@@ -361,11 +435,15 @@ def _assemble_10x(study: Study, key: tuple[str, str], parts: dict, where: str) -
                         counts=counts.astype(np.int32))
 
 
-def _read_10x_names(stream: IO[bytes], *, study: str, file: str) -> pd.DataFrame:
-    """A 10x features/genes/barcodes TSV (no header) as strings; at least one row."""
+def _read_10x_names(stream: IO[bytes], *, study: str, file: str, encoding: str = "utf-8") -> pd.DataFrame:
+    """A 10x features/genes/barcodes TSV (no header) as strings; at least one row.
+
+    Decoded strictly in ``encoding``: a byte not valid in it is an error naming the line (these
+    files are small next to the matrix: read whole, within the member size limit like every member).
+    """
+    text = decode_text(stream.read(), encoding=encoding, study=study, file=file)
     try:
-        table = pd.read_csv(stream, sep="\t", header=None, dtype=str, quoting=3, keep_default_na=False,
-                            encoding="utf-8", encoding_errors="replace")
+        table = pd.read_csv(io.StringIO(text), sep="\t", header=None, dtype=str, quoting=3, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ScgrnInputError(f"cannot be read as a 10x names table ({str(exc).splitlines()[0]})", study=study,
                               file=file, fix="re-download the archive or exclude the sample") from None

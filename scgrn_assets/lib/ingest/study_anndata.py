@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+import difflib
+import logging
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +29,9 @@ from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.ingest.read_ahead import read_ahead
 from scgrn_assets.lib.storage import atomic_path
 
+logger = logging.getLogger(__name__)
+# How many items a listing in uns["ingest"] names before it says how many more there are.
+_LISTED = 20
 
 @dataclass
 class StudyReadReport:
@@ -36,6 +41,16 @@ class StudyReadReport:
     n_cells_without_metadata: int = 0
     spike_ins_dropped: set[str] = field(default_factory=set)
     metadata_table: str = ""  # the catalog's metadata file; empty: the study has none
+    # Archive members named after a sample that was read from another member (GEO supplements).
+    unread_members: list[SkippedSample] = field(default_factory=list)
+    # Samples the metadata table lists that no count file held (and that were not skipped).
+    metadata_samples_without_counts: list[str] = field(default_factory=list)
+    # Condition-column values the catalog's rule does not map: value -> (cells, the rule's near match or "").
+    unmatched_condition_values: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # One Ensembl ID under different symbols in different samples: ID -> the symbols, first one first.
+    ensembl_ids_with_two_symbols: dict[str, list[str]] = field(default_factory=dict)
+    # One line per kind of problem above, as logged.
+    warnings: list[str] = field(default_factory=list)
 
     def uns(self) -> dict:
         skipped = self.skipped_samples
@@ -44,7 +59,40 @@ class StudyReadReport:
                 "n_cells_without_metadata": self.n_cells_without_metadata,
                 "n_spike_ins_dropped": len(self.spike_ins_dropped),
                 "metadata_table": self.metadata_table or "none (the catalog names no metadata table: every cell's "
-                                                        "metadata is NA)"}
+                                                        "metadata is NA)",
+                "unread_members": _listing([m.file for m in self.unread_members]),
+                "metadata_samples_without_counts": _listing(self.metadata_samples_without_counts),
+                "unmatched_condition_values": _condition_listing(self.unmatched_condition_values),
+                "ensembl_ids_with_two_symbols": "; ".join(f"{gene}: {', '.join(symbols)}" for gene, symbols in
+                                                          self.ensembl_ids_with_two_symbols.items()),
+                "warnings": "\n".join(self.warnings),
+                "n_warnings": len(self.warnings)}
+
+    def warn(self, study: str, message: str) -> None:
+        """Log ``message`` once and keep it for ``uns["ingest"]["warnings"]``."""
+        self.warnings.append(message)
+        logger.warning("%s: %s", study, message)
+
+
+def _listing(items: list[str]) -> str:
+    """``a, b, c`` (the first :data:`_LISTED`, then how many more)."""
+    more = f", … ({len(items) - _LISTED} more)" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
+
+
+def _condition_listing(values: dict[str, tuple[int, str]]) -> str:
+    return "; ".join(f"{value!r}: {n} cells" + (f" (did you mean {near!r}?)" if near else "")
+                     for value, (n, near) in values.items())
+
+
+def _near_match(value: str, known: list[str]) -> str:
+    """The rule value ``value`` probably means: equal but for case and spaces, else a close spelling; or ""."""
+    folded = {" ".join(k.split()).casefold(): k for k in known}
+    near = folded.get(" ".join(value.split()).casefold())
+    if near is not None:
+        return near
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.8)
+    return close[0] if close else ""
 
 
 class GeneUnion:
@@ -58,6 +106,9 @@ class GeneUnion:
         self.positions: dict[str, int] = {}
         self.ensembl: list[str | None] = []
         self._last: tuple | None = None  # (symbols, ensembl, column map) of the last sample
+        self._symbol_of_ensembl: dict[str, str] = {}
+        #: Ensembl IDs seen under more than one symbol (in different samples): ID -> symbols, first first.
+        self.ensembl_ids_with_two_symbols: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -68,6 +119,12 @@ class GeneUnion:
             column_map = self._last[2]  # the very lists of the last sample: its genes are all placed
         else:
             for symbol, ensembl_id in zip(symbols, ensembl):
+                if ensembl_id:
+                    first = self._symbol_of_ensembl.setdefault(ensembl_id, symbol)
+                    if first != symbol:  # two genes of the union for one Ensembl ID: said, not merged
+                        named = self.ensembl_ids_with_two_symbols.setdefault(ensembl_id, [first])
+                        if symbol not in named:
+                            named.append(symbol)
                 if symbol not in self.positions:
                     self.positions[symbol] = len(self.positions)
                     self.ensembl.append(ensembl_id)
@@ -101,18 +158,25 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
 
     ``limits`` bound the archive and every decompressed file (decompression bombs).
     ``report`` collects what was left out: samples skipped by ``skip_bad_samples``, cells
-    kept without metadata (``cells_without_metadata: na``), ERCC spike-ins dropped.
+    kept without metadata (``cells_without_metadata: na``), ERCC spike-ins dropped; and what
+    is warned about (logged once, listed in ``report.warnings``): archive members named after a
+    sample that the layout does not read, metadata samples with no counts, condition values the
+    rule does not map (with their cells and the rule's near match), one Ensembl ID under two symbols.
     """
     report = report if report is not None else StudyReadReport()
     metadata = None
     if study.metadata is not None:
-        metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits)
+        metadata = read_metadata_table(raw_dir / study.metadata.file, study=study.accession, limits=limits,
+                                       encoding=study.encoding)
         report.metadata_table = study.metadata.file
     ensembl_to_symbol = _read_gene_map(study, raw_dir)
     last_genes: tuple | None = None  # (gene_ids, gene_symbols, symbols, ensembl) of the last plain sample
     file_of_cell: dict[str, str] = {}  # obs name (without the study) -> the file it was first read from
     n_cells = 0
-    for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples):
+    samples_read: dict[str, bool] = {}  # sample -> whether it joins its metadata by sample (not well/plate)
+    unmatched: Counter[str] = Counter()  # condition values the rule does not map -> cells
+    for sample in read_study_samples(study, raw_dir, progress, limits=limits, skipped=report.skipped_samples,
+                                     unread=report.unread_members):
         sample = dataclasses.replace(sample, cell_names=normalise_names(
             sample.cell_names, kind="cell", study=study.accession, file=sample.cell_file or sample.source_file))
         _check_barcodes(study, sample)
@@ -135,10 +199,16 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
             last_genes = (sample.gene_ids, sample.gene_symbols, symbols, ensembl) if plain else None
         obs, n_without_metadata = _join_cell_metadata(study, sample, metadata, condition_levels)
         report.n_cells_without_metadata += n_without_metadata
+        samples_read[sample.sample] = sample.cell_plates is None
+        if study.condition is not None:
+            missed = obs["condition"].isna() & obs["condition_source"].notna()
+            if missed.any():
+                unmatched.update(obs.loc[missed, "condition_source"].astype(str).value_counts().to_dict())
         n_cells += len(obs)
         obs["n_counts"] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
         obs["n_genes"] = np.diff(counts.indptr).astype(np.int64)
         yield genes.remap(counts, symbols, ensembl), obs
+    _warn_about_the_study(study, report, metadata, samples_read, unmatched, genes)
     if study.metadata is not None and n_cells and report.n_cells_without_metadata == n_cells:
         # With cells_without_metadata: na, a join that matches nothing (a wrong column, wells spelled
         # differently) would pass as a study whose every cell is NA, with a warning at most.
@@ -147,6 +217,44 @@ def iter_study_blocks(study: Study, raw_dir: Path, genes: GeneUnion, *,
             "lets some cells miss, not all)", study=study.accession, file=study.metadata.file,
             fix="check metadata.sample_column (or well_column and plate_column) against the table's columns and "
                 "the sample or cell names; if the study truly has no metadata, leave out metadata: (and condition:)")
+
+
+def _warn_about_the_study(study: Study, report: StudyReadReport, metadata: pd.DataFrame | None,
+                          samples_read: dict[str, bool], unmatched: Counter, genes: GeneUnion) -> None:
+    """Fill ``report``'s listings and warnings once the study's samples are read (see :func:`iter_study_blocks`).
+
+    None of these stops the study (each is listed in ``uns["ingest"]``): a metadata table may list
+    samples of a SuperSeries that another study holds, a rule may leave a third arm NA on purpose.
+    """
+    if report.unread_members:
+        report.warn(study.accession, f"{len(report.unread_members)} archive member(s) named after a sample were not "
+                                     f"read (not a file of the study's format {study.format}; their samples were "
+                                     f"read from other files): {_listing([m.file for m in report.unread_members])}")
+    column = study.metadata.sample_column if study.metadata is not None else None
+    if metadata is not None and samples_read and all(samples_read.values()) and column in metadata.columns:
+        accounted = set(samples_read) | {s.sample for s in report.skipped_samples}
+        listed = metadata[column].fillna("").astype(str).str.strip()
+        report.metadata_samples_without_counts = [s for s in dict.fromkeys(listed) if s and s not in accounted]
+        if report.metadata_samples_without_counts:
+            report.warn(study.accession, f"{len(report.metadata_samples_without_counts)} sample(s) of the metadata "
+                                         f"table {study.metadata.file} have no count file (no cells): "
+                                         f"{_listing(report.metadata_samples_without_counts)}")
+    if unmatched:
+        known = list(study.condition.values)
+        report.unmatched_condition_values = {value: (n, _near_match(value, known))
+                                             for value, n in unmatched.most_common()}
+        report.warn(study.accession, f"{sum(unmatched.values())} cells have a {study.condition.column!r} value that "
+                                     f"the catalog's condition rule does not map (their condition is NA): "
+                                     f"{_condition_listing(report.unmatched_condition_values)}; the rule maps "
+                                     f"{known}")
+    if genes.ensembl_ids_with_two_symbols:
+        report.ensembl_ids_with_two_symbols = {gene: list(symbols)
+                                               for gene, symbols in genes.ensembl_ids_with_two_symbols.items()}
+        listing = "; ".join(f"{gene}: {', '.join(symbols)}"
+                            for gene, symbols in list(report.ensembl_ids_with_two_symbols.items())[:_LISTED])
+        report.warn(study.accession, f"{len(report.ensembl_ids_with_two_symbols)} Ensembl ID(s) appear under "
+                                     f"different symbols in different samples, so each symbol is its own gene: "
+                                     f"{listing}")
 
 
 def _finish_obs(study: Study, frames: list[pd.DataFrame], condition_levels: tuple[str, str]) -> pd.DataFrame:
@@ -296,7 +404,7 @@ def _read_gene_map(study: Study, raw_dir: Path) -> dict[str, str] | None:
     files = study.files_with_role("gene_map")
     if not files:
         return None
-    table = read_metadata_table(raw_dir / files[0].name, study=study.accession)
+    table = read_metadata_table(raw_dir / files[0].name, study=study.accession, encoding=study.encoding)
     if table.shape[1] < 2:
         raise ScgrnInputError("gene map needs two columns (ensembl_id, gene_symbol)", study=study.accession,
                               file=files[0].name, fix="fix the gene_map file")
@@ -317,8 +425,11 @@ def _join_cell_metadata(study: Study, sample: SampleCounts, metadata: pd.DataFra
     else:
         column = study.metadata.sample_column
         if column not in metadata.columns:
-            raise ScgrnInputError(f"has no column {column!r} to join samples on (columns: {list(metadata.columns)[:12]})",
-                                  study=study.accession, file=where, fix="set metadata.sample_column in the catalog")
+            raise ScgrnInputError(f"has no column {column!r} to join samples on (read as "
+                                  f"{metadata.attrs.get('read_as', 'utf-8')}; columns: {list(metadata.columns)[:12]})",
+                                  study=study.accession, file=where,
+                                  fix="set metadata.sample_column in the catalog, or save the table as UTF-8 with "
+                                      "one of , TAB ; between its fields")
         matches = metadata.index[metadata[column].str.strip() == sample.sample]
         if len(matches) == 0 and not keep_unmatched:
             raise ScgrnInputError(f"has no row for sample {sample.sample} (file {sample.source_file}) in column "

@@ -20,8 +20,12 @@ def mtx(n_rows: int, n_cols: int, lines: list[bytes]) -> io.BytesIO:
     return io.BytesIO(HEADER + f"{n_rows} {n_cols} {len(lines)}\n".encode() + b"".join(lines))
 
 
-def random_entries(rng, n_rows, n_cols, n):
-    return rng.integers(1, n_rows + 1, n), rng.integers(1, n_cols + 1, n), rng.integers(0, 10 ** 6, n)
+def random_entries(rng, n_rows, n_cols, n, *, repeats: bool = False):
+    """``n`` entries (1-based); each coordinate once (at most n_rows x n_cols entries) unless ``repeats``."""
+    if repeats:
+        return rng.integers(1, n_rows + 1, n), rng.integers(1, n_cols + 1, n), rng.integers(0, 10 ** 6, n)
+    cells = rng.choice(n_rows * n_cols, size=min(n, n_rows * n_cols), replace=False)
+    return cells // n_cols + 1, cells % n_cols + 1, rng.integers(0, 10 ** 6, len(cells))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -29,7 +33,8 @@ def random_entries(rng, n_rows, n_cols, n):
 def test_plain_and_quirky_files_give_the_matrix_as_written(seed, quirk, monkeypatch):
     rng = np.random.default_rng(seed)
     n_rows, n_cols, n = int(rng.integers(1, 30)), int(rng.integers(1, 30)), int(rng.integers(1, 300))
-    rows, cols, values = random_entries(rng, n_rows, n_cols, n)  # duplicates included: summed later
+    rows, cols, values = random_entries(rng, n_rows, n_cols, n)  # in random order: the file need not be sorted
+    n = len(rows)
     lines = [f"{r} {c} {v}\n".encode() for r, c, v in zip(rows, cols, values)]
     at = int(rng.integers(0, n))  # where the quirk sends the rest of the file to pandas
     if quirk == b"decimal":
@@ -72,7 +77,7 @@ def test_fewer_or_more_entries_than_declared_are_refused():
 
 def test_more_entries_than_the_size_line_declares_grow_the_arrays_then_are_refused(monkeypatch):
     rng = np.random.default_rng(9)
-    rows, cols, values = random_entries(rng, 50, 40, 5000)
+    rows, cols, values = random_entries(rng, 50, 40, 5000, repeats=True)
     body = HEADER + b"50 40 10\n" + b"".join(f"{r} {c} {v}\n".encode() for r, c, v in zip(rows, cols, values))
     monkeypatch.setattr(dense_text, "BLOCK_BYTES", 4096)
     with pytest.raises(ScgrnInputError, match="declares 10 entries but holds 5000"):
@@ -99,3 +104,18 @@ def test_symmetric_pattern_or_complex_matrices_are_refused_not_read_as_general(q
 def test_real_general_whole_numbers_still_read():
     body = b"%%MatrixMarket matrix coordinate real general\n2 2 2\n1 1 4.0\n2 1 3\n"
     assert read_mtx_coo(io.BytesIO(body), study="S", file="m").toarray().tolist() == [[4, 0], [3, 0]]
+
+
+@pytest.mark.parametrize("order", ["by column, as 10x writes", "by row", "unsorted"])
+def test_a_repeated_coordinate_is_refused_whatever_the_entry_order(order):
+    ledger.record("bad_input")  # counted by bench/reliability.py
+    rng = np.random.default_rng(3)
+    rows, cols, values = random_entries(rng, 20, 30, 200)
+    if order != "unsorted":
+        by = np.lexsort((rows, cols)) if order.startswith("by column") else np.lexsort((cols, rows))
+        rows, cols, values = rows[by], cols[by], values[by]
+    lines = [f"{r} {c} {v}\n".encode() for r, c, v in zip(rows, cols, values)]
+    lines.insert(120, lines[60])  # entry 121 repeats entry 61
+    with pytest.raises(ScgrnInputError, match=rf"m.mtx: entry 121 repeats the coordinate \(row {rows[60]}, column "
+                                              rf"{cols[60]}\) of an earlier entry.*re-download"):
+        read_mtx_coo(mtx(20, 30, lines), study="GSE1", file="m.mtx")
