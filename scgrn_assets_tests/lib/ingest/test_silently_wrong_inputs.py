@@ -299,3 +299,12 @@ def test_a_series_matrix_is_decoded_strictly_line_by_line_or_as_utf16(tmp_path):
     path.write_bytes(gzip.compress(text.encode("utf-16")))
     table = read_metadata_table(path, study="GSE1")
     assert list(table["geo_accession"]) == ["GSM1", "GSM2"] and list(table["strain"]) == ["5XF\u00c1D", "C57BL/6"]
+
+
+def test_the_demo_studies_ingest_without_a_warning(demo_files):
+    # The warnings above must stay quiet on clean files (the demo tars carry a filelist.txt, the
+    # well/plate table a bulk run without a plate, two SRA runs per sample).
+    for study in demo_files.catalog().studies:
+        ingest = build_study_anndata(study, demo_files.study_dir(study.accession)).uns["ingest"]
+        assert (ingest["n_warnings"], ingest["warnings"]) == (0, ""), study.accession
+        assert ingest["unread_members"] == ingest["metadata_samples_without_counts"] == ""
