@@ -35,7 +35,9 @@ class GeoDownloader(dg.ConfigurableResource):
     ``url_mirror`` fetches from a mirror instead of the catalog's host
     (``https://ftp.ncbi.nlm.nih.gov=http://mirror:8000``, comma-separated rules); unset, it is
     read from ``SCGRN_URL_MIRROR`` when a download starts. Checksums and pins stay keyed by
-    the catalog's URLs.
+    the catalog's URLs. ``allow_hosts`` (comma-separated ``host[:port]``; unset: ``SCGRN_ALLOW_HOSTS``)
+    names hosts on this machine or a private network that catalog URLs may reach (a mirror's own
+    host needs no entry).
     """
 
     max_attempts: int = 5
@@ -43,11 +45,13 @@ class GeoDownloader(dg.ConfigurableResource):
     timeout_seconds: float = 60.0
     max_bytes: int | None = None
     url_mirror: str | None = None
+    allow_hosts: str | None = None
 
     @property
     def policy(self) -> DownloadPolicy:
         return DownloadPolicy(max_attempts=self.max_attempts, backoff_seconds=self.backoff_seconds,
-                              timeout_seconds=self.timeout_seconds, max_bytes=self.max_bytes)
+                              timeout_seconds=self.timeout_seconds, max_bytes=self.max_bytes,
+                              allow_hosts=None if self.allow_hosts is None else (self.allow_hosts,))
 
     @property
     def mirrors(self) -> tuple[tuple[str, str], ...]:

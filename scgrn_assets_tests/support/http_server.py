@@ -12,6 +12,11 @@ Tests get it through the :func:`http_server` fixture (import the fixture into th
 Each served path answers its scripted replies in order, one per request, then plain
 successful replies once the script is used up. Unknown paths answer 404. Every request is
 recorded (path and headers) so tests can assert what the client really sent.
+
+Downloads refuse hosts on this machine unless the user allows them, so a test that fetches from
+the server directly (not through a mirror rule, ``SCGRN_URL_MIRROR``, whose host is allowed)
+allows it explicitly: ``SCGRN_ALLOW_HOSTS=127.0.0.1`` (or ``server.allow_entry``, this port only),
+or ``DownloadPolicy(allow_hosts=...)``.
 """
 
 from __future__ import annotations
@@ -105,6 +110,15 @@ class FaultyHTTPServer:
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def allow_entry(self) -> str:
+        """``127.0.0.1:<port>``: the ``SCGRN_ALLOW_HOSTS`` entry allowing this server (and no other port)."""
+        return f"127.0.0.1:{self.port}"
 
     def url(self, path: str) -> str:
         """The full URL of ``path`` (which starts with ``/``) on this server."""

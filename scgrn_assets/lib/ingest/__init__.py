@@ -60,6 +60,8 @@ _PUBLIC = {
     "study_anndata": ("StudyReadReport", "GeneUnion", "iter_study_blocks", "build_study_anndata",
         "write_study_h5ad", "cell_identities"),
     "transfer": ("url_for_messages", "TransientFailure", "RangeNotSatisfiable", "Download",
+        "source_record_path", "recorded_source_is", "record_source", "parse_allowed_hosts",
+        "allowed_hosts_from_environment", "host_and_port", "allow_entry", "RefusedAddress",
         "copy_local_file", "download_http"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _PUBLIC)

@@ -7,6 +7,10 @@ machine or any machine sharing the lock file, must match it or is refused. Pins 
 the URL as the catalog writes it, before a mirror (``SCGRN_URL_MIRROR``) is applied, so a
 mirror's copy is held to the same pins as GEO's.
 
+A pin is written only for bytes fetched from its URL in that same call: a file already on disk
+(from another catalog naming the same file, or from before the pin was deleted) is downloaded
+again first, so deleting a pin re-pins what the server serves now.
+
 Partitions download in parallel: each pin is a read-modify-write under an exclusive
 ``flock`` on a hidden sidecar file, and the new lock is written under a temporary name and
 renamed into place (:func:`scgrn_assets.lib.storage.atomic_path`), so concurrent pins are
@@ -16,6 +20,7 @@ never lost and a reader never sees a half-written lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ import yaml
 
 from scgrn_assets.lib.ingest.download import (DownloadPolicy, FetchResult, apply_url_mirrors, fetch_file,
                                               url_for_messages)
+from scgrn_assets.lib.ingest.transfer import ALLOW_HOSTS_VARIABLE, allow_entry, host_and_port
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.progress import Progress
 from scgrn_assets.lib.storage import atomic_path, held_file_lock
@@ -144,9 +150,11 @@ def fetch_pinned(url: str, destination: Path, *, sha256: str | None, lock: Check
                  progress: Progress | None = None) -> FetchResult:
     """Fetch a catalog file, verified against the catalog's sha256 or else the lock's pin.
 
-    With neither (the first download) and a ``lock``, the file is pinned once it is complete;
-    without a ``lock`` it is fetched unverified. ``mirrors`` rewrite the URL's host for the
-    transfer only: the pin stays keyed by ``url``.
+    With neither (the first download) and a ``lock``, the file is fetched (even if a file is
+    already at ``destination``) and pinned once it is complete; without a ``lock`` it is fetched
+    unverified. ``mirrors`` rewrite the URL's host for the transfer only: the pin stays keyed by
+    ``url``. The user named the mirror, so a URL it rewrote may reach the mirror's host and port
+    even when that is this machine or a private network (``SCGRN_ALLOW_HOSTS`` is not needed for it).
 
     Raises
     ------
@@ -163,8 +171,13 @@ def fetch_pinned(url: str, destination: Path, *, sha256: str | None, lock: Check
     if sha256 is None and expected is not None:
         checksum_fix = (f"the file changed since its first download pinned it in {lock.path}; if the change is "
                         f"expected, delete the entry for {url_for_messages(url)} from the lock file to pin it again")
-    result = fetch_file(apply_url_mirrors(url, mirrors), destination, sha256=expected, study=study, policy=policy,
-                        progress=progress, checksum_fix=checksum_fix)
+    source = apply_url_mirrors(url, mirrors)
+    mirror = host_and_port(source) if source != url else None
+    if mirror is not None:
+        allowed = policy.allow_hosts if policy.allow_hosts is not None else (os.environ.get(ALLOW_HOSTS_VARIABLE, ""),)
+        policy = dataclasses.replace(policy, allow_hosts=(*allowed, allow_entry(*mirror)))
+    result = fetch_file(source, destination, sha256=expected, study=study, policy=policy, progress=progress,
+                        checksum_fix=checksum_fix, reuse_unverified=not first_use)
     if first_use:
         try:
             lock.pin(url, result.sha256, n_bytes=result.n_bytes, study=study, file=destination.name)

@@ -14,6 +14,12 @@ and starts again from scratch. A body longer than its ``Content-Length`` never r
 (http.client stops reading at the declared length), so it shows up as a sha256 mismatch and
 is retried like one. Every final failure is a :class:`ScgrnInputError` naming the study, the
 file or URL and the fix; intermediate failures are logged as warnings.
+
+A file (or ``.part``) is that of one URL: a hidden sidecar ``.<name>.source`` records which (a
+digest of it, and the URL without its query string), so a file without a sha256 to check is
+reused, and a ``.part`` resumed, only for the URL that produced it; for another URL it is
+downloaded afresh. URLs whose host resolves to this machine, a private network or a metadata
+service are refused unless the user allows the host (:mod:`.transfer`, ``SCGRN_ALLOW_HOSTS``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from scgrn_assets.lib.errors import ScgrnInputError
-from scgrn_assets.lib.ingest.transfer import (Download, TransientFailure, copy_local_file, download_http,
-                                              url_for_messages)
+from scgrn_assets.lib.ingest.transfer import (Download, TransientFailure, allowed_hosts_from_environment,
+                                              copy_local_file, download_http, parse_allowed_hosts, record_source,
+                                              recorded_source_is, url_for_messages)
 from scgrn_assets.lib.progress import Progress
 from scgrn_assets.lib.storage import disk_full_error, is_disk_full
 
@@ -58,6 +65,9 @@ class DownloadPolicy:
         Refuse bodies larger than this many bytes (a runaway or decompression-bomb guard); None: no limit.
     chunk_bytes
         Bytes read and written per step.
+    allow_hosts
+        ``host[:port]`` entries URLs may reach although they resolve to this machine or a private
+        network (a local mirror); None: those in ``SCGRN_ALLOW_HOSTS``, read when a download starts.
     """
 
     max_attempts: int = 5
@@ -66,6 +76,7 @@ class DownloadPolicy:
     max_redirects: int = 5
     max_bytes: int | None = None
     chunk_bytes: int = 1 << 20
+    allow_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.chunk_bytes < 1 or self.timeout_seconds <= 0 or self.max_redirects < 0:
@@ -112,6 +123,7 @@ def fetch_file(
     policy: DownloadPolicy = DownloadPolicy(),
     progress: Progress | None = None,
     checksum_fix: str | None = None,
+    reuse_unverified: bool = True,
 ) -> FetchResult:
     """Download ``url`` to ``destination`` atomically and verify its sha256 (when given).
 
@@ -121,8 +133,10 @@ def fetch_file(
         ``https://``, ``http://`` or ``file://`` URL.
     destination
         Final path; its folder is created. A file already there with the right sha256 is
-        returned without any network access (with ``sha256=None``, any file there counts as
-        complete, since only finished downloads are ever renamed into place).
+        returned without any network access. With ``sha256=None`` a file there is returned
+        only if it was downloaded from this same ``url`` (its ``.source`` sidecar says so; only
+        finished downloads are ever renamed into place); from another URL, or unknown, it is
+        downloaded again.
     sha256
         Expected checksum (64 hex digits) or None to skip verification.
     study
@@ -135,6 +149,9 @@ def fetch_file(
     checksum_fix
         The fix named when the sha256 never matches (default: check the catalog entry);
         callers whose sha256 comes from elsewhere (a trust-on-first-use pin) say where.
+    reuse_unverified
+        False: with ``sha256=None``, download again even a file this URL produced before (a
+        trust-on-first-use pin is written only for bytes fetched now).
 
     Returns
     -------
@@ -145,8 +162,9 @@ def fetch_file(
     ------
     ScgrnInputError
         Unsupported scheme, a missing ``file://`` source, HTTP 4xx, a redirect loop, a body over
-        ``policy.max_bytes``, a sha256 mismatch on every attempt, or transient failures on every
-        attempt. The message names the study, the file or URL and the fix.
+        ``policy.max_bytes``, a sha256 mismatch on every attempt, transient failures on every
+        attempt, or a host (or redirect) resolving to a non-public address that is not allowed.
+        The message names the study, the file or URL and the fix.
     """
     destination = Path(destination)
     expected_sha256 = _normalised_sha256(sha256, url=url, study=study, file=destination.name)
@@ -156,16 +174,29 @@ def fetch_file(
             f"unsupported URL scheme {scheme!r} in {url_for_messages(url)!r}", study=study, file=destination.name,
             fix="use an https:// URL (http:// only for local mirrors, file:// for local copies) in the catalog entry",
         )
+    allowed = parse_allowed_hosts(policy.allow_hosts) if policy.allow_hosts is not None \
+        else allowed_hosts_from_environment()
     download = Download(url=url, destination=destination, part_path=destination.with_name(destination.name + ".part"),
-                         study=study, policy=policy, progress=progress)
+                        study=study, policy=policy, progress=progress, allowed_hosts=allowed)
+    same_source = recorded_source_is(destination, url)
     if destination.exists():
         existing_sha256 = sha256_of(destination)
-        if expected_sha256 is None or existing_sha256 == expected_sha256:
+        if existing_sha256 == expected_sha256 or (expected_sha256 is None and same_source and reuse_unverified):
             return FetchResult(destination, existing_sha256, destination.stat().st_size, n_attempts=0, resumed=False)
-        logger.warning("%s: %s exists with sha256 %s, expected %s; downloading it again",
-                       study, destination, existing_sha256, expected_sha256)
+        if expected_sha256 is not None:
+            logger.warning("%s: %s exists with sha256 %s, expected %s; downloading it again",
+                           study, destination, existing_sha256, expected_sha256)
+        elif same_source:
+            logger.info("%s: downloading %s again to pin what %s serves now", study, destination.name,
+                        url_for_messages(url))
+        else:
+            logger.warning("%s: %s was not downloaded from %s; downloading it again",
+                           study, destination, url_for_messages(url))
         # Removed now so that a failed re-download cannot leave the wrong file under the final name.
         destination.unlink()
+    if expected_sha256 is None and not same_source:
+        # Bytes of another URL (or of none known) must not become this URL's prefix: no checksum would notice.
+        download.part_path.unlink(missing_ok=True)
     destination.parent.mkdir(parents=True, exist_ok=True)
 
     max_attempts = 1 if scheme == "file" else policy.max_attempts
@@ -186,6 +217,7 @@ def fetch_file(
             raise
         else:
             if expected_sha256 is None or actual_sha256 == expected_sha256:
+                record_source(destination, url)  # before the rename: the name never holds bytes of another URL
                 os.replace(download.part_path, destination)
                 return FetchResult(destination, actual_sha256, n_bytes, n_attempts=attempt, resumed=resumed)
             mismatched_sha256 = actual_sha256

@@ -149,3 +149,53 @@ def test_url_mirrors_swap_the_host_only_at_a_boundary():
     assert parse_url_mirrors("") == ()
     with pytest.raises(ScgrnInputError, match="PREFIX=REPLACEMENT"):
         parse_url_mirrors("ftp.ncbi.nlm.nih.gov")
+
+
+# --- a pin is of bytes fetched from its own URL ----------------------------------------------------
+
+
+def test_a_second_catalog_naming_another_url_for_the_same_file_fetches_and_pins_its_own_bytes(http_server, tmp_path):
+    content_a, content_b = _bytes(30_000, seed=5), _bytes(31_000, seed=6)
+    url_a, mirrors = _serve(http_server, "a.tar", content_a)
+    url_b, _ = _serve(http_server, "b.tar", content_b)
+    destination = tmp_path / "home" / "assets" / "geo_raw_archive" / "GSE1" / "GSE1_RAW.tar"  # one SCGRN_HOME
+    lock_a, lock_b = ChecksumLock(tmp_path / "a.lock.yaml"), ChecksumLock(tmp_path / "b.lock.yaml")
+    fetch_pinned(url_a, destination, sha256=None, lock=lock_a, study="GSE1", policy=FAST, mirrors=mirrors)
+
+    result = fetch_pinned(url_b, destination, sha256=None, lock=lock_b, study="GSE1", policy=FAST, mirrors=mirrors)
+
+    assert len(http_server.requests_for("/geo/series/GSE98nnn/GSE98969/suppl/b.tar")) == 1
+    assert destination.read_bytes() == content_b and result.sha256 == hashlib.sha256(content_b).hexdigest()
+    assert {url: pin.sha256 for url, pin in lock_b.pins().items()} == {url_b: hashlib.sha256(content_b).hexdigest()}
+    assert lock_a.pins()[url_a].sha256 == hashlib.sha256(content_a).hexdigest()
+
+
+def test_deleting_a_pin_fetches_the_file_again_before_pinning_it(http_server, tmp_path):
+    """The README's way to accept a deliberate change upstream: delete the entry; the file on disk is not re-pinned."""
+    url, mirrors = _serve(http_server, "GSE98969_RAW.tar", _bytes(20_000, seed=7))
+    lock = ChecksumLock(tmp_path / "real.lock.yaml")
+    destination = tmp_path / "raw" / "GSE98969_RAW.tar"
+    fetch_pinned(url, destination, sha256=None, lock=lock, study="GSE98969", policy=FAST, mirrors=mirrors)
+    changed = _bytes(21_000, seed=8)
+    _serve(http_server, "GSE98969_RAW.tar", changed)  # upstream changes, deliberately
+    lock.path.unlink()  # the user deletes the pin (here: the whole lock)
+
+    fetch_pinned(url, destination, sha256=None, lock=lock, study="GSE98969", policy=FAST, mirrors=mirrors)
+
+    assert lock.pins()[url].sha256 == hashlib.sha256(changed).hexdigest() and destination.read_bytes() == changed
+    assert len(http_server.requests_for("/geo/series/GSE98nnn/GSE98969/suppl/GSE98969_RAW.tar")) == 2
+
+
+def test_the_mirror_host_is_allowed_but_a_catalog_url_to_a_local_host_is_not(http_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("SCGRN_ALLOW_HOSTS", raising=False)
+    url, mirrors = _serve(http_server, "GSE98969_RAW.tar", _bytes(1000, seed=9))
+    lock = ChecksumLock(tmp_path / "real.lock.yaml")
+    # The user named the mirror (SCGRN_URL_MIRROR): URLs it rewrites may reach its host and port.
+    fetch_pinned(url, tmp_path / "a.tar", sha256=None, lock=lock, study="GSE98969", policy=FAST, mirrors=mirrors)
+    # A catalog URL naming that host itself, or another port on it, is the catalog's choice, not the user's.
+    for local in (http_server.url("/geo/series/GSE98nnn/GSE98969/suppl/GSE98969_RAW.tar"), "http://127.0.0.1:22/"):
+        with pytest.raises(ScgrnInputError, match="loopback address") as error:
+            fetch_pinned(local, tmp_path / "b.tar", sha256=None, lock=lock, study="GSE98969", policy=FAST,
+                         mirrors=mirrors)
+        assert "SCGRN_ALLOW_HOSTS=127.0.0.1:" in error.value.fix
+    assert len(http_server.requests) == 1 and list(lock.pins()) == [url]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -12,10 +13,17 @@ import pytest
 
 from scgrn_assets.lib.ingest.download import DownloadPolicy, _backoff_seconds, fetch_file, sha256_of
 from scgrn_assets.lib.errors import ScgrnInputError
+from scgrn_assets_tests.reliability import ledger
 from scgrn_assets_tests.support.http_server import FaultyHTTPServer, Reply
 
 FAST = DownloadPolicy(max_attempts=3, backoff_seconds=0.01, timeout_seconds=5.0, chunk_bytes=4096)
 STUDY = "GSE98969"
+
+
+@pytest.fixture(autouse=True)
+def _allow_the_loopback_test_server(monkeypatch):
+    """The fault server listens on 127.0.0.1, which catalogs may reach only when the user allows it."""
+    monkeypatch.setenv("SCGRN_ALLOW_HOSTS", "127.0.0.1")
 
 
 def _random_bytes(n_bytes: int, seed: int = 0) -> bytes:
@@ -396,3 +404,170 @@ def test_complete_stale_part_is_verified_without_a_body(http_server: FaultyHTTPS
 
     assert destination.read_bytes() == content and result.resumed
     assert len(http_server.requests_for("/f")) == 1  # answered 416: nothing more to send
+
+
+# --- a file downloaded for one URL is that URL's only -------------------------------------------
+
+
+def test_a_file_downloaded_for_one_url_is_not_reused_for_another(http_server: FaultyHTTPServer, tmp_path):
+    url_a = http_server.serve("/a.tar", _random_bytes(5000, seed=1))
+    url_b = http_server.serve("/b.tar", _random_bytes(6000, seed=2))
+    destination = tmp_path / "GSE1_RAW.tar"
+    fetch_file(url_a, destination, sha256=None, study="GSE1", policy=FAST)
+
+    again = fetch_file(url_a, destination, sha256=None, study="GSE1", policy=FAST)  # the same URL: reused
+    assert again.n_attempts == 0 and len(http_server.requests_for("/a.tar")) == 1
+
+    result = fetch_file(url_b, destination, sha256=None, study="GSE1", policy=FAST)
+    assert len(http_server.requests_for("/b.tar")) == 1 and result.n_attempts == 1
+    assert destination.read_bytes() == _random_bytes(6000, seed=2)
+    assert result.sha256 == _sha256(_random_bytes(6000, seed=2))
+
+
+def test_a_partial_download_of_one_url_is_not_resumed_from_another(http_server: FaultyHTTPServer, tmp_path):
+    content_b = _random_bytes(40_000, seed=4)
+    url_a = http_server.serve("/a.tar", _random_bytes(40_000, seed=3),
+                              replies=[Reply(drop_after_bytes=10_000, honour_range=False)] * FAST.max_attempts)
+    url_b = http_server.serve("/b.tar", content_b)
+    destination = tmp_path / "GSE1_RAW.tar"
+    with pytest.raises(ScgrnInputError, match="partial download is kept"):
+        fetch_file(url_a, destination, sha256=None, study="GSE1", policy=FAST)
+    assert _part_path(destination).stat().st_size == 10_000
+
+    result = fetch_file(url_b, destination, sha256=None, study="GSE1", policy=FAST)
+
+    assert "range" not in http_server.requests_for("/b.tar")[0].headers  # a's bytes are not b's prefix
+    assert destination.read_bytes() == content_b and not result.resumed
+
+
+# --- catalogs may not reach this machine, its network or the cloud metadata service --------------
+
+
+@pytest.fixture
+def no_connections(monkeypatch) -> list:
+    """Every connection attempt, refused and recorded: a refused URL must not get as far as connecting
+    (and a test must never send traffic beyond the loopback interface, even before the fix)."""
+    attempts = []
+
+    def tripwire(address, *args, **kwargs):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"test tripwire: no connection to {address}")
+
+    monkeypatch.setattr(socket, "create_connection", tripwire)
+    return attempts
+
+
+def _resolve_names(monkeypatch, names: dict[str, list[list[str]]]) -> None:
+    """getaddrinfo without DNS for ``names``: host -> its answers (address lists), one per lookup, the last
+    repeated; other hosts resolve as usual."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in names:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        answers = names[host].pop(0) if len(names[host]) > 1 else names[host][0]
+        return [(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (address, port or 80)) for address in answers]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.parametrize("url, address_kind", [
+    ("http://127.0.0.1:{port}/secret?token=abc", "loopback"),
+    ("http://localhost:{port}/secret", "loopback"),
+    ("http://[::1]:{port}/secret", "loopback"),
+    ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "link-local"),
+    ("http://10.0.0.7:8080/internal", "private"),
+    ("https://192.168.1.1/admin", "private"),
+    ("http://0.0.0.0:{port}/secret", "unspecified"),
+    ("http://224.0.0.1/x", "multicast"),
+    ("http://[::ffff:169.254.169.254]/latest", "link-local"),
+], ids=["loopback", "localhost", "ipv6-loopback", "metadata-service", "private-10", "private-192", "unspecified",
+        "multicast", "ipv4-mapped"])
+def test_urls_to_this_machine_or_private_networks_are_refused(monkeypatch, tmp_path, no_connections, url,
+                                                             address_kind):
+    ledger.record("bad_input")
+    monkeypatch.delenv("SCGRN_ALLOW_HOSTS")
+    server = FaultyHTTPServer()  # listening: the refusal, not a closed port, must stop the download
+    try:
+        server.serve("/secret", b"the secret")
+        url = url.format(port=server.port)
+        with pytest.raises(ScgrnInputError) as caught:
+            fetch_file(url, tmp_path / "f.tar", sha256=None, study="GSE1", policy=FAST)
+    finally:
+        server.close()
+    message = str(caught.value)
+    assert message.startswith("GSE1: f.tar: ") and address_kind in message
+    assert url.split("?")[0] in message and "token=abc" not in message  # no query strings in messages
+    assert "SCGRN_ALLOW_HOSTS=" in caught.value.fix
+    assert server.requests == [] and no_connections == []
+    _assert_nothing_left(tmp_path / "f.tar")
+
+
+def test_a_name_resolving_to_any_private_address_is_refused(monkeypatch, tmp_path, no_connections):
+    ledger.record("bad_input")
+    _resolve_names(monkeypatch, {"geo.example.org": [["93.184.216.34", "10.1.2.3"]]})
+    with pytest.raises(ScgrnInputError, match=r"geo.example.org resolves to 10.1.2.3, a private address") as caught:
+        fetch_file("https://geo.example.org/x.tar", tmp_path / "x.tar", sha256=None, study="GSE1", policy=FAST)
+    assert "SCGRN_ALLOW_HOSTS=geo.example.org" in caught.value.fix and no_connections == []
+
+
+def test_a_name_that_resolves_to_a_private_address_only_at_connect_time_is_refused(monkeypatch, tmp_path,
+                                                                                no_connections):
+    """DNS rebinding: the check and the connection must see the same addresses."""
+    ledger.record("bad_input")
+    _resolve_names(monkeypatch, {"rebind.example.org": [["93.184.216.34"], ["169.254.169.254"]]})
+    with pytest.raises(ScgrnInputError, match="link-local"):
+        fetch_file("http://rebind.example.org/x.tar", tmp_path / "x.tar", sha256=None, study="GSE1", policy=FAST)
+    assert no_connections == []
+
+
+def test_a_redirect_to_a_private_address_is_refused(http_server: FaultyHTTPServer, tmp_path, monkeypatch):
+    ledger.record("bad_input")
+    monkeypatch.setenv("SCGRN_ALLOW_HOSTS", http_server.allow_entry)
+    attempts = []
+    real_create_connection = socket.create_connection
+
+    def loopback_only(address, *args, **kwargs):
+        attempts.append(address)
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError(f"test tripwire: no connection to {address}")
+        return real_create_connection(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", loopback_only)
+    metadata = "http://169.254.169.254/latest/meta-data/?x=1"
+    url = http_server.serve("/moved", b"", replies=[Reply(status=302, headers={"Location": metadata})])
+    with pytest.raises(ScgrnInputError) as caught:
+        fetch_file(url, tmp_path / "f", sha256=None, study="GSE1", policy=FAST)
+    message = str(caught.value)
+    assert "redirected to http://169.254.169.254/latest/meta-data/?…" in message and "link-local" in message
+    assert "SCGRN_ALLOW_HOSTS=169.254.169.254" in caught.value.fix
+    assert [address[0] for address in attempts] == ["127.0.0.1"]  # refused, not retried
+    _assert_nothing_left(tmp_path / "f")
+
+
+def test_an_allowed_host_is_fetched_and_only_on_the_allowed_port(http_server: FaultyHTTPServer, tmp_path,
+                                                                monkeypatch):
+    content = _random_bytes(3000)
+    url = http_server.serve("/f", content)
+    port = http_server.port
+    monkeypatch.setenv("SCGRN_ALLOW_HOSTS", f"mirror.lan, {http_server.allow_entry}")
+    assert fetch_file(url, tmp_path / "f", sha256=_sha256(content), study=STUDY, policy=FAST).n_bytes == 3000
+
+    monkeypatch.setenv("SCGRN_ALLOW_HOSTS", f"127.0.0.1:{port + 1}")
+    with pytest.raises(ScgrnInputError, match="loopback"):
+        fetch_file(url, tmp_path / "g", sha256=_sha256(content), study=STUDY, policy=FAST)
+    # The downloader resource's allow_hosts (the policy's) replaces the environment's.
+    from scgrn_assets.resources import GeoDownloader
+
+    policy = GeoDownloader(max_attempts=1, allow_hosts=f"mirror.lan,127.0.0.1:{port}").policy
+    assert fetch_file(url, tmp_path / "g", sha256=_sha256(content), study=STUDY, policy=policy).n_bytes == 3000
+    assert len(http_server.requests_for("/f")) == 2
+
+
+@pytest.mark.parametrize("text", ["http://127.0.0.1", "127.0.0.1:port", "user@host", "host/path"])
+def test_malformed_allow_hosts_entries_are_refused(monkeypatch, tmp_path, text):
+    monkeypatch.setenv("SCGRN_ALLOW_HOSTS", text)
+    with pytest.raises(ScgrnInputError, match="SCGRN_ALLOW_HOSTS") as caught:
+        fetch_file("http://127.0.0.1:9/x", tmp_path / "x", sha256=None, study=STUDY, policy=FAST)
+    assert "host[:port]" in str(caught.value)
