@@ -515,7 +515,7 @@ def test_url_query_strings_never_reach_logs_or_errors(http_server, tmp_path, cap
 
     ledger.record("bad_input")
     url = http_server.serve("/collect?k=hunter2", b"x", replies=[Reply(status=500), Reply(status=404)])
-    policy = DownloadPolicy(max_attempts=3, backoff_seconds=0.01)
+    policy = DownloadPolicy(max_attempts=3, backoff_seconds=0.01, allow_hosts=("127.0.0.1",))  # the test server
     with caplog.at_level(logging.INFO), pytest.raises(ScgrnInputError) as error:
         fetch_file(url + "#frag", tmp_path / "f.txt", sha256=None, study="GSE1", policy=policy)
     assert len(http_server.requests_for("/collect?k=hunter2")) == 2  # the token still reaches the server
