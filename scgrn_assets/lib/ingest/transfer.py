@@ -9,7 +9,8 @@ reserved, multicast or unspecified, unless the user allows the host (``SCGRN_ALL
 comma-separated ``host[:port]``; see :func:`parse_allowed_hosts`). The connection itself goes to
 the addresses that were checked, resolved once more and checked again, so a name that answers a
 public address to the check and a private one to the connection (DNS rebinding) is refused too.
-A proxy the environment names (``https_proxy``...) is the user's choice and may be private.
+A proxy the environment names (``https_proxy``...) is the user's choice and may be private; a name
+only the proxy can resolve is left to it.
 """
 
 from __future__ import annotations
@@ -416,7 +417,9 @@ def _open_url(download: Download, opener: urllib.request.OpenerDirector, offset:
 def _refuse_unless_public(download: Download, url: str, *, redirected_from: str | None = None) -> None:
     """Refuse ``url`` when its host resolves to any non-public address and the user has not allowed it.
 
-    A name that does not resolve is a transient failure (the network may be down), as when connecting.
+    A name that does not resolve is a transient failure (the network may be down), as when connecting,
+    unless a proxy from the environment will fetch it: behind a proxy that resolves names itself,
+    the local resolver may know none, and the proxy is the user's choice.
     """
     target = host_and_port(url)
     if target is None or _is_allowed(*target, download.allowed_hosts):
@@ -426,6 +429,9 @@ def _refuse_unless_public(download: Download, url: str, *, redirected_from: str 
     except RefusedAddress as refused:
         raise _refusal(download, url, refused, redirected_from=redirected_from) from None
     except OSError as error:  # socket.gaierror
+        proxies = urllib.request.getproxies()
+        if urlsplit(url).scheme.lower() in proxies and not urllib.request.proxy_bypass(target[0]):
+            return
         raise TransientFailure(f"could not resolve {target[0]}: {error}") from None
 
 

@@ -458,14 +458,16 @@ def no_connections(monkeypatch) -> list:
 
 
 def _resolve_names(monkeypatch, names: dict[str, list[list[str]]]) -> None:
-    """getaddrinfo without DNS for ``names``: host -> its answers (address lists), one per lookup, the last
-    repeated; other hosts resolve as usual."""
+    """getaddrinfo without DNS for ``names``: host -> its answers (address lists; empty: the name does not
+    resolve), one per lookup, the last repeated; other hosts resolve as usual."""
     real_getaddrinfo = socket.getaddrinfo
 
     def getaddrinfo(host, port, *args, **kwargs):
         if host not in names:
             return real_getaddrinfo(host, port, *args, **kwargs)
         answers = names[host].pop(0) if len(names[host]) > 1 else names[host][0]
+        if not answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM, 6, "",
                  (address, port or 80)) for address in answers]
 
@@ -571,3 +573,23 @@ def test_malformed_allow_hosts_entries_are_refused(monkeypatch, tmp_path, text):
     with pytest.raises(ScgrnInputError, match="SCGRN_ALLOW_HOSTS") as caught:
         fetch_file("http://127.0.0.1:9/x", tmp_path / "x", sha256=None, study=STUDY, policy=FAST)
     assert "host[:port]" in str(caught.value)
+
+
+def test_a_proxy_from_the_environment_may_be_local_but_catalog_urls_through_it_are_still_checked(
+        http_server: FaultyHTTPServer, tmp_path, monkeypatch):
+    ledger.record("bad_input")
+    monkeypatch.delenv("SCGRN_ALLOW_HOSTS")
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", http_server.base_url)  # the user's proxy, on this machine
+    content = _random_bytes(2000)
+    http_server.serve("http://geo.example.org/x.tar", content)  # a proxy is sent the absolute URL
+
+    _resolve_names(monkeypatch, {"geo.example.org": [[]]})  # only the proxy resolves it (and no DNS query leaves)
+    result = fetch_file("http://geo.example.org/x.tar", tmp_path / "x.tar", sha256=_sha256(content), study=STUDY,
+                        policy=FAST)
+    assert result.n_bytes == 2000 and len(http_server.requests_for("http://geo.example.org/x.tar")) == 1
+
+    with pytest.raises(ScgrnInputError, match="link-local"):
+        fetch_file("http://169.254.169.254/latest/meta-data/", tmp_path / "m", sha256=None, study=STUDY, policy=FAST)
+    assert len(http_server.requests) == 1  # the proxy was not asked for the metadata service
