@@ -12,15 +12,22 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import sys
 from pathlib import Path
 
 from scgrn_assets.lib.errors import ScgrnInputError
+
+FAILED_METHODS_EXIT_STATUS = 3
+"""``scgrn benchmark``'s exit status when some method failed but the others were scored (2: bad input, nothing
+run)."""
 
 EPILOG = """\
 --values is required: `counts` (integers; each cell scaled by its library size, then log1p) or
 `normalized` (simulated or already normalised values: no library-size scaling, log1p only).
 --orientation auto: the gene axis is the one on which the larger fraction of labels are truth genes;
 an axis whose labels repeat cannot be it; a tie is an error.
+Exit status: 0 every method scored; 2 bad input (nothing written); 3 some method failed (raised, timed out or
+gave NaN scores): the others are scored and every file is written, the failures listed in run.json.
 Example: scgrn benchmark --expression ../shared/data/reference/beeline_example_gsd/ex1/ExpressionData.csv
   --truth ../shared/data/reference/beeline_example_gsd/GroundTruthNetwork.csv --values normalized --out gsd"""
 
@@ -68,6 +75,9 @@ def add_benchmark_parser(commands) -> None:
                         help="GRNBoost2's tree cap per target (default 5000, arboreto's; early stopping usually ends "
                              "sooner)")
     parser.add_argument("--regdiffusion-steps", type=int, help="RegDiffusion training epochs (default 1000, its own)")
+    parser.add_argument("--method-time-limit", type=float, metavar="SECONDS",
+                        help="a method (model readout, baseline, MI) still running after this many seconds is "
+                             "recorded as failed and the others go on (default: no limit)")
     parser.add_argument("--mi-candidates", help="comma-separated methods whose top-K neighbours per gene MI and CMI "
                                                 "test (default: pcorr_rank_value,pearson)")
     parser.set_defaults(func=cmd_benchmark)
@@ -115,7 +125,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"{dataset}: {data.n_cells} cells x {data.n_genes} genes, read as {data.orientation}; "
           f"values: {data.value_kind}; truth: {', '.join(f'{n} ({len(t)} edges)' for n, t in references.items())}")
     # The GRN path imports torch: only once the inputs are known to be good.
-    from scgrn_assets.lib.benchmarks.outputs import headline_markdown, headline_table, write_benchmark_outputs
+    from scgrn_assets.lib.benchmarks.outputs import (failures_markdown, headline_markdown, headline_table,
+                                                    write_benchmark_outputs)
     from scgrn_assets.lib.benchmarks.grn_benchmark import run_grn_benchmark
     from scgrn_assets.lib.benchmarks.pipeline import GrnPathSettings
 
@@ -124,6 +135,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None}
     if args.regdiffusion_steps is not None:
         overrides["regdiffusion_n_steps"] = args.regdiffusion_steps
+    if args.method_time_limit is not None:
+        if not args.method_time_limit > 0:
+            raise ScgrnInputError(f"--method-time-limit {args.method_time_limit} is not a positive number of seconds",
+                                  fix="pass e.g. --method-time-limit 3600, or leave it out for no limit")
+        overrides["method_time_limit_s"] = args.method_time_limit
     if args.mi_candidates:
         overrides["mi_candidates"] = tuple(m.strip() for m in args.mi_candidates.split(",") if m.strip())
     settings = GrnPathSettings(**overrides, model_seed=args.seed, validation_seed=args.seed,
@@ -171,6 +187,16 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
               f"(train longer: --train-steps {2 * settings.train_steps})")
     print(f"\n{dataset} (universe all_pairs; EPR and AUPRC ratio: 1 = random)\n")
     print(headline_markdown(headline_table(result.metrics)))
+    if result.failures:
+        print(f"\nFailed (not scored):\n{failures_markdown(result.failures)}")
     print(f"\nwrote {len(paths)} files under {Path(args.out)}"
           + (f"; views {args.table}, {args.table}_predictions in {args.duckdb}" if args.duckdb else ""))
+    if result.failures:
+        names = ", ".join(f"{f.method} ({f.step}: {f.reason})" for f in result.failures)
+        count = len(result.failures)
+        print(f"error: {count} method{' failed' if count == 1 else 's failed'}: {names}. The other methods were "
+              f"scored and every file written; the failures are in run.json's failed_methods (with tracebacks) and "
+              f"the metrics' error column. Fix or leave out the method, or raise --method-time-limit if it timed "
+              f"out", file=sys.stderr)
+        return FAILED_METHODS_EXIT_STATUS
     return 0

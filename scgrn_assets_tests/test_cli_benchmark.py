@@ -308,3 +308,63 @@ def test_tree_regulators_come_from_a_tf_list_file_never_from_a_reference():
     assert chosen == ["Sox2", "Pou5f1", "Nanog"]  # the list says SOX2: symbol case is ignored
     with pytest.raises(ScgrnInputError, match="none of the"):
         tree_regulators(mouse, ["NOT_A_GENE"])
+
+
+# --- one method must not take the others down (issue #24) --------------------------------------------------------
+
+
+def test_a_matrix_with_cells_that_express_no_gene_is_benchmarked_with_every_method(tmp_path, capsys):
+    # Before: RegDiffusion scored every pair NaN and the run stopped with "prediction scores contain NaN or
+    # infinite values", losing every other method's result.
+    from scgrn_assets_tests.support.benchmarks import expression_with_empty_cells
+
+    values, genes, empty = expression_with_empty_cells()  # 2,000 cells x 8 genes, 19 of them empty
+    expression = tmp_path / "ExpressionData.csv"
+    pd.DataFrame(values.T, index=genes, columns=[f"cell_{c}" for c in range(len(values))]).to_csv(expression)
+    truth = tmp_path / "refNetwork.csv"
+    pd.DataFrame({"Gene1": genes[:-1], "Gene2": genes[1:]}).to_csv(truth, index=False)
+    out = tmp_path / "out"
+    assert main(["benchmark", "--expression", str(expression), "--truth", str(truth), "--values", "normalized",
+                 "--out", str(out), *QUICK]) == 0
+    metrics = pd.read_parquet(out / "benchmark_metrics.parquet")
+    assert metrics["error"].isna().all()
+    epr = metrics[(metrics["universe"] == "all_pairs") & (metrics["metric"] == "epr")].set_index("method")["value"]
+    assert set(epr.index) == set(METHOD_LABELS) and np.isfinite(epr).all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["failed_methods"] == {}
+    assert run["method_notes"]["regdiffusion"]["n_cells_dropped"] == len(empty) == 19
+
+
+def test_a_method_that_fails_is_reported_the_others_are_scored_and_the_exit_status_says_so(
+        small_benchmark_files, tmp_path, capsys, monkeypatch):
+    from scgrn_assets.lib.benchmarks import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom: injected failure")
+
+    monkeypatch.setattr(pipeline, "regdiffusion_edges", broken)
+    expression, truth = small_benchmark_files
+    out = tmp_path / "out"
+    assert main(["benchmark", "--expression", str(expression), "--truth", str(truth), "--values", "normalized",
+                 "--out", str(out), *QUICK]) == 3
+    captured = capsys.readouterr()
+    assert "1 method failed" in captured.err and "regdiffusion" in captured.err and "boom" in captured.err
+    others = {m: label for m, label in METHOD_LABELS.items() if m != "regdiffusion"}
+    for label in others.values():
+        assert label in captured.out
+    assert "RuntimeError: boom: injected failure" in captured.out  # the printed failed-methods list
+    # Every output is still written; the other methods are scored as usual.
+    for name in ("benchmark_metrics.parquet", "benchmark_summary.md", "predictions.parquet", "run.json"):
+        assert (out / name).is_file()
+    metrics = pd.read_parquet(out / "benchmark_metrics.parquet")
+    scored = metrics[metrics["error"].isna() & (metrics["universe"] == "all_pairs")]
+    assert set(scored["method"]) == set(others)
+    assert {(m, k) for m in others for k in RANKING_METRICS} <= set(zip(scored["method"], scored["metric"]))
+    failed = metrics[metrics["error"].notna()]
+    assert set(failed["method"]) == {"regdiffusion"} and (failed["metric"] == "failed").all()
+    assert failed["error"].str.contains("RuntimeError: boom: injected failure").all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["failed_methods"]["regdiffusion"]["step"] == "baselines"
+    assert "boom" in run["failed_methods"]["regdiffusion"]["reason"]
+    assert "regdiffusion" not in run["methods"]
+    assert "RegDiffusion" in (out / "benchmark_summary.md").read_text().split("Failed")[-1]

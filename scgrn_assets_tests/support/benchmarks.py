@@ -97,3 +97,19 @@ def brute_force_early_precision(labels, scores):
     if not selected:
         return 0.0
     return sum(labels[index] for index in selected) / len(selected)
+
+
+def expression_with_empty_cells(n_cells: int = 2000, n_genes: int = 8, n_empty: int = 19,
+                                seed: int = 0) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Cells x genes non-negative values driven by a small cascade (gene i-1 -> gene i), in which ``n_empty``
+    cells express no gene at all (as in the public 2,000 x 8 simulation of issue #24), every other cell at
+    least one. Returns (values, gene names, indices of the empty cells)."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n_cells, n_genes))
+    for gene in range(1, n_genes):
+        latent[:, gene] += 1.2 * latent[:, gene - 1]
+    values = np.round(np.log1p(np.exp(latent)) * 3)
+    values[:, 0] += 1  # every cell expresses something...
+    empty = np.sort(rng.choice(n_cells, size=n_empty, replace=False))
+    values[empty] = 0  # ...except these
+    return values, [f"G{i}" for i in range(n_genes)], empty

@@ -5,9 +5,11 @@ import pandas as pd
 
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import asset_folder, table_artefact
-from scgrn_assets.lib.benchmarks import (baseline_predictions, baseline_table, benchmark_table, epr_bar_chart_png,
-                                        load_reference, log_normalized, pr_curves_png, prediction_tables,
-                                        ReferenceSource, stable_edges, tree_regulators)
+from scgrn_assets.lib.benchmarks import (MethodFailure, baseline_predictions, baseline_table, epr_bar_chart_png,
+                                        load_reference, log_normalized, method_notes, pr_curves_png,
+                                        prediction_tables, ReferenceSource, score_methods, stable_edges,
+                                        tree_regulators)
+from scgrn_assets.lib.benchmarks.pipeline import BASELINE_METHODS
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.ingest import fetch_file
 from scgrn_assets.defs.network.assets import read_gene_universe
@@ -54,7 +56,10 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
 
     Independent of the reference networks (not an input): the regressions' candidate regulators
     are every gene, or ``BenchmarkSettings.tf_list`` (a TF list file such as BEELINE's
-    ``mouse-tfs.csv``) when set, never the benchmark's truth."""
+    ``mouse-tfs.csv``) when set, never the benchmark's truth.
+
+    A method that raises or returns NaN / infinite scores does not fail the asset: it is left out of the
+    table, listed in ``failed_methods`` (metadata) with its reason and logged as a warning."""
     corpus = read_corpus(combined_corpus)
     genes, _ = read_gene_universe(gene_universe)
     columns = corpus.var_names.get_indexer(genes)
@@ -63,18 +68,33 @@ def baseline_edges(context: dg.AssetExecutionContext, benchmark: BenchmarkSettin
 
     def progress(done: int, total: int, /, *, stage: str, **detail: object) -> None:
         if done % 100 == 0 or done == total:
-            context.log.info(f"{stage}: {done}/{total} targets")
+            context.log.info(f"{stage}: {done}/{total}")
 
-    table = baseline_table(baseline_predictions(
+    predictions, failures = baseline_predictions(
         expression, genes, tf_list, tree_n_trees=benchmark.tree_n_trees, tree_max_cells=benchmark.tree_max_cells,
         tree_max_features=benchmark.tree_max_features, seed=benchmark.seed,
         groups=corpus.obs["study"].astype(str).to_numpy(), grnboost2_max_cells=benchmark.grnboost2_max_cells,
         grnboost2_max_estimators=benchmark.grnboost2_max_estimators,
         regdiffusion_n_steps=benchmark.regdiffusion_n_steps, regdiffusion_max_cells=benchmark.regdiffusion_max_cells,
-        progress=progress))
+        progress=progress)
+    _warn_failures(context, "baseline_edges", failures)
+    table = baseline_table(predictions)
     return dg.Output(table, metadata={"n_genes": len(genes), "n_regulators": len(tf_list or genes),
                                      "tree_regulators": benchmark.tf_list or "all genes",
-                                     "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict())})
+                                     "edges_per_method": dg.MetadataValue.json(table.groupby("method").size().to_dict()),
+                                     "failed_methods": _failures_metadata(failures),
+                                     "method_notes": dg.MetadataValue.json(method_notes(predictions))})
+
+
+def _warn_failures(context: dg.AssetExecutionContext, asset: str, failures: list[MethodFailure]) -> None:
+    # One method's failure does not fail the asset: the others are kept, and it is said here and in metadata.
+    for failure in failures:
+        context.log.warning(f"{asset}: method {failure.method} failed ({failure.step}) and is left out: "
+                            f"{failure.reason}\n{failure.traceback}")
+
+
+def _failures_metadata(failures: list[MethodFailure]) -> dg.MetadataValue:
+    return dg.MetadataValue.json({f.method: {"step": f.step, "reason": f.reason} for f in failures})
 
 
 @dg.asset(group_name="benchmarks", io_manager_key="table_io_manager", kinds={"parquet", "duckdb"},
@@ -83,7 +103,11 @@ def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSet
                       geneformer: GeneformerSettings, edge_stability, network_edges, baseline_edges, mi_edges,
                       cmi_edges, reference_networks, gene_universe):
     """AUROC, AUPRC (average precision and trapezoid), AUPRC ratio, EPR, degree correlation and
-    top-K enrichment with two nulls, for every method x reference x universe, on the gene universe."""
+    top-K enrichment with two nulls, for every method x reference x universe, on the gene universe.
+
+    A method that cannot be scored (NaN / infinite scores, an error), or a baseline absent from
+    ``baseline_edges`` (it failed there), gets rows with ``metric`` = "failed" and its ``error``, is listed in
+    ``failed_methods`` (metadata) and logged as a warning; the others are scored as usual."""
     # Pairs seen in fewer than min_cells_per_edge cells are left out: with n = 2 or 3 the sample sd is
     # tiny by chance and mean/sd explodes, which would put noise at the top.
     predictions = prediction_tables(stable_edges(edge_stability, geneformer.min_cells_per_edge), baseline_edges,
@@ -91,9 +115,16 @@ def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSet
     genes, _ = read_gene_universe(gene_universe)
     references_table = reference_networks
     references = {name: group.reset_index(drop=True) for name, group in references_table.groupby("reference")}
-    table = benchmark_table(predictions, references, genes, top_k=benchmark.top_k, n_null=benchmark.n_null,
-                            seed=benchmark.seed)
-    metadata = {"n_rows": len(table)}
+    # A baseline absent from baseline_edges failed there (every baseline is run): listed as failed here too.
+    absent = [MethodFailure(method, "baselines", "absent from baseline_edges: it failed there (the reason is in "
+                            "baseline_edges' metadata and run log)")
+              for method in BASELINE_METHODS if method not in set(baseline_edges["method"])]
+    table, failures = score_methods(predictions, references, genes, absent, top_k=benchmark.top_k,
+                                    n_null=benchmark.n_null, seed=benchmark.seed)
+    _warn_failures(context, "benchmark_metrics", failures)
+    failed = {failure.method for failure in failures}
+    predictions = {method: prediction for method, prediction in predictions.items() if method not in failed}
+    metadata = {"n_rows": len(table), "failed_methods": _failures_metadata(failures)}
     headline = table[(table["universe"] == "all_pairs") & table["metric"].isin(["epr", "auprc_ratio"])]
     if len(headline):
         metadata["headline"] = dg.MetadataValue.md(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 
 from collections.abc import Sequence
 
@@ -315,8 +316,14 @@ def grnboost2_edges(
 
 
 def regdiffusion_edges(expression, gene_names: Sequence[str], *, n_steps: int = 1000, max_cells: int = 2000,
-                       seed: int = 0, groups: Sequence | None = None) -> pd.DataFrame:
+                       seed: int = 0, groups: Sequence | None = None,
+                       progress: Progress | None = None) -> pd.DataFrame:
     """RegDiffusion (Zhu & Slonim; PyPI ``regdiffusion``) on the CPU: its learned adjacency, row -> column.
+
+    RegDiffusion scales each cell to [0, 1] by its own min and max: a cell whose genes are all equal (one
+    that expresses none of them) has range 0, and its NaNs spread to every gene and every score. Such
+    cells carry no information about co-regulation, so they are left out first (``attrs["n_cells_dropped"]``),
+    as are genes constant over the cells kept (they get score 0).
 
     Parameters
     ----------
@@ -328,11 +335,19 @@ def regdiffusion_edges(expression, gene_names: Sequence[str], *, n_steps: int = 
         Cells subsampled (seeded) when there are more: bounds the run time.
     groups
         Optional label per cell, passed as RegDiffusion's ``cell_types``.
+    progress
+        Optional; called once per epoch (``progress(epoch, n_steps)``).
 
     Returns
     -------
     pandas.DataFrame
-        Every ordered pair (no self-loops), ``score`` = |adjacency|; ``attrs["directed"] = True``.
+        Every ordered pair (no self-loops), ``score`` = |adjacency|; ``attrs["directed"] = True``,
+        ``attrs["n_cells_used"]`` and ``attrs["n_cells_dropped"]`` (cells with no spread across the genes).
+
+    Raises
+    ------
+    ScgrnInputError
+        When fewer than two cells or two genes vary.
     """
     import regdiffusion
 
@@ -341,12 +356,29 @@ def regdiffusion_edges(expression, gene_names: Sequence[str], *, n_steps: int = 
     if matrix.shape[0] > max_cells:
         chosen = np.sort(np.random.default_rng(seed).choice(matrix.shape[0], size=max_cells, replace=False))
         matrix, groups = matrix[chosen], (None if groups is None else groups[chosen])
-    # A constant gene makes RegDiffusion's per-gene standardisation divide by zero: it gets no edges.
-    varying = np.flatnonzero(matrix.std(axis=0) > 0)
-    cell_types = None if groups is None else np.unique(groups, return_inverse=True)[1]
-    trainer = regdiffusion.RegDiffusionTrainer(matrix[:, varying].astype(np.float32), cell_types=cell_types,
-                                               n_steps=n_steps, batch_size=min(128, len(matrix)), device="cpu",
-                                               seed=seed)
+    # Constant genes make its per-gene standardisation divide by zero (they get no edges); constant cells
+    # its per-cell min-max. Dropping one can make the other constant: repeat until neither changes.
+    cells, varying = np.arange(matrix.shape[0]), np.arange(matrix.shape[1])
+    while True:
+        block = matrix[np.ix_(cells, varying)]
+        keep_cells = np.ptp(block, axis=1) > 0 if block.size else np.zeros(len(cells), dtype=bool)
+        keep_genes = np.ptp(block[keep_cells], axis=0) > 0 if keep_cells.any() else np.zeros(len(varying), bool)
+        if keep_cells.all() and keep_genes.all():
+            break
+        cells, varying = cells[keep_cells], varying[keep_genes]
+    if len(cells) < 2 or len(varying) < 2:
+        raise ScgrnInputError(f"RegDiffusion needs two cells and two genes that vary; {len(cells)} cells and "
+                              f"{len(varying)} genes do", fix="check the expression matrix (empty or constant)")
+    cell_types = None if groups is None else np.unique(groups[cells], return_inverse=True)[1]
+    # Its default logger makes ./result_logs/<date>/ in the current folder; only its constructor writes
+    # (the trainer keeps the log in memory), so a throwaway folder keeps the current one clean.
+    with tempfile.TemporaryDirectory(prefix="scgrn-regdiffusion-") as log_folder:
+        logger = regdiffusion.LightLogger(log_folder)
+    trainer = regdiffusion.RegDiffusionTrainer(matrix[np.ix_(cells, varying)].astype(np.float32),
+                                               cell_types=cell_types, n_steps=n_steps,
+                                               batch_size=min(128, len(cells)), device="cpu", seed=seed,
+                                               logger=logger)
+    _report_epochs(trainer, n_steps, progress)
     # RegDiffusion draws its own per-step progress bar on stderr; the caller reports progress instead.
     with contextlib.redirect_stderr(io.StringIO()):
         trainer.train()
@@ -356,8 +388,25 @@ def regdiffusion_edges(expression, gene_names: Sequence[str], *, n_steps: int = 
     sources, targets = np.nonzero(~np.eye(len(names), dtype=bool))
     predictions = pd.DataFrame({"source": names[sources], "target": names[targets],
                                 "score": adjacency[sources, targets]})
-    predictions.attrs["directed"] = True
+    predictions.attrs.update(directed=True, n_cells_used=int(len(cells)),
+                             n_cells_dropped=int(matrix.shape[0] - len(cells)))
     return predictions
+
+
+def _report_epochs(trainer, n_steps: int, progress: Progress | None) -> None:
+    """Report each of RegDiffusion's epochs: its trainer logs once per epoch through ``trainer.logger.log``
+    (regdiffusion 0.2), which is wrapped; a version without that hook trains without reports."""
+    logger = getattr(trainer, "logger", None)
+    if progress is None or not callable(getattr(logger, "log", None)):
+        return
+    log, epochs = logger.log, iter(range(1, n_steps + 1))
+
+    def log_and_report(*args, **kwargs):
+        result = log(*args, **kwargs)
+        report(progress, next(epochs, n_steps), n_steps)
+        return result
+
+    logger.log = log_and_report
 
 
 def gene_level_null_edges(expression, gene_names: Sequence[str], groups: Sequence | None = None) -> pd.DataFrame:

@@ -7,14 +7,13 @@ Each step is the one in :mod:`scgrn_assets.lib.benchmarks.pipeline` that the Dag
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
 from scgrn_assets.lib.benchmarks.expression import log_normalized
 from scgrn_assets.lib.benchmarks.expression_files import ExpressionData
-from scgrn_assets.lib.benchmarks.metrics import benchmark_table
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
 from scgrn_assets.lib.network.feature_moments import FeatureMoments
@@ -26,10 +25,12 @@ from scgrn_assets.lib.network.tokens import TokenizedCells, tokenize_cells
 from scgrn_assets.lib.progress import Progress, for_stage
 from scgrn_assets.lib.validation.discretization import discretize_expression
 from scgrn_assets.lib.validation.mutual_information import cmi_tables, mi_edge_table
-from scgrn_assets.lib.benchmarks.pipeline import (GrnPathSettings, baseline_predictions, baseline_table, chosen_networks,
-                                                 cross_cell_tables, model_genes, network_predictions, network_universe,
-                                                 prediction_tables, stable_edges, study_feature_moments,
-                                                 tree_regulators, union_candidates)
+from scgrn_assets.lib.benchmarks.pipeline import (CROSS_CELL_METHODS, GrnPathSettings, MethodFailure,
+                                                 baseline_predictions, baseline_table, chosen_networks,
+                                                 cross_cell_tables, method_notes, model_genes, network_predictions,
+                                                 network_universe, prediction_tables, run_method, score_methods,
+                                                 stable_edges, study_feature_moments, tree_regulators,
+                                                 union_candidates)
 
 
 @dataclass
@@ -52,6 +53,11 @@ class GrnBenchmarkResult:
     per feature kind."""
     training: dict = field(default_factory=dict)
     """The model's training report (:func:`~scgrn_assets.lib.network.model.training_report`)."""
+    failures: list[MethodFailure] = field(default_factory=list)
+    """Methods that produced no network or could not be scored, with the step and the reason; every other
+    method is in ``predictions`` and ``metrics``."""
+    method_notes: dict = field(default_factory=dict)
+    """Method -> what it recorded about its run (e.g. RegDiffusion's ``n_cells_dropped``; MI's candidates)."""
 
 
 @dataclass
@@ -91,8 +97,12 @@ def attention_edges_of(prepared: PreparedModel, settings: GrnPathSettings,
                        progress: Progress | None = None) -> pd.DataFrame:
     """The full attention edge table of a prepared model (not yet filtered by
     :func:`~scgrn_assets.lib.benchmarks.pipeline.stable_edges`)."""
+    # Cells without a gene token hold no pair; a batch of only such cells has no slot to read.
+    cells = prepared.cells
+    if (cells.lengths == 0).any():
+        cells = cells.subset(np.flatnonzero(cells.lengths > 0))
     # A model trained here saw only each cell's top-ranked tokens: later positions are untrained.
-    moments = attention_edge_moments(prepared.trained.model, prepared.cells, prepared.dictionaries,
+    moments = attention_edge_moments(prepared.trained.model, cells, prepared.dictionaries,
                                      max_genes=settings.max_genes_per_cell,
                                      max_input_length=prepared.config.max_train_length, method=settings.pcorr_method,
                                      batch_size=settings.attention_batch_size, device=settings.device,
@@ -184,12 +194,27 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
     Returns
     -------
     GrnBenchmarkResult
-        ``metrics`` has :func:`scgrn_assets.lib.benchmarks.metrics.benchmark_table`'s columns.
+        ``metrics`` has :func:`scgrn_assets.lib.benchmarks.metrics.benchmark_table`'s columns plus ``error``
+        (:func:`~scgrn_assets.lib.benchmarks.pipeline.score_methods`). A model readout, baseline or MI / CMI that
+        raises, returns NaN / infinite scores or runs past ``settings.method_time_limit_s`` is in ``failures``
+        (with its step and reason) and every other method is scored; tokenisation, training and bad input
+        still stop the run.
     """
+    limit = settings.method_time_limit_s
+    failures: list[MethodFailure] = []
+
+    def isolated(method: str, build, step: str, score_column: str | None = None):
+        result, failure = run_method(method, build, step=step, time_limit_s=limit, progress=progress,
+                                     score_column=score_column)
+        failures.extend([failure] if failure else [])
+        return result
+
     prepared = prepare_model(data, settings, progress)
-    all_edges = attention_edges_of(prepared, settings, progress)
-    edges = stable_edges(all_edges, settings.min_cells_per_edge)
-    if edges.empty:
+    # Each model readout, each baseline and MI / CMI is one method: its failure is recorded, the rest go on.
+    all_edges = isolated("attention_stability", lambda report_to: attention_edges_of(prepared, settings, report_to),
+                         "network")
+    edges = None if all_edges is None else stable_edges(all_edges, settings.min_cells_per_edge)
+    if edges is not None and edges.empty:
         raise ScgrnInputError(f"no gene pair was seen together in {settings.min_cells_per_edge} or more cells",
                               file=data.path, fix="pass more cells or a smaller --min-cells-per-edge")
     candidate_genes = model_genes(prepared.cells, prepared.dictionaries, prepared.symbols,
@@ -199,24 +224,47 @@ def run_grn_benchmark(data: ExpressionData, references: Mapping[str, pd.DataFram
     tf_symbols = [] if settings.tf_list is None else tree_regulators(settings.tf_list, candidate_genes) or []
     genes = network_universe(candidate_genes, candidate_expression, settings.max_universe_genes, tf_symbols)
     expression = candidate_expression[:, pd.Index(candidate_genes).get_indexer(genes)].toarray()
-    moments = {kind: feature_moments_by_study(data, prepared, genes, kind, settings, progress)
-               for kind in settings.network_features}
-    network, _ = cross_cell_tables(moments)
+    network_parts = [isolated(CROSS_CELL_METHODS[kind], lambda report_to, kind=kind: cross_cell_tables(
+        {kind: feature_moments_by_study(data, prepared, genes, kind, settings, report_to)})[0], "network",
+        score_column="abs_pcorr") for kind in settings.network_features]
+    network_parts = [part for part in network_parts if part is not None]
+    network = pd.concat(network_parts, ignore_index=True) if network_parts else None
     # The baselines never see ``references``: the tree's regulators are every gene or the user's TF list.
     tf_list = tree_regulators(settings.tf_list, genes)
-    baselines = baseline_table(baseline_predictions(
+    baseline_runs, baseline_failures = baseline_predictions(
         expression, genes, tf_list, tree_n_trees=settings.tree_n_trees, tree_max_cells=settings.tree_max_cells,
         tree_max_features=settings.tree_max_features, seed=settings.benchmark_seed, groups=cell_studies(data),
         grnboost2_max_cells=settings.grnboost2_max_cells, grnboost2_max_estimators=settings.grnboost2_max_estimators,
         regdiffusion_n_steps=settings.regdiffusion_n_steps, regdiffusion_max_cells=settings.regdiffusion_max_cells,
-        progress=progress))
+        time_limit_s=limit, progress=progress)
+    failures.extend(baseline_failures)
+    notes = method_notes(baseline_runs)
+    baselines = baseline_table(baseline_runs)
     networks = network_predictions(edges, baselines, network)
-    candidates = union_candidates(chosen_networks(networks, settings.mi_candidates), top_k=settings.mi_top_k)
-    mi, cmi = validation_tables(data, candidates, settings, progress)
+    failed = {failure.method for failure in failures}
+    # MI tests the candidate networks that were built; a failed one is named in the notes.
+    usable = [method for method in settings.mi_candidates if method not in failed]
+    notes["mi"] = {"candidates": usable, "candidates_failed": [m for m in settings.mi_candidates if m in failed]}
+    tables = None
+    if usable:
+        candidates = union_candidates(chosen_networks(networks, usable), top_k=settings.mi_top_k)
+        tables = isolated("mi", lambda report_to: validation_tables(data, candidates, settings, report_to), "mi")
+    else:
+        named = ", ".join(settings.mi_candidates)
+        failures.append(MethodFailure("mi", "mi", f"every MI candidate network failed ({named})"))
+    if tables is None:  # CMI prunes MI's edges: it fails with MI
+        failures.append(replace(failures[-1], method="cmi_pruned"))
+    mi, cmi = tables or (None, None)
     predictions = prediction_tables(edges, baselines, mi, cmi, network=network)
-    metrics = benchmark_table(predictions, references, genes, top_k=settings.top_k, n_null=settings.n_null,
-                              seed=settings.benchmark_seed, progress=for_stage(progress, "metrics"))
-    return GrnBenchmarkResult(genes=genes, attention_edges=edges, loss_curve=prepared.trained.loss_curve, mi_edges=mi,
-                              cmi_edges=cmi, baselines=baselines, predictions=predictions, metrics=metrics,
+    metrics, failures = score_methods(predictions, references, genes, failures, top_k=settings.top_k,
+                                      n_null=settings.n_null, seed=settings.benchmark_seed,
+                                      progress=for_stage(progress, "metrics"))
+    failed = {failure.method for failure in failures}
+    return GrnBenchmarkResult(genes=genes, attention_edges=edges if edges is not None else pd.DataFrame(),
+                              loss_curve=prepared.trained.loss_curve,
+                              mi_edges=mi if mi is not None else pd.DataFrame(),
+                              cmi_edges=cmi if cmi is not None else pd.DataFrame(), baselines=baselines,
+                              predictions={m: p for m, p in predictions.items() if m not in failed}, metrics=metrics,
                               settings=asdict(settings), tree_regulators=tf_list, network_edges=network,
-                              training=model_training_report(prepared, settings.min_loss_margin))
+                              training=model_training_report(prepared, settings.min_loss_margin), failures=failures,
+                              method_notes=notes)

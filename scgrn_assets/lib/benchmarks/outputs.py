@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from scgrn_assets.lib.benchmarks.grn_benchmark import GrnBenchmarkResult
-from scgrn_assets.lib.benchmarks.pipeline import METHOD_LABELS
+from scgrn_assets.lib.benchmarks.pipeline import METHOD_LABELS, MethodFailure
 from scgrn_assets.lib.storage import atomic_path
 
 
@@ -55,6 +55,12 @@ def headline_markdown(headline: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, floatfmt=".3f")
 
 
+def failures_markdown(failures: Sequence[MethodFailure]) -> str:
+    """The failed methods as a Markdown list (method in words, step, reason); empty when none failed."""
+    return "\n".join(f"- {METHOD_LABELS.get(f.method, f.method)} (`{f.method}`, {f.step}): {f.reason}"
+                     for f in failures)
+
+
 def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str,
                             run_info: Mapping[str, object]) -> dict[str, Path]:
     """Write a benchmark run under ``out_dir``, every file through a temporary name and a rename.
@@ -62,7 +68,9 @@ def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str
     Files: ``benchmark_metrics.parquet`` / ``.csv`` (the long table with a ``dataset`` column),
     ``benchmark_summary.csv`` / ``.md`` (:func:`headline_table`), ``predictions.parquet`` (every method's scored pairs), the intermediate
     ``attention_edges``, ``mi_edges``, ``cmi_edges`` Parquet tables and ``run.json`` (inputs,
-    settings, what was decided). Returns name -> path.
+    settings, what was decided). Failed methods (``result.failures``) are rows with ``metric`` = "failed" and
+    their ``error`` in the metric table, a "Failed" list in the summary, and ``failed_methods`` (step, reason,
+    traceback) in ``run.json``. Returns name -> path.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +85,8 @@ def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str
         "benchmark_metrics.csv": lambda tmp: metrics.to_csv(tmp, index=False),
         "benchmark_summary.csv": lambda tmp: headline.assign(dataset=dataset).to_csv(tmp, index=False),
         "benchmark_summary.md": lambda tmp: Path(tmp).write_text(
-            f"# {dataset}: GRN benchmark\n\n{SUMMARY_LEGEND}\n\n{headline_markdown(headline)}\n"),
+            f"# {dataset}: GRN benchmark\n\n{SUMMARY_LEGEND}\n\n{headline_markdown(headline)}\n"
+            + (f"\n## Failed (not scored)\n\n{failures_markdown(result.failures)}\n" if result.failures else "")),
         "predictions.parquet": lambda tmp: predictions_long(result.predictions).to_parquet(tmp, index=False),
         "attention_edges.parquet": lambda tmp: result.attention_edges.to_parquet(tmp, index=False),
         "network_edges.parquet": lambda tmp: (result.network_edges if result.network_edges is not None
@@ -91,7 +100,10 @@ def write_benchmark_outputs(result: GrnBenchmarkResult, out_dir, *, dataset: str
                                  else {"tf_list": result.settings.get("tf_list"),
                                        "n_in_genes": len(result.tree_regulators), "genes": result.tree_regulators}),
              "final_training_loss": float(np.nanmean(result.loss_curve[-20:])) if len(result.loss_curve) else None,
-             "training": result.training},
+             "training": result.training,
+             "failed_methods": {f.method: {"step": f.step, "reason": f.reason, "traceback": f.traceback}
+                                for f in result.failures},
+             "method_notes": result.method_notes},
             indent=2, default=str) + "\n"),
     }
     for name, write in writers.items():

@@ -18,9 +18,13 @@ it found. Each step below is the one function both use, with the same settings
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+import time
+import traceback as tracebacks
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -35,7 +39,7 @@ from scgrn_assets.lib.network.cross_cell import COMPOSITIONAL_FEATURES, cross_ce
 from scgrn_assets.lib.network.feature_moments import FeatureMoments, accumulate_feature_moments
 from scgrn_assets.lib.network.dictionaries import GeneformerDictionaries
 from scgrn_assets.lib.network.tokens import TokenizedCells
-from scgrn_assets.lib.progress import Progress, for_stage
+from scgrn_assets.lib.progress import Progress, for_stage, report
 from scgrn_assets.lib.validation.mutual_information import candidate_edges
 
 CROSS_CELL_METHODS = {kind: f"pcorr_{kind}" for kind in FEATURE_KINDS}
@@ -104,6 +108,156 @@ class GrnPathSettings:
     n_null: int = 200
     top_k: int | None = None
     benchmark_seed: int = 0
+    # isolation: a method past this many seconds is recorded as failed (None: no limit, run in the caller's thread)
+    method_time_limit_s: float | None = None
+
+
+# --- one method must not take the others down -------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MethodFailure:
+    """A method that produced no network, so it is not scored: where (``step``: baselines, network, mi, metrics)
+    and why (``reason``: one line, the exception or what was wrong with its scores); ``traceback`` for the
+    record (``run.json``), never printed."""
+
+    method: str
+    step: str
+    reason: str
+    traceback: str = ""
+
+
+class MethodTimeout(RuntimeError):
+    """A method ran past ``GrnPathSettings.method_time_limit_s``."""
+
+
+def check_scores(table: pd.DataFrame, column: str = "score") -> None:
+    """Raise ``ValueError`` naming how many of ``table[column]`` are NaN or infinite (such scores cannot be
+    ranked; a method that returns them has failed, e.g. RegDiffusion dividing by a zero range)."""
+    if column not in table.columns:
+        raise ValueError(f"the method returned no {column!r} column (columns: {list(table.columns)})")
+    scores = table[column].to_numpy(dtype=np.float64)
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {len(scores)} scores are NaN or infinite")
+
+
+def run_method(method: str, build: Callable[[Progress | None], T], *, step: str, time_limit_s: float | None = None,
+               progress: Progress | None = None,
+               score_column: str | None = "score") -> tuple[T | None, MethodFailure | None]:
+    """``build(progress)`` with its failure recorded instead of raised: (result, None) or (None, failure).
+
+    A failure is any ``Exception`` (not ``KeyboardInterrupt``), a result whose ``score_column`` holds NaN or
+    infinite values (:func:`check_scores`; None skips the check), or a run past ``time_limit_s``.
+
+    Without a time limit ``build`` runs in the caller's thread: nothing is added to a normal run. With one,
+    it runs in a worker thread; a method that reports progress is stopped at its first report past the
+    limit, one that never reports is abandoned (Python cannot stop a thread): it runs on in the background
+    and its result is discarded.
+    """
+    try:
+        result = build(progress) if time_limit_s is None else _within_time_limit(build, time_limit_s, progress)
+        if score_column is not None:
+            check_scores(result, score_column)
+    except Exception as exc:  # noqa: BLE001 - any failure of one method is recorded; the others go on
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return None, MethodFailure(method, step, reason[:500], "".join(tracebacks.format_exception(exc))[-4000:])
+    return result, None
+
+
+def _within_time_limit(build: Callable[[Progress | None], T], time_limit_s: float, progress: Progress | None) -> T:
+    deadline = time.monotonic() + time_limit_s
+    message = f"did not finish within the time limit of {time_limit_s:g} s (method_time_limit_s)"
+    outcome: dict = {}
+
+    def checked(done: int, total: int, /, **detail: object) -> None:
+        if time.monotonic() > deadline:
+            raise MethodTimeout(message)
+        report(progress, done, total, **detail)
+
+    def work() -> None:
+        try:
+            outcome["result"] = build(checked)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="scgrn-method", daemon=True)
+    worker.start()
+    worker.join(time_limit_s)
+    if worker.is_alive():
+        raise MethodTimeout(message + "; it was left running in the background and its result is discarded")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def method_notes(predictions: Mapping[str, pd.DataFrame]) -> dict[str, dict]:
+    """What a method recorded about its own run (``attrs`` other than ``directed``, e.g. RegDiffusion's
+    ``n_cells_dropped``), by method; methods without notes are left out."""
+    notes = {method: {key: value for key, value in table.attrs.items() if key != "directed"}
+             for method, table in predictions.items()}
+    return {method: note for method, note in notes.items() if note}
+
+
+def failure_rows(failures: Iterable[MethodFailure], reference_names: Iterable[str]) -> pd.DataFrame:
+    """One row per failed method x reference in the metric table's shape: ``metric`` = "failed", ``value`` and
+    ``universe`` empty, ``error`` = the reason (``step: reason``)."""
+    from scgrn_assets.lib.benchmarks.metrics import METRIC_COLUMNS  # here: metrics imports matplotlib
+
+    references = list(reference_names)
+    rows = [(f.method, reference, None, "failed", np.nan, np.nan, f"{f.step}: {f.reason}")
+            for f in failures for reference in references]
+    table = pd.DataFrame(rows, columns=[*METRIC_COLUMNS, "error"])
+    return table.astype({"method": object, "reference": object, "universe": object, "metric": object,
+                         "value": float, "cutoff": float, "error": "string"})
+
+
+def score_methods(predictions: Mapping[str, pd.DataFrame], references: Mapping[str, pd.DataFrame],
+                  genes: Sequence[str], failures: Sequence[MethodFailure] = (), *, top_k: int | None, n_null: int,
+                  seed: int, progress: Progress | None = None) -> tuple[pd.DataFrame, list[MethodFailure]]:
+    """:func:`~scgrn_assets.lib.benchmarks.metrics.benchmark_table` method by method, so that a method whose
+    scores cannot be ranked (NaN, infinite) or whose evaluation raises is recorded as failed (step "metrics")
+    and every other method is still scored.
+
+    Parameters
+    ----------
+    failures
+        Methods that already failed upstream (their network was never built): listed in the table too.
+
+    Returns
+    -------
+    table, failures
+        :data:`~scgrn_assets.lib.benchmarks.metrics.METRIC_COLUMNS` plus ``error``: empty on scored rows; each
+        failed method gets one row per reference with ``metric`` = "failed" and ``error`` = "step: reason"
+        (:func:`failure_rows`). ``failures``: the given ones, then those of this step. Each method's rows are
+        exactly those :func:`benchmark_table` gives it among the others (its nulls' seed does not depend on them).
+    """
+    from scgrn_assets.lib.benchmarks.metrics import METRIC_COLUMNS, benchmark_table  # here: it imports matplotlib
+
+    failures = list(failures)
+    parts = []
+    n_methods = max(len(predictions), 1)
+    for index, (method, prediction) in enumerate(predictions.items()):
+        def offset(done: int, total: int, /, index: int = index, **detail: object) -> None:
+            report(progress, index * total + done, n_methods * total, **detail)
+
+        def score(_, method: str = method, prediction: pd.DataFrame = prediction) -> pd.DataFrame:
+            check_scores(prediction)
+            return benchmark_table({method: prediction}, references, genes, top_k=top_k, n_null=n_null, seed=seed,
+                                   progress=offset if progress is not None else None)
+
+        table, failure = run_method(method, score, step="metrics", score_column=None)
+        if failure is None:
+            parts.append(table)
+        else:
+            failures.append(failure)
+    scored = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=METRIC_COLUMNS)
+    scored = scored.assign(error=pd.Series(pd.NA, index=scored.index, dtype="string"))
+    failed = failure_rows(failures, references)
+    table = pd.concat([scored, failed], ignore_index=True) if len(failed) else scored
+    return table, failures
 
 
 def stable_edges(edges: pd.DataFrame, min_cells: int) -> pd.DataFrame:
@@ -147,12 +301,15 @@ def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: 
                          groups: Sequence | None = None, grnboost2_max_cells: int = 1000,
                          grnboost2_max_estimators: int = 5000, regdiffusion_n_steps: int = 1000,
                          regdiffusion_max_cells: int = 2000, methods: Sequence[str] = BASELINE_METHODS,
-                         progress: Progress | None = None) -> dict[str, pd.DataFrame]:
+                         time_limit_s: float | None = None,
+                         progress: Progress | None = None) -> tuple[dict[str, pd.DataFrame], list[MethodFailure]]:
     """The baselines (``BASELINE_METHODS``) on ``genes``: co-expression and regressions within study,
     the tools people use (GRNBoost2, RegDiffusion), a gene-level null and random.
 
     Nothing here sees a reference network: every baseline is a function of the expression alone
-    (and of ``tf_list`` when the user gives one).
+    (and of ``tf_list`` when the user gives one). Each runs through :func:`run_method`: one that raises,
+    returns NaN or infinite scores or runs past ``time_limit_s`` is returned as a failure, and the others
+    are still run.
 
     Parameters
     ----------
@@ -171,32 +328,59 @@ def baseline_predictions(expression: np.ndarray, genes: Sequence[str], tf_list: 
         Bounds on the two tools' run time (cells subsampled, trees per target, training epochs).
     methods
         Which baselines to run (a subset of ``BASELINE_METHODS``).
+    time_limit_s
+        Seconds each method may take (None: no limit).
     progress
-        Optional; each call carries ``stage="tree"`` or ``stage="grnboost2"``.
+        Optional; each call carries ``stage=`` the method (tree and GRNBoost2 per target, RegDiffusion per
+        epoch).
+
+    Returns
+    -------
+    predictions, failures
+        Method -> predictions for the methods that succeeded (in ``BASELINE_METHODS`` order), and a
+        :class:`MethodFailure` for each that did not.
     """
     unknown = sorted(set(methods) - set(BASELINE_METHODS))
     if unknown:
         raise ScgrnInputError(f"unknown baseline methods {unknown}", fix=f"choose from {list(BASELINE_METHODS)}")
+    # Looked up here, not bound at import: a test can swap one method for a failing one.
     builders = {
-        "pearson": lambda: pearson_edges(expression, genes, groups=groups),
-        "spearman": lambda: spearman_edges(expression, genes, groups=groups),
-        "tree": lambda: tree_edges(expression, genes, tf_list=tf_list, n_trees=tree_n_trees, max_cells=tree_max_cells,
-                                   max_features=tree_max_features, seed=seed, groups=groups,
-                                   progress=for_stage(progress, "tree")),
-        "grnboost2": lambda: grnboost2_edges(expression, genes, tf_list=tf_list, max_cells=grnboost2_max_cells,
-                                             max_estimators=grnboost2_max_estimators, seed=seed, groups=groups,
-                                             progress=for_stage(progress, "grnboost2")),
-        "regdiffusion": lambda: regdiffusion_edges(expression, genes, n_steps=regdiffusion_n_steps,
-                                                   max_cells=regdiffusion_max_cells, seed=seed, groups=groups),
-        "gene_level_null": lambda: gene_level_null_edges(expression, genes, groups=groups),
+        "pearson": lambda _: pearson_edges(expression, genes, groups=groups),
+        "spearman": lambda _: spearman_edges(expression, genes, groups=groups),
+        "tree": lambda report_to: tree_edges(expression, genes, tf_list=tf_list, n_trees=tree_n_trees,
+                                             max_cells=tree_max_cells, max_features=tree_max_features, seed=seed,
+                                             groups=groups, progress=report_to),
+        "grnboost2": lambda report_to: grnboost2_edges(expression, genes, tf_list=tf_list,
+                                                       max_cells=grnboost2_max_cells,
+                                                       max_estimators=grnboost2_max_estimators, seed=seed,
+                                                       groups=groups, progress=report_to),
+        "regdiffusion": lambda report_to: regdiffusion_edges(expression, genes, n_steps=regdiffusion_n_steps,
+                                                             max_cells=regdiffusion_max_cells, seed=seed,
+                                                             groups=groups, progress=report_to),
+        "gene_level_null": lambda _: gene_level_null_edges(expression, genes, groups=groups),
         # A uniform null over all pairs: a TF prior would credit the baseline with the reference's regulators.
-        "random": lambda: random_edges(genes, seed=seed),
+        "random": lambda _: random_edges(genes, seed=seed),
     }
-    return {method: builders[method]() for method in BASELINE_METHODS if method in methods}
+    predictions, failures = {}, []
+    for method in BASELINE_METHODS:
+        if method not in methods:
+            continue
+        table, failure = run_method(method, builders[method], step="baselines", time_limit_s=time_limit_s,
+                                    progress=for_stage(progress, method))
+        if failure is None:
+            predictions[method] = table
+        else:
+            failures.append(failure)
+    return predictions, failures
 
 
 def baseline_table(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """The baselines as one long table (``method``, ``directed`` columns), as stored by ``baseline_edges``."""
+    """The baselines as one long table (``method``, ``directed`` columns), as stored by ``baseline_edges``
+    (no rows, with those columns, when every baseline failed)."""
+    if not predictions:
+        return pd.DataFrame({"source": pd.Series(dtype=object), "target": pd.Series(dtype=object),
+                             "score": pd.Series(dtype=float), "method": pd.Series(dtype=object),
+                             "directed": pd.Series(dtype=bool)})
     return pd.concat([p.assign(method=m, directed=bool(p.attrs.get("directed", True)))
                       for m, p in predictions.items()], ignore_index=True)
 
@@ -224,15 +408,17 @@ def network_predictions(edges: pd.DataFrame | None, baselines: pd.DataFrame,
     return predictions
 
 
-def prediction_tables(edges: pd.DataFrame | None, baselines: pd.DataFrame, mi: pd.DataFrame,
-                      cmi: pd.DataFrame, network: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+def prediction_tables(edges: pd.DataFrame | None, baselines: pd.DataFrame, mi: pd.DataFrame | None,
+                      cmi: pd.DataFrame | None, network: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Every method's predictions: :func:`network_predictions` plus MI (its candidate edges scored by
     MI) and "cmi_pruned" (only the edges flagged direct, scored by CMI min), so it shows what
-    explaining away does to precision."""
+    explaining away does to precision. ``mi`` / ``cmi`` None (the step failed) leaves that method out."""
     predictions = network_predictions(edges, baselines, network)
-    predictions["mi"] = _undirected(mi["parent"], mi["target"], mi["mi"])
-    direct = cmi[cmi["direct"]]
-    predictions["cmi_pruned"] = _undirected(direct["parent"], direct["target"], direct["cmi_min"])
+    if mi is not None:
+        predictions["mi"] = _undirected(mi["parent"], mi["target"], mi["mi"])
+    if cmi is not None:
+        direct = cmi[cmi["direct"]]
+        predictions["cmi_pruned"] = _undirected(direct["parent"], direct["target"], direct["cmi_min"])
     return predictions
 
 
