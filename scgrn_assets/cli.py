@@ -381,26 +381,60 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def sql_parameter(text: str) -> int | float | str:
+#: The widest integer DuckDB binds (HUGEINT and UHUGEINT: 128 bits, 39 digits).
+_SQL_INTEGER_RANGE = (-(1 << 127), (1 << 128) - 1)
+
+
+def sql_parameter(text: str, position: int = 1) -> int | float | str:
     """A ``--param`` value as SQL should compare it: ``10`` an integer, ``2.5`` a number, anything else text.
 
     Bound as text, ``SELECT ? > ?`` with 9 and 10 compared strings ('9' > '10' is true).
-    Quote a number to keep it text: ``--param "'0012'"`` binds the string 0012.
+    Quote a number to keep it text: ``--param "'0012'"`` binds the string 0012. A number SQL cannot
+    hold (an integer past 128 bits, a float that overflows to infinity) is an error naming the
+    ``position``-th ``--param``, not a traceback or a silent infinity.
     """
     if re.fullmatch(r"[-+]?\d+", text):
-        return int(text)
+        digits = len(text.lstrip("+-").lstrip("0"))
+        # Checked on the digits before int(): Python refuses to parse more than 4,300 of them.
+        if digits <= 40 and _SQL_INTEGER_RANGE[0] <= int(text) <= _SQL_INTEGER_RANGE[1]:
+            return int(text)
+        raise _unbindable_number(text, position, "an integer wider than SQL's 128-bit integers")
     if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", text):
-        return float(text)
+        value = float(text)
+        if abs(value) != float("inf"):
+            return value
+        raise _unbindable_number(text, position, "a number too large for a DOUBLE (it would be infinity)")
     if len(text) >= 2 and text[0] == text[-1] == "'":
         return text[1:-1]
     return text
+
+
+def _sql_seconds(text: str) -> float:
+    """``--timeout``: a number of seconds, 0 (no limit) or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 60; 0: no limit)")
+    return seconds
+
+
+def _unbindable_number(text: str, position: int, problem: str) -> ScgrnInputError:
+    shown = text if len(text) <= 40 else f"{text[:20]}...{text[-10:]}, {len(text)} characters"
+    return ScgrnInputError(f"--param number {position} ({shown}) is {problem}",
+                           fix="give a smaller number, or quote it to bind it as text: --param \"'<digits>'\"")
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     from scgrn_assets.lib.sql_store import query
 
     layout = StorageLayout(scgrn_home())
-    table = query(layout.duckdb_path, args.sql, [sql_parameter(value) for value in args.param or []])
+    parameters = [sql_parameter(value, position) for position, value in enumerate(args.param or [], start=1)]
+    limits = {} if args.timeout is None else {"timeout_s": args.timeout or None}  # 0: no time limit
+    if args.memory_limit is not None:
+        limits["memory_limit"] = args.memory_limit
+    table = query(layout.duckdb_path, args.sql, parameters, **limits)
     print(table.to_string(index=False, max_rows=args.max_rows))
     return 0
 
@@ -447,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a value bound to the next ? placeholder (repeatable); numbers are bound as numbers, "
                               "'quoted' values as text")
         sql.add_argument("--max-rows", type=int, default=50, help="rows to print at most (default 50)")
+        # Defaults (None) are sql_store's: DEFAULT_QUERY_TIMEOUT_S, DEFAULT_QUERY_MEMORY_LIMIT (a test checks the help).
+        sql.add_argument("--timeout", type=_sql_seconds, metavar="SECONDS",
+                         help="stop the query after this many seconds (default 60; 0: no limit): a running query "
+                              "holds up writers, which wait for it at most $SCGRN_LOCK_WAIT_S seconds (default 600)")
+        sql.add_argument("--memory-limit", metavar="SIZE",
+                         help="memory the query may use, e.g. 500MB or 8GB (default 2GB); nothing spills to disk, "
+                              "so a query that needs more stops with a message")
         sql.set_defaults(func=cmd_sql)
     from scgrn_assets.cli_benchmark import add_benchmark_parser
 

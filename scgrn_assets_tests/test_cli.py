@@ -257,3 +257,13 @@ def test_readme_quick_start_commands_work_as_printed_without_an_activated_venv(t
         outputs[command.split()[1]] = result.stdout
     assert "study_anndata" in outputs["status"]
     assert re.search(r"GSE2\s+600", outputs["sql"]) and "GSE1" not in outputs["sql"]  # 500 bound as a number
+
+
+def test_sql_help_names_the_librarys_limits_and_the_lock_wait(tmp_path):
+    from scgrn_assets.lib.sql_store import DEFAULT_QUERY_MEMORY_LIMIT, DEFAULT_QUERY_TIMEOUT_S
+    from scgrn_assets.lib.storage import DEFAULT_LOCK_WAIT_S, LOCK_WAIT_VARIABLE
+
+    text = " ".join(run_scgrn("sql", "--help", home=tmp_path).stdout.split())
+    assert f"--timeout SECONDS stop the query after this many seconds (default {DEFAULT_QUERY_TIMEOUT_S:g};" in text
+    assert f"(default {DEFAULT_QUERY_MEMORY_LIMIT})" in text
+    assert f"${LOCK_WAIT_VARIABLE} seconds (default {DEFAULT_LOCK_WAIT_S:g})" in text

@@ -21,10 +21,15 @@ import contextlib
 import errno
 import fcntl
 import glob
+import logging
 import os
+import shlex
 import shutil
 import socket
+import sys
+import time
 import uuid
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +40,15 @@ DEFAULT_HOME = Path("~/.scgrn")
 #: crash (SIGSEGV) rather than fail cleanly when a write meets a disk that is all but full.
 MIN_FREE_BYTES_VARIABLE = "SCGRN_MIN_FREE_BYTES"
 DEFAULT_MIN_FREE_BYTES = 64 << 20
+
+#: Seconds a bounded lock wait (the DuckDB database's writers and readers) lasts before it fails naming
+#: the holder (override with SCGRN_LOCK_WAIT_S): a holder that never lets go must not stall a run silently.
+LOCK_WAIT_VARIABLE = "SCGRN_LOCK_WAIT_S"
+DEFAULT_LOCK_WAIT_S = 600.0
+#: While waiting, one line every this many seconds says who holds the lock.
+LOCK_WAIT_REPORT_EVERY_S = 10.0
+
+logger = logging.getLogger(__name__)
 
 
 def scgrn_home() -> Path:
@@ -109,18 +123,144 @@ def process_exists(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def held_file_lock(lock_path: Path, *, exclusive: bool = True) -> Iterator[None]:
+def held_file_lock(lock_path: Path, *, exclusive: bool = True, wait_s: float | None = None,
+                   what: str | None = None) -> Iterator[None]:
     """Hold an ``flock`` on ``lock_path`` (created if absent): exclusive, or shared among readers.
 
     The kernel releases it when the process dies, so a kill -9 never leaves it held.
+
+    With ``wait_s`` the wait is bounded and visible: this process records itself as a holder
+    (pid, host, command; :func:`lock_holders`) while it holds the lock, logs who holds it every
+    :data:`LOCK_WAIT_REPORT_EVERY_S` seconds while it waits, and after ``wait_s`` seconds raises an
+    ``ScgrnInputError`` naming the holders and what to do. Exclusive waiters go through a gate that
+    new shared holders must pass, so a stream of readers cannot starve a writer. ``what`` names the
+    lock in messages (default: its path). Without ``wait_s`` it waits as long as it takes.
     """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if wait_s is None:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            record = None
+        else:
+            deadline = time.monotonic() + max(0.0, wait_s)
+            with _gate_path(lock_path).open("a") as gate:
+                # Writers hold the gate while they wait; readers only pass through it.
+                _wait_for_flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, lock_path, deadline, wait_s,
+                                what, exclusive, at_gate=True)
+                try:
+                    _wait_for_flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, lock_path, deadline,
+                                    wait_s, what, exclusive)
+                finally:
+                    fcntl.flock(gate, fcntl.LOCK_UN)
+            record = _record_holder(lock_path, exclusive)
         try:
             yield
         finally:
+            if record is not None:
+                with contextlib.suppress(OSError):
+                    record.unlink()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_wait_seconds() -> float:
+    """How long a bounded lock wait lasts (``SCGRN_LOCK_WAIT_S``, default 600 s = 10 minutes)."""
+    text = os.environ.get(LOCK_WAIT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_LOCK_WAIT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        from scgrn_assets.lib.errors import ScgrnInputError
+
+        raise ScgrnInputError(f"{LOCK_WAIT_VARIABLE}={text!r} is not a number of seconds",
+                              fix=f"set {LOCK_WAIT_VARIABLE} to e.g. {DEFAULT_LOCK_WAIT_S:.0f} or unset it")
+    return seconds
+
+
+def lock_holders(lock_path: Path) -> list[str]:
+    """Who holds ``lock_path`` as recorded by bounded holders: one line each (pid, host, mode, since, command).
+
+    Best effort: records of dead processes of this host are skipped (and removed); a holder that
+    took the lock without a bounded wait (or a program outside this package) leaves no record.
+    """
+    folder = _holders_path(lock_path)
+    if not folder.is_dir():
+        return []
+    holders = []
+    for record in sorted(folder.iterdir()):
+        host, _, rest = record.name.rpartition("-pid")
+        pid_text = rest.split("-", 1)[0]
+        if host == socket.gethostname() and pid_text.isdigit() and not process_exists(int(pid_text)):
+            with contextlib.suppress(OSError):
+                record.unlink()
+            continue
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            holders.append(record.read_text(encoding="utf-8").strip())
+    return [holder for holder in holders if holder]
+
+
+def _holders_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".holders")
+
+
+def _gate_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".gate")
+
+
+def _record_holder(lock_path: Path, exclusive: bool) -> Path | None:
+    """Write this process's holder record next to the lock (best effort: a failure only loses the name)."""
+    command = shlex.join(getattr(sys, "orig_argv", sys.argv))
+    if len(command) > 300:
+        command = command[:300] + "..."
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    record = _holders_path(lock_path) / f"{socket.gethostname()}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({'exclusive' if exclusive else 'shared'}, "
+                          f"since {since}): {command}\n", encoding="utf-8")
+    except OSError:
+        return None
+    return record
+
+
+def _wait_for_flock(handle, flag: int, lock_path: Path, deadline: float, wait_s: float, what: str | None,
+                    exclusive: bool, *, at_gate: bool = False) -> None:
+    """``flock(handle, flag)`` polled until ``deadline``: a line every 10 s while waiting, then a named error."""
+    started = time.monotonic()
+    next_report, pause = started + LOCK_WAIT_REPORT_EVERY_S, 0.005
+    while True:
+        try:
+            fcntl.flock(handle, flag | fcntl.LOCK_NB)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        now = time.monotonic()
+        name = what or str(lock_path)
+        if now >= deadline:
+            from scgrn_assets.lib.errors import ScgrnInputError
+
+            raise ScgrnInputError(
+                f"gave up waiting {wait_s:g} s to {'write' if exclusive else 'read'} {name}: the lock {lock_path} is "
+                f"held by {_describe_holders(lock_path, at_gate)}", file=str(lock_path),
+                fix=f"wait for that process to finish or stop it (kill <pid>), then run again; "
+                    f"{LOCK_WAIT_VARIABLE} sets how long to wait")
+        if now >= next_report:
+            logger.warning("waiting %.0f s so far to %s %s (gives up after %g s): held by %s", now - started,
+                           "write" if exclusive else "read", name, wait_s, _describe_holders(lock_path, at_gate))
+            next_report += LOCK_WAIT_REPORT_EVERY_S
+        time.sleep(min(pause, max(0.0, deadline - now)))
+        pause = min(pause * 2, 0.1)
+
+
+def _describe_holders(lock_path: Path, at_gate: bool = False) -> str:
+    holders = lock_holders(lock_path)
+    described = "; ".join(holders) if holders else \
+        "a process that left no record (another program, e.g. a duckdb shell, or an older scgrn)"
+    # At the gate the one in the way is a writer queued before us; the holders are who it waits for.
+    return f"a writer waiting its turn, behind {described}" if at_gate else described
 
 
 def min_free_bytes() -> int:

@@ -219,3 +219,107 @@ def test_parallel_first_runs_on_a_fresh_home_initialise_the_instance_once(tmp_pa
         start.touch()
         for process in processes:
             assert _finish(process, 120).strip().endswith("runs 0")
+
+
+# --- bounded waits: a runaway reader cannot stall writers, and a stalled writer names who holds it ----
+
+RUNAWAY = "SELECT count(*) AS n FROM range(1000000) a, range(1000000) b WHERE a.range + b.range = 7"
+
+
+def _wait_for_holder(lock_path, process: subprocess.Popen, seconds: float = 60) -> list[str]:
+    from scgrn_assets.lib.storage import lock_holders
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        holders = [line for line in lock_holders(lock_path) if f"pid {process.pid} " in line]
+        if holders:
+            return holders
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"process {process.pid} never took {lock_path}")
+
+
+def test_runaway_scgrn_sql_stops_at_its_timeout_and_a_writer_waiting_on_it_names_it(tmp_path, monkeypatch, caplog):
+    from scgrn_assets.lib import storage
+    from scgrn_assets.lib.errors import ScgrnInputError
+    from scgrn_assets.lib.sql_store import database_lock_path
+
+    db = tmp_path / "scgrn.duckdb"
+    register_view(db, "corpus_studies", write_parquet(pd.DataFrame({"study": ["GSE1"], "n_cells": [7]}),
+                                                      tmp_path / "corpus_studies.parquet"))
+    runaway = subprocess.Popen([sys.executable, "-m", "scgrn_assets.cli", "sql", RUNAWAY, "--timeout", "8"],
+                               env={**os.environ, "SCGRN_HOME": str(tmp_path)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        holders = _wait_for_holder(database_lock_path(db), runaway)
+        assert "shared" in holders[0] and "sql" in holders[0] and "range(1000000)" in holders[0], holders
+        # A writer gives up after SCGRN_LOCK_WAIT_S, saying who holds the lock and what to do,
+        # and says so in the log while it waits.
+        monkeypatch.setenv("SCGRN_LOCK_WAIT_S", "1.5")
+        monkeypatch.setattr(storage, "LOCK_WAIT_REPORT_EVERY_S", 0.5)
+        table = write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "late.parquet")
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger=storage.__name__), pytest.raises(ScgrnInputError) as refused:
+            register_view(db, "late", table)
+        assert time.monotonic() - started < 10
+        message = str(refused.value)
+        assert f"pid {runaway.pid} " in message and "scgrn_assets.cli sql" in message, message
+        assert "gave up waiting 1.5 s to write" in message and "kill" in message and "SCGRN_LOCK_WAIT_S" in message
+        waiting = [record.getMessage() for record in caplog.records if "waiting" in record.getMessage()]
+        assert len(waiting) >= 2 and all(f"pid {runaway.pid} " in line for line in waiting), waiting
+        # The runaway query ends at its own timeout, with a message, and releases the lock.
+        _, err = runaway.communicate(timeout=120)
+        assert runaway.returncode == 2 and "stopped after 8 s" in err and "raise --timeout" in err, err
+    finally:
+        if runaway.poll() is None:
+            runaway.kill()
+            runaway.wait()
+    ledger.record("fault", 2)
+    monkeypatch.setenv("SCGRN_LOCK_WAIT_S", "60")
+    register_view(db, "late", table)  # the writer now gets through
+    assert query(db, "SELECT x FROM late")["x"].tolist() == [1]
+    assert storage.lock_holders(database_lock_path(db)) == []  # every record left with its holder
+
+
+def test_a_waiting_writer_goes_before_readers_that_come_after_it(tmp_path):
+    """A stream of overlapping readers must not starve a writer: readers arriving after it wait their turn."""
+    import threading
+
+    from scgrn_assets.lib.storage import held_file_lock
+
+    lock, order = tmp_path / "db.lock", []
+    first_reader_in, release_first_reader = threading.Event(), threading.Event()
+
+    def hold(name: str, exclusive: bool, until: threading.Event | None = None, entered=None) -> None:
+        with held_file_lock(lock, exclusive=exclusive, wait_s=30):
+            order.append(name)
+            if entered is not None:
+                entered.set()
+            if until is not None:
+                until.wait(30)
+
+    threads = [threading.Thread(target=hold, args=("reader 1", False, release_first_reader, first_reader_in))]
+    threads[0].start()
+    assert first_reader_in.wait(30)
+    threads.append(threading.Thread(target=hold, args=("writer", True)))
+    threads[1].start()
+    time.sleep(0.5)  # the writer is waiting for reader 1
+    threads.append(threading.Thread(target=hold, args=("reader 2", False)))
+    threads[2].start()
+    time.sleep(0.5)  # reader 2 could share with reader 1 at once, but the writer came first
+    assert order == ["reader 1"]
+    release_first_reader.set()
+    for thread in threads:
+        thread.join(30)
+    ledger.record("fault")
+    assert order == ["reader 1", "writer", "reader 2"]
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf"])
+def test_lock_wait_setting_must_be_seconds(tmp_path, monkeypatch, value):
+    from scgrn_assets.lib.errors import ScgrnInputError
+
+    ledger.record("bad_input")
+    monkeypatch.setenv("SCGRN_LOCK_WAIT_S", value)
+    with pytest.raises(ScgrnInputError, match="SCGRN_LOCK_WAIT_S=.* is not a number of seconds"):
+        register_view(tmp_path / "scgrn.duckdb", "t", write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "t.parquet"))

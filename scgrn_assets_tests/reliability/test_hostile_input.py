@@ -370,9 +370,18 @@ def _home_files(home: Path) -> dict[str, bytes]:
     "SELECT * FROM read_csv('{home}/dagster/dagster.yaml')",
     "SELECT * FROM read_text('{home}/assets/geo_raw_archive/GSE1/passwd')",
     "SELECT * FROM glob('{home}/**')",
+    # A PIVOT that finds its columns in the data parses as MULTI, and so does any statement wrapping one.
+    "COPY (PIVOT corpus_studies ON study USING sum(n_cells)) TO "
+    "'{home}/assets/combined_corpus/corpus_studies.parquet' (FORMAT parquet)",
+    "EXPLAIN ANALYZE COPY (PIVOT corpus_studies ON study USING sum(n_cells)) TO "
+    "'{home}/assets/combined_corpus/corpus_studies.parquet' (FORMAT parquet, USE_TMP_FILE false)",
+    "CREATE TEMP TABLE t AS PIVOT corpus_studies ON study USING sum(n_cells)",
+    "SET memory_limit = (SELECT '1GB' FROM (PIVOT corpus_studies ON study USING sum(n_cells)))",
+    "PIVOT corpus_studies ON study USING sum(n_cells); COPY (SELECT 1) TO '{home}/dagster/dagster.yaml'",
 ], ids=["copy-over-a-table", "copy-no-tmp-file", "copy-over-instance-config", "explain-analyze-copy",
         "attach-read-write", "export-database", "unlock-configuration", "profiling-output",
-        "read-instance-config", "read-downloaded-file", "glob-home"])
+        "read-instance-config", "read-downloaded-file", "glob-home", "copy-a-pivot", "explain-analyze-copy-a-pivot",
+        "create-from-a-pivot", "set-from-a-pivot", "pivot-then-copy"])
 def test_sql_cannot_write_anything_or_read_beyond_the_registered_tables(sql_home, capsys, statement):
     from scgrn_assets import cli
 
@@ -389,6 +398,90 @@ def test_sql_cannot_write_anything_or_read_beyond_the_registered_tables(sql_home
     assert _home_files(sql_home) == before
     assert cli.main(["sql", "SELECT study, n_cells FROM corpus_studies ORDER BY study"]) == 0
     assert capsys.readouterr().out.split() == ["study", "n_cells", "GSE1", "10", "GSE2", "20"]
+
+
+@pytest.mark.parametrize("statement", [
+    "PIVOT corpus_studies ON study USING sum(n_cells)",
+    "PIVOT corpus_studies ON study USING sum(n_cells);",
+    "SELECT * FROM (PIVOT corpus_studies ON study USING sum(n_cells)) -- the columns come from the data",
+    "WITH wide AS (PIVOT corpus_studies ON study USING sum(n_cells)) SELECT GSE1, GSE2 FROM wide",
+    "UNPIVOT (PIVOT corpus_studies ON study USING sum(n_cells)) ON GSE1, GSE2 INTO NAME study VALUE n_cells "
+    "ORDER BY study",
+], ids=["pivot", "pivot-semicolon", "select-from-pivot", "cte-pivot", "unpivot-a-pivot"])
+def test_sql_pivot_and_unpivot_read_and_are_allowed(sql_home, capsys, statement):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    before = _home_files(sql_home)
+    assert cli.main(["sql", statement]) == 0, capsys.readouterr().err
+    words = capsys.readouterr().out.split()
+    assert {"GSE1", "GSE2", "10", "20"} <= set(word.removesuffix(".0") for word in words), words
+    assert _home_files(sql_home) == before
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("9" * 5000, "wider than SQL's 128-bit integers"), ("-" + "1" * 60, "wider than SQL's 128-bit integers"),
+    (str(1 << 128), "wider than SQL's 128-bit integers"), ("1e400", "infinity"), ("-2.5e999", "infinity"),
+], ids=["5000-digits", "60-digits-negative", "2^128", "float-overflow", "negative-float-overflow"])
+def test_sql_numbers_sql_cannot_hold_are_a_clear_error_naming_the_param(sql_home, capsys, value, problem):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    assert cli.main(["sql", "SELECT ? AS a, ? AS b", "--param", "1", f"--param={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "--param number 2" in err and problem in err and "quote it" in err, err
+    assert len(err) < 600  # a 5,000-digit value is not echoed whole
+    # The widest integers SQL holds still bind as numbers; quoted, any digits bind as text.
+    assert cli.main(["sql", "SELECT CAST(? - 1 AS VARCHAR) AS a, length(?) AS n", "--param", str((1 << 127) - 1),
+                     "--param", f"'{'9' * 5000}'"]) == 0
+    assert capsys.readouterr().out.split()[-2:] == [str((1 << 127) - 2), "5000"]
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT count(*) AS n FROM range(1000000) a, range(1000000) b WHERE a.range + b.range = 7",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) AS n FROM r",
+], ids=["cross-join", "endless-recursive-cte"])
+def test_sql_runaway_query_stops_at_its_timeout_with_a_message(sql_home, capsys, statement):
+    import time
+
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    started = time.monotonic()
+    assert cli.main(["sql", statement, "--timeout", "1"]) == 2
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert "stopped after 1 s" in err and "raise --timeout" in err, err
+    assert elapsed < 30, elapsed
+    # The connection is gone with its lock: the next query runs at once.
+    assert cli.main(["sql", "SELECT CAST(sum(n_cells) AS INTEGER) AS total FROM corpus_studies"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "30"
+
+
+def test_sql_query_over_its_memory_limit_stops_with_a_message_and_spills_nothing(sql_home, capsys):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input")
+    before = _home_files(sql_home)
+    assert cli.main(["sql", "SELECT list(range) AS big FROM range(100000000)", "--memory-limit", "100MB"]) == 2
+    err = capsys.readouterr().err
+    assert "memory limit of 100MB" in err and "raise --memory-limit" in err, err
+    assert cli.main(["sql", "SELECT 1", "--memory-limit", "lots"]) == 2
+    assert "--memory-limit 2GB" in capsys.readouterr().err
+    assert _home_files(sql_home) == before  # nothing spilled into SCGRN_HOME (scgrn.duckdb.tmp)
+
+
+def test_sql_timeout_must_be_a_number_of_seconds(sql_home, capsys):
+    from scgrn_assets import cli
+
+    ledger.record("bad_input", 2)
+    for value in ("soon", "-1"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["sql", "SELECT 1", "--timeout", value])
+        assert exited.value.code == 2
+        assert "not a number of seconds" in capsys.readouterr().err
+    assert cli.main(["sql", "SELECT 41 + 1 AS answer", "--timeout", "0"]) == 0  # 0: no time limit
+    assert capsys.readouterr().out.split()[-1] == "42"
 
 
 # --- catalog fields that slipped past validation ---------------------------------------------------
