@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/scgrn demo
 
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile -m "not soak"
+	$(BIN)/pytest -n 2 --dist loadfile -m "not soak" --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"

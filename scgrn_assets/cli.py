@@ -15,10 +15,9 @@ from scgrn_assets.instance import single_host_dagster_yaml
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.storage import StorageLayout, atomic_path, held_file_lock, require_free_space, scgrn_home
 
-# The progress bar speaks in the terminal; warnings and errors are printed once each by the CLI
-# (Dagster's console would print every failure several times with stack traces); the full logs
-# stay in the instance (see `scgrn ui`).
-QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+# The CLI's runs log to scgrn_assets.run_console (step start/end lines, progress bars); warnings and errors
+# are printed once each by the CLI (Dagster's console would print every failure several times with stack
+# traces); the full logs stay in the instance (see `scgrn ui`).
 
 DAGSTER_YAML = single_host_dagster_yaml()  # SQLite storage, run queue, `gpu` pool limited to the GPUs
 
@@ -156,17 +155,28 @@ def selected_assets(assets: list, selection: str | None) -> list:
 
 
 def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: bool = False,
-                           selection: str | None = None) -> None:
+                           selection: str | None = None, force: bool = False, echo=print) -> list[tuple]:
     """Materialise every asset (or those ``selection`` names), run by run in dependency order.
 
     Partitioned runs happen once per study, and every study is tried even when one fails; the
     failures are then raised together, each once, in one :class:`ScgrnInputError` (the runs'
     full logs stay in the instance for ``scgrn ui``). Warnings the runs logged are echoed once.
+
+    A run whose assets (and partitions) are all up to date is skipped: materialised, with their
+    code version (code, settings and catalog: :func:`scgrn_assets.definitions.with_code_versions`)
+    and their inputs unchanged since (Dagster's stale status, the same the UI shows), and no
+    failed check. ``force`` runs everything anyway.
+
+    Returns
+    -------
+    list of (step key, partition, seconds, succeeded) for every step that ran, and (key, partition, 0.0,
+    None) for every asset skipped as up to date.
     """
     import dagster as dg
     from tqdm import tqdm
 
     from scgrn_assets import definitions
+    from scgrn_assets.run_console import step_wall_times
 
     instance = _prepare_instance(layout)
     built = definitions.build_definitions(catalog_name, home=layout.home, quick=quick)
@@ -177,14 +187,19 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
     plan = materialisation_plan(assets)
     total = sum(len(accessions) if partitioned else 1 for _, partitioned in plan)
     failures: list[str] = []
+    timings: list[tuple] = []
+    freshness = None if force else up_to_date_checker(instance, built)
     with tqdm(total=total, desc="materialise", unit="run", disable=None) as bar:
         for group, partitioned in plan:
             names = ", ".join(k.to_user_string() for a in group for k in a.keys)
             for partition in (accessions if partitioned else [None]):
+                if freshness is not None and freshness(group, partition):
+                    timings.extend((k.to_user_string(), partition, 0.0, None) for a in group for k in a.keys)
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(f"{names}{f' [{partition}]' if partition else ''}")
-                result = dg.materialize(everything, selection=dg.AssetSelection.assets(*group),
-                                        partition_key=partition, instance=instance, resources=resources,
-                                        raise_on_error=False, tags=cli_run_tags(), run_config=QUIET)
+                result = execute_run(everything, group, partition, instance, resources)
+                timings.extend(step_wall_times(instance, result.run_id))
                 for warning in run_warnings(instance, result.run_id):
                     tqdm.write(warning)  # above the progress bar, not through it
                 failure = run_failure(result, f"{names}{f' for {partition}' if partition else ''}")
@@ -193,10 +208,90 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
                 bar.update(1)
             if failures:  # later assets need every study: stop here, after trying them all
                 break
+    echo(wall_time_summary(timings))
     if failures:
         listed = "\n".join(f"  {n}. {failure}" for n, failure in enumerate(failures, start=1))
         raise ScgrnInputError(f"{len(failures)} run(s) failed:\n{listed}\nFix each and run again (what succeeded "
                               "is kept); the runs' full logs are in `scgrn ui`.")
+    return timings
+
+
+CLI_JOB = "__scgrn_cli_run"
+
+
+def execute_run(everything: list, group: list, partition: str | None, instance, resources: dict):
+    """One in-process run of ``group`` (what ``dg.materialize`` does), with the CLI's console logger:
+    a line per step start and end, and progress bars (:mod:`scgrn_assets.run_console`)."""
+    import dagster as dg
+
+    from scgrn_assets.run_console import console_logger
+
+    defs = dg.Definitions(jobs=[dg.define_asset_job(CLI_JOB, selection=dg.AssetSelection.assets(*group))],
+                          assets=everything, resources=resources)
+    job = defs.resolve_job_def(CLI_JOB).with_logger_defs({"console": console_logger})
+    # A job's loggers start only when the run config names them.
+    return job.execute_in_process(run_config={"loggers": {"console": {}}}, instance=instance,
+                                  partition_key=partition, raise_on_error=False, tags=cli_run_tags())
+
+
+def up_to_date_checker(instance, built):
+    """``fresh(group, partition)``: True when every asset of ``group`` (at ``partition``) is materialised,
+    not stale by Dagster's data versions (code version and inputs unchanged), and none of its checks
+    last failed."""
+    # Dagster's own stale-status resolver (what the UI's "unsynced" uses); not yet a public API.
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._time import get_current_datetime
+
+    asset_graph = built.resolve_asset_graph()
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=asset_graph)
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
+    check_keys = [key for key in asset_graph.asset_check_keys]
+    latest_checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+
+    def check_failed(asset_key) -> bool:
+        for check_key, record in latest_checks.items():
+            if check_key.asset_key != asset_key or record is None:
+                continue
+            evaluation = record.event.dagster_event.event_specific_data if record.event and \
+                record.event.dagster_event else None
+            if record.status.value != "SUCCEEDED" or (evaluation is not None and not evaluation.passed):
+                return True
+        return False
+
+    def fresh(group: list, partition: str | None) -> bool:
+        try:
+            return all(resolver.get_status(key, partition) == StaleStatus.FRESH and not check_failed(key)
+                       for asset in group for key in asset.keys)
+        except Exception:  # noqa: BLE001 - when in doubt, recompute
+            return False
+
+    return fresh
+
+
+def wall_time_summary(timings: list[tuple]) -> str:
+    """Where the time went: each asset's wall time (summed over its partitions), slowest first."""
+    if not timings:
+        return ""
+    by_asset: dict[str, list] = {}
+    for key, partition, seconds, succeeded in timings:
+        entry = by_asset.setdefault(key, [0.0, 0, 0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+        entry[2] += succeeded is None
+        entry[3] += succeeded is False
+    ran = sum(entry[0] for entry in by_asset.values())
+    lines = [f"\nWall time per asset ({ran:.1f} s in steps):"]
+    for key, (seconds, n, skipped, failed) in sorted(by_asset.items(), key=lambda item: -item[1][0]):
+        if skipped == n:
+            note = "up to date, skipped"
+        else:
+            note = f"{seconds:8.1f} s" + (f"  ({n - skipped} partitions)" if n - skipped > 1 else "")
+            if failed:
+                note += f"  ({failed} failed)"
+        lines.append(f"  {key:<28} {note}")
+    return "\n".join(lines)
 
 
 def run_warnings(instance, run_id: str) -> list[str]:
@@ -244,7 +339,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"SCGRN_HOME: {layout.home}")
     if catalog.name == "demo":
         ensure_demo_data(layout, catalog)
-    return _materialise_and_report(layout, args.quick, args.select)
+    status = _materialise_and_report(layout, args.quick, args.select, args.force)
+    from scgrn_assets.lib.benchmarks.pipeline import DEMO_SETTINGS, settings_profile
+    from scgrn_assets.settings import catalog_name
+
+    if settings_profile(catalog_name()) == "demo" and not args.quick:
+        listed = ", ".join(f"{name}={value}" for name, value in DEMO_SETTINGS.items())
+        print(f"  demo settings: the peers ran smaller than their published defaults ({listed}); "
+              "benchmark_metrics says so in its settings column. Real catalogs use the defaults.")
+    return status
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -256,13 +359,18 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     print(f"SCGRN_HOME: {layout.home}\ncatalog:    {catalog_name()} ({catalog.path}, {len(catalog.studies)} studies)")
     if any(f.sha256 is None for s in catalog.studies for f in s.files):
         print(f"sha256 pins: {catalog.lock_path} (files without a sha256 are pinned on first download)")
-    return _materialise_and_report(layout, args.quick, args.select)
+    return _materialise_and_report(layout, args.quick, args.select, args.force)
 
 
-def _materialise_and_report(layout: StorageLayout, quick: bool, selection: str | None = None) -> int:
+def _materialise_and_report(layout: StorageLayout, quick: bool, selection: str | None = None,
+                            force: bool = False) -> int:
+    import time
+
     from scgrn_assets.settings import catalog_name
 
-    materialize_everything(layout, catalog_name(), quick=quick, selection=selection)
+    started = time.monotonic()
+    materialize_everything(layout, catalog_name(), quick=quick, selection=selection, force=force)
+    print(f"Total: {time.monotonic() - started:.1f} s")
     from scgrn_assets.lib.sql_store import ensure_database
 
     ensure_database(layout.duckdb_path)
@@ -447,15 +555,19 @@ def build_parser() -> argparse.ArgumentParser:
     select_help = ("materialise only these assets, in Dagster's selection syntax: 'group:ingest', "
                    "'group:ingest or group:corpus', 'key:combined_corpus+' (and what follows it), "
                    "'+condition_effects' (and its inputs); inputs outside the selection must already be materialised")
+    force_help = ("recompute even what is up to date (by default an asset materialised with the same code, "
+                  "settings, catalog and inputs is skipped)")
     quick_help = "a smoke run: few model-training steps, small null draws (numbers not meaningful)"
     demo = commands.add_parser("demo", help="simulate the demo studies and materialise every asset")
     demo.add_argument("--quick", action="store_true", help=quick_help)
     demo.add_argument("--select", metavar="SELECTION", help=select_help)
+    demo.add_argument("--force", action="store_true", help=force_help)
     demo.set_defaults(func=cmd_demo)
     materialize = commands.add_parser("materialize", help="materialise every asset for SCGRN_CATALOG "
                                                           "(e.g. real: downloads from GEO), nothing simulated")
     materialize.add_argument("--quick", action="store_true", help=quick_help)
     materialize.add_argument("--select", metavar="SELECTION", help=select_help)
+    materialize.add_argument("--force", action="store_true", help=force_help)
     materialize.set_defaults(func=cmd_materialize)
     simulate = commands.add_parser("simulate", help="write the simulated GEO studies (and optionally a catalog)")
     simulate.add_argument("--out", help="folder (default SCGRN_HOME/demo_geo)")

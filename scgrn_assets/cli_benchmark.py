@@ -65,9 +65,11 @@ def add_benchmark_parser(commands) -> None:
     parser.add_argument("--table", default="grn_benchmark",
                         help="view name in --duckdb (metrics; <table>_predictions for the predictions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, permutations, trees and nulls")
-    parser.add_argument("--train-steps", type=int, help="model training steps (default: the assets', 1000)")
-    parser.add_argument("--n-permutations", type=int, help="MI/CMI permutations per test (default: the assets', 1000)")
-    parser.add_argument("--n-null", type=int, help="enrichment null draws (default: the assets', 200)")
+    parser.add_argument("--train-steps", type=int, help="ceiling on model training steps; training stops earlier once "
+                        f"the held-out loss clears the gate (default: the assets'; `scgrn benchmark` prints what it used)")
+    parser.add_argument("--n-permutations", type=int,
+                        help="MI/CMI permutations per test (default: the assets')")
+    parser.add_argument("--n-null", type=int, help="enrichment null draws (default: the assets')")
     parser.add_argument("--min-cells-per-edge", type=int, help="attention pairs seen in fewer cells are dropped "
                                                                   "(default: the assets', 20)")
     parser.add_argument("--device", help="torch device for the model (default: a GPU when visible, else CPU)")
@@ -179,12 +181,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             print(f"note: `scgrn sql` reads only files under {database_folder}; with --out outside it, query "
                   f"these views with duckdb itself (or put --out under that folder)")
     training = result.training
-    print(f"masked-LM loss {training['final_loss']:.3f} vs position-only entropy "
-          f"{training['position_only_entropy']:.3f} nats (margin {training['margin']:.3f})")
+    print(f"held-out masked-LM loss {training['final_loss']:.3f} vs position-only entropy "
+          f"{training['position_only_entropy']:.3f} nats (margin {training['margin']:.3f}; {training['n_steps']} "
+          f"steps, gate cleared at step {training.get('cleared_at_step')})")
     if training.get("beats_position_only") is False:
         print(f"warning: the model did not beat the position-only loss by {training['required_margin']} nats; "
               f"its attention and hidden-state rows read a model that learnt positions, not genes "
-              f"(train longer: --train-steps {2 * settings.train_steps})")
+              f"(raise the ceiling: --train-steps {2 * settings.train_steps})")
     print(f"\n{dataset} (universe all_pairs; EPR and AUPRC ratio: 1 = random)\n")
     print(headline_markdown(headline_table(result.metrics)))
     if result.failures:

@@ -81,7 +81,7 @@ class GeneformerSettings(dg.ConfigurableResource):
     pretrained_model_dir: str | None = None
     dictionary_dir: str | None = None
     convention: str = _GRN.convention    # V1 (2048, no special tokens) or V2 (<cls>/<eos>, 4096)
-    train_steps: int = _GRN.train_steps  # 300 left the demo model at the position-only loss (5.41 vs 5.51 nats)
+    train_steps: int = _GRN.train_steps  # a ceiling: training stops once the held-out loss clears the gate
     train_batch_size: int = _GRN.train_batch_size
     # nats the masked-LM loss must beat the position-only entropy by
     min_loss_margin: float | None = _GRN.min_loss_margin
@@ -142,12 +142,16 @@ def build_resources(home: str | None = None, catalog: str | None = None, *, quic
     """Every resource and IO manager of the code location, for one SCGRN_HOME and catalog
     (a built-in name or a YAML path; defaults: the environment's, read now).
 
-    ``quick`` trades accuracy for time (a few training steps, small nulls): smoke tests only.
+    The built-in demo catalog runs the peers with :data:`scgrn_assets.lib.benchmarks.DEMO_SETTINGS`
+    ("demo settings"); every other catalog gets the defaults. ``quick`` trades accuracy for time (a few
+    training steps, small nulls): smoke tests only.
     """
+    from scgrn_assets.lib.benchmarks.pipeline import DEMO_SETTINGS, settings_profile
     from scgrn_assets.settings import catalog_name, current_layout
 
     home = str(home or current_layout().home)
     catalog = catalog or catalog_name()
+    benchmark = dict(DEMO_SETTINGS) if settings_profile(catalog) == "demo" else {}
     return {
         "storage": ScgrnStorage(home=home, catalog=catalog),
         "downloader": GeoDownloader(),
@@ -156,7 +160,7 @@ def build_resources(home: str | None = None, catalog: str | None = None, *, quic
         else GeneformerSettings(),
         "benchmark": BenchmarkSettings(tree_max_cells=300, tree_n_trees=5, n_null=20, grnboost2_max_cells=300,
                                        grnboost2_max_estimators=200, regdiffusion_n_steps=20) if quick
-        else BenchmarkSettings(),
+        else BenchmarkSettings(**benchmark),
         "validation": ValidationSettings(n_permutations=50) if quick else ValidationSettings(),
         "nb_model": NBModelSettings(max_steps=300) if quick else NBModelSettings(),
         "artefact_io_manager": ArtefactIOManager(home=home),

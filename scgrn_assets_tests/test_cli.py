@@ -218,6 +218,34 @@ def test_materialize_select_runs_part_of_the_graph(tmp_path):
     assert "Done." in result.stdout
 
 
+@pytest.mark.slow
+def test_a_second_run_with_nothing_changed_skips_every_asset_and_prints_where_the_time_went(tmp_path):
+    home, catalog = write_tiny_catalog(tmp_path, {"GSE1": GOOD_SAMPLE, "GSE2": GOOD_SAMPLE})
+    selection = ("--select", "group:ingest")
+    first = run_scgrn("materialize", *selection, home=home, catalog=str(catalog))
+    log = first.stdout + first.stderr
+    # One line per step start and end, with the duration, in a log (no terminal here).
+    for accession in ("GSE1", "GSE2"):
+        assert f"started  study_anndata [{accession}]" in log and f"finished study_anndata [{accession}] in " in log
+    assert "Wall time per asset" in first.stdout and "study_anndata" in first.stdout.split("Wall time per asset")[1]
+    h5ad = home / "assets" / "study_anndata" / "GSE1" / "GSE1.h5ad"
+    written = h5ad.stat().st_mtime_ns
+
+    second = run_scgrn("materialize", *selection, home=home, catalog=str(catalog))
+    assert "started " not in second.stdout + second.stderr
+    summary = second.stdout.split("Wall time per asset")[1]
+    assert summary.count("up to date, skipped") == 2, summary  # geo_raw_archive, study_anndata
+    assert h5ad.stat().st_mtime_ns == written
+
+    # A changed catalog is a changed input: everything it feeds runs again. --force runs even what is fresh.
+    catalog.write_text(catalog.read_text().replace("title: t", "title: t2", 1))
+    third = run_scgrn("materialize", *selection, home=home, catalog=str(catalog))
+    assert "started  study_anndata [GSE1]" in third.stdout + third.stderr
+    forced = run_scgrn("materialize", *selection, "--force", home=home, catalog=str(catalog))
+    assert "started  study_anndata [GSE2]" in forced.stdout + forced.stderr
+    assert h5ad.stat().st_mtime_ns > written
+
+
 def test_every_cli_option_has_help_text():
     from scgrn_assets.cli import build_parser
 

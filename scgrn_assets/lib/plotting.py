@@ -50,15 +50,23 @@ def plot_histogram(values: np.ndarray, xlabel: str, bins: int = 60) -> bytes:
     return figure_png(fig)
 
 
-def plot_loss_curve(values: np.ndarray, ylabel: str) -> bytes:
-    """A training curve with a running mean (minibatch losses are noisy)."""
+def plot_loss_curve(values: np.ndarray, ylabel: str, held_out: np.ndarray | None = None,
+                    baseline: float | None = None) -> bytes:
+    """A training curve with a running mean (minibatch losses are noisy); optionally the held-out loss
+    (shape (n, 2): step, loss) and a baseline (e.g. the position-only entropy) as a dashed line."""
     values = np.asarray(values, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(values, lw=0.6, alpha=0.5, label="per step")
+    steps = np.arange(1, len(values) + 1)
+    ax.plot(steps, values, lw=0.6, alpha=0.5, label="per step")
     if len(values) >= 10:
         window = max(5, len(values) // 30)
         smooth = pd.Series(values).rolling(window, min_periods=1).mean()
-        ax.plot(smooth.to_numpy(), lw=1.5, label=f"running mean ({window})")
+        ax.plot(steps, smooth.to_numpy(), lw=1.5, label=f"running mean ({window})")
+    if held_out is not None and len(held_out):
+        held_out = np.asarray(held_out, dtype=float)
+        ax.plot(held_out[:, 0], held_out[:, 1], "o-", ms=3, lw=1.5, label="held-out cells")
+    if baseline is not None and np.isfinite(baseline):
+        ax.axhline(baseline, ls="--", lw=1, color="grey", label="position-only entropy")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)

@@ -9,7 +9,7 @@ from scgrn_assets.lib.benchmarks import (MethodFailure, baseline_predictions, ba
                                         load_reference, log_normalized, method_notes, pr_curves_png,
                                         prediction_tables, ReferenceSource, score_methods, stable_edges,
                                         tree_regulators)
-from scgrn_assets.lib.benchmarks.pipeline import BASELINE_METHODS
+from scgrn_assets.lib.benchmarks.pipeline import BASELINE_METHODS, method_settings_note
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.ingest import fetch_file
 from scgrn_assets.defs.network.assets import read_gene_universe
@@ -122,6 +122,8 @@ def benchmark_metrics(context: dg.AssetExecutionContext, benchmark: BenchmarkSet
     table, failures = score_methods(predictions, references, genes, absent, top_k=benchmark.top_k,
                                     n_null=benchmark.n_null, seed=benchmark.seed)
     _warn_failures(context, "benchmark_metrics", failures)
+    # How each peer was run, on every row: the demo runs GRNBoost2, RegDiffusion and the tree smaller.
+    table["settings"] = table["method"].map(lambda method: method_settings_note(method, benchmark.model_dump()))
     failed = {failure.method for failure in failures}
     predictions = {method: prediction for method, prediction in predictions.items() if method not in failed}
     metadata = {"n_rows": len(table), "failed_methods": _failures_metadata(failures)}

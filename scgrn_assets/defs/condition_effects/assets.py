@@ -19,6 +19,7 @@ from scgrn_assets.lib.condition_effects.model import MAX_PARETO_K
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.sql_store import write_parquet
 from scgrn_assets.resources import NBModelSettings, ScgrnStorage
+from scgrn_assets.run_console import asset_progress
 
 #: Share of genes whose importance sampler may fail its k-hat check before the posterior is refused.
 MAX_SHARE_UNRELIABLE_GENES = 0.01
@@ -55,8 +56,7 @@ def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
         counts=cells.X, library_size=obs["n_counts"].to_numpy(), condition=condition,
         study_index=np.searchsorted(studies, obs["study"].astype(str).to_numpy()), gene_length_bp=length,
         study_names=studies, gene_names=pseudobulk.gene_names, config=config,
-        progress=lambda step, n, elbo=float("nan"), **_: step % 500 == 0 and context.log.info(
-            f"ADVI step {step}/{n}: ELBO {elbo:.4g}"))
+        progress=asset_progress(context, "ADVI", "steps"))
     animal_key = obs["study"].astype(str) + "\x00" + obs["animal" if "animal" in obs else "sample"].astype(str)
     sample_key = pseudobulk.samples["study"].astype(str) + "\x00" + pseudobulk.samples["animal"].astype(str)
     cell_sample = pd.Index(sample_key).get_indexer(animal_key)
@@ -162,8 +162,7 @@ def condition_effects_by_study(context: dg.AssetExecutionContext, storage: Scgrn
     contrast = [study for study, group in pseudobulk.samples.groupby("study")
                 if group["condition"].value_counts().min() >= 2 and group["condition"].nunique() == 2]
     table = effects_by_study(pseudobulk, contrast, fdr_target=nb_model.fdr_target, seed=nb_model.seed,
-                             progress=lambda done, total, study="", **_: context.log.info(
-                                 f"fitted {study} ({done}/{total})"))
+                             progress=asset_progress(context, "per-study fits", "studies"))
     called = table.groupby("study")["called"].sum().to_dict() if len(table) else {}
     return dg.Output(table, metadata={"studies": contrast, "n_called_per_study": str(called),
                                      "n_rows": len(table), "animals_per_study": table_preview(counts.reset_index())})

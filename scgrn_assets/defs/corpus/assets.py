@@ -17,6 +17,7 @@ from scgrn_assets.lib.ingest import ChecksumLock, empty_gene_annotation, fetch_p
 from scgrn_assets.lib.plotting import plot_cells_by_condition, plot_library_sizes
 from scgrn_assets.lib.sql_store import write_table
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
+from scgrn_assets.run_console import asset_progress
 
 
 @dg.asset(group_name="corpus", io_manager_key="table_io_manager", metadata=table_artefact(None), kinds={"parquet"},
@@ -60,7 +61,7 @@ def combined_corpus(context: dg.AssetExecutionContext, config: CorpusQCConfig, s
     overrides = {k: v for k, v in config.model_dump().items() if v is not None}
     qc = QCThresholds(**{**(catalog.qc or {}), **overrides})
     summary = combine_studies(study_files, path, gene_annotation=annotation, qc=qc,
-                              progress=lambda done, total, study="", **_: context.log.info(f"{study}: {done}/{total} cells"))
+                              progress=asset_progress(context, "combine", "cells"))
 
     store = zarr.open_group(str(path), mode="r")
     obs = read_elem(store["obs"])

@@ -12,6 +12,7 @@ from scgrn_assets.lib.ingest import ChecksumLock, fetch_pinned, url_for_messages
 from scgrn_assets.lib.storage import remove_stale_temporaries
 from scgrn_assets.partitions import STUDY
 from scgrn_assets.resources import GeoDownloader, ScgrnStorage
+from scgrn_assets.run_console import asset_progress
 
 
 @dg.asset(partitions_def=STUDY, group_name="ingest", io_manager_key="artefact_io_manager",
@@ -52,8 +53,7 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
     study = catalog.study(context.partition_key)
     path = output_path(context, storage.layout)
     adata = write_study_h5ad(study, geo_raw_archive, path, condition_levels=catalog.condition_levels,
-                             progress=lambda done, total, **detail: context.log.info(
-                                 f"{study.accession}: reading {detail.get('file', '')}"))
+                             progress=asset_progress(context, f"{study.accession} sample files", "files"))
     ingest = adata.uns["ingest"]
     if ingest["n_skipped_samples"]:
         context.log.warning(f"{study.accession}: left out {ingest['n_skipped_samples']} sample file(s) (failed to "
@@ -62,6 +62,9 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
     if ingest["n_cells_without_metadata"]:
         context.log.warning(f"{study.accession}: {ingest['n_cells_without_metadata']} cells have no metadata row "
                             "and keep NA metadata (cells_without_metadata: na)")
+    # What the reader noticed (unread members, unmapped condition values, one Ensembl ID under two symbols...).
+    for line in str(ingest.get("warnings", "") or "").splitlines():
+        context.log.warning(f"{study.accession}: {line}")
     # Checks read the file back: they vouch for what downstream will read, not for memory.
     scan = scan_counts(iter_row_chunks(path))
     obs = read_study_obs(path)
@@ -73,6 +76,7 @@ def study_anndata(context: dg.AssetExecutionContext, storage: ScgrnStorage, geo_
             adata.obs["condition"].astype(object).fillna("NA").value_counts().to_dict()),
         "median_counts_per_cell": float(adata.obs["n_counts"].median()),
         "skipped_samples": dg.MetadataValue.md(ingest["skipped_samples"] or "none"),
+        "ingest_warnings": dg.MetadataValue.md(str(ingest.get("warnings", "") or "none")),
         "n_cells_without_metadata": ingest["n_cells_without_metadata"],
         "n_spike_ins_dropped": ingest["n_spike_ins_dropped"],
         "condition_na_reason": study.condition_na_reason or "-",

@@ -16,12 +16,13 @@ from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.network import (attention_edge_moments, build_corpus_dictionaries, convention_named,
                                       corpus_gene_keys, edge_table, EdgeMoments, FeatureMoments, load_geneformer,
                                       load_geneformer_dictionaries, merge_edge_moments, position_only_entropy,
-                                      save_geneformer, SmallGeneformerConfig, tokenize_cells, TokenizedCells,
+                                      pick_device, save_geneformer, SmallGeneformerConfig, tokenize_cells, TokenizedCells,
                                       train_small_geneformer, TrainedGeneformer, training_report)
 from scgrn_assets.lib.plotting import plot_histogram, plot_loss_curve
 from scgrn_assets.lib.storage import atomic_path
 from scgrn_assets.partitions import STUDY
 from scgrn_assets.resources import BenchmarkSettings, GeneformerSettings, ScgrnStorage
+from scgrn_assets.run_console import asset_progress
 
 
 
@@ -39,7 +40,7 @@ def tokenized_cells(context: dg.AssetExecutionContext, storage: ScgrnStorage, ge
                                                  convention_named(geneformer.convention))
     keys = corpus_gene_keys(corpus.var, dictionaries.gene_name_id)
     cells = tokenize_cells(corpus.X, corpus.obs["n_counts"].to_numpy(), keys, dictionaries,
-                           progress=lambda done, total: context.log.info(f"tokenized {done}/{total} cells"))
+                           progress=asset_progress(context, "tokenize", "cells"))
     folder = output_path(context, storage.layout)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
@@ -83,26 +84,31 @@ def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, g
         return dg.Output(folder, metadata={"source": geneformer.pretrained_model_dir,
                                            "n_parameters": sum(p.numel() for p in loaded.model.parameters())})
     cells, dictionaries, _, _ = load_tokenized(tokenized_cells)
-    config = SmallGeneformerConfig(n_steps=geneformer.train_steps, batch_size=geneformer.train_batch_size)
-
-    def progress(step: int, n_steps: int, loss: float) -> None:
-        if step % 25 == 0 or step == n_steps:
-            context.log.info(f"step {step}/{n_steps}: masked-LM loss {loss:.3f}")
-
-    trained: TrainedGeneformer = train_small_geneformer(cells, dictionaries, config, device=geneformer.device,
-                                                        progress=progress)
-    curve = trained.loss_curve
-    report = training_report(curve, position_only_entropy(cells, dictionaries, config.max_train_length),
-                             geneformer.min_loss_margin)
+    config = SmallGeneformerConfig(max_steps=geneformer.train_steps, batch_size=geneformer.train_batch_size,
+                                   min_loss_margin=geneformer.min_loss_margin)
+    trained: TrainedGeneformer = train_small_geneformer(
+        cells, dictionaries, config, device=geneformer.device,
+        progress=asset_progress(context, "training (stops at the held-out gate)", "steps"))
+    report = training_report(trained, geneformer.min_loss_margin)
+    context.log.info(
+        f"trained {report['n_steps']} steps in {report['seconds']:.0f} s: held-out masked-LM loss "
+        f"{report['final_loss']:.3f} vs position-only entropy {report['position_only_entropy']:.3f} (margin "
+        f"{report['margin']:.3f}, required {geneformer.min_loss_margin}); gate cleared at step "
+        f"{report['cleared_at_step']}")
     save_geneformer(trained, folder)
     with atomic_path(folder / TRAINING_REPORT) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+    curve = trained.loss_curve
     return dg.Output(folder, metadata={
-        "n_steps": len(curve), "final_loss": report["final_loss"],
+        "n_steps": len(curve), "final_loss": report["final_loss"], "held_out_cells": report["n_held_out_cells"],
+        "cleared_at_step": report["cleared_at_step"] if report["cleared_at_step"] is not None else "not cleared",
         "position_only_entropy": report["position_only_entropy"], "loss_margin": report["margin"],
         "required_margin": geneformer.min_loss_margin if geneformer.min_loss_margin is not None else "none (gate off)",
+        "training_seconds": report["seconds"], "device": str(pick_device(geneformer.device)),
         "n_parameters": sum(p.numel() for p in trained.model.parameters()),
-        "loss_curve": png_metadata(plot_loss_curve(curve, "masked-LM loss (nats per masked token)")),
+        "loss_curve": png_metadata(plot_loss_curve(curve, "masked-LM loss (nats per masked token)",
+                                                   held_out=trained.held_out_curve,
+                                                   baseline=report["position_only_entropy"])),
     })
 
 
@@ -135,7 +141,7 @@ def attention_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
         max_input_length=max_input_length,
         method=geneformer.pcorr_method, batch_size=geneformer.attention_batch_size, device=geneformer.device,
         layers=geneformer.attention_layers, heads=geneformer.attention_heads,
-        progress=lambda done, total: context.log.info(f"{context.partition_key}: {done}/{total} cells"))
+        progress=asset_progress(context, f"{context.partition_key} attention", "cells"))
     path = output_path(context, storage.layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     moments.save_npz(path)
@@ -219,8 +225,7 @@ def network_moments(context: dg.AssetExecutionContext, storage: ScgrnStorage, ge
                 columns=corpus.var_names.get_indexer(genes), max_genes=geneformer.max_genes_per_cell,
                 max_input_length=max_input_length, batch_size=geneformer.attention_batch_size,
                 device=geneformer.device,
-                progress=lambda done, total, kind=kind: context.log.info(
-                    f"{context.partition_key} {kind}: {done}/{total} cells"))
+                progress=asset_progress(context, f"{context.partition_key} {kind}", "cells"))
             moments.save_npz(tmp / f"{kind}.npz")
     return dg.Output(folder, metadata={"n_cells": len(selected), "n_genes": len(genes),
                                        "features": list(geneformer.network_features)})

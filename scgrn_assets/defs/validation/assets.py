@@ -12,6 +12,7 @@ from scgrn_assets.lib.validation import cmi_tables, discretize_expression, mi_ed
 from scgrn_assets.lib.plotting import plot_histogram
 from scgrn_assets.lib.sql_store import write_table
 from scgrn_assets.resources import ScgrnStorage, ValidationSettings
+from scgrn_assets.run_console import asset_progress
 
 
 def _discretized(combined_corpus, candidates: pd.DataFrame, settings: ValidationSettings):
@@ -33,7 +34,7 @@ def mi_edges(context: dg.AssetExecutionContext, validation: ValidationSettings,
     discretized = _discretized(combined_corpus, candidates, validation)
     table = mi_edge_table(discretized, candidates, n_permutations=validation.n_permutations, alpha=validation.alpha,
                           miller_madow=validation.miller_madow, seed=validation.seed,
-                          progress=lambda done, total: context.log.info(f"MI: {done}/{total} edges"))
+                          progress=asset_progress(context, "MI permutation tests", "edges"))
     return dg.Output(table, metadata={
         "n_edges": len(table), "significant_q_0.05": int((table["q_value"] <= 0.05).sum()),
         "top_edges": table_preview(table.sort_values("mi", ascending=False), n_rows=15),
@@ -52,7 +53,7 @@ def cmi_edges(context: dg.AssetExecutionContext, storage: ScgrnStorage, validati
     triplets, edges = cmi_tables(discretized, mi_table, n_permutations=validation.n_permutations,
                                  alpha=validation.alpha, min_cmi_ratio=validation.min_cmi_ratio,
                                  miller_madow=validation.miller_madow, seed=validation.seed,
-                                 progress=lambda done, total: context.log.info(f"CMI: {done}/{total}"))
+                                 progress=asset_progress(context, "CMI permutation tests", "targets"))
     write_table(storage.layout.duckdb_path, triplets, asset_folder(context, storage.layout) / "cmi_triplets.parquet",
                 "cmi_triplets")
     ratio = edges["cmi_ratio"].replace([np.inf, -np.inf], np.nan).dropna().to_numpy()

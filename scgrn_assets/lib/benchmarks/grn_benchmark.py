@@ -85,7 +85,8 @@ def prepare_model(data: ExpressionData, settings: GrnPathSettings,
     if cells.lengths.max(initial=0) < 2:
         raise ScgrnInputError("no cell expresses two genes: attention has no pairs to read", file=data.path,
                               fix="check --values and the matrix orientation")
-    config = SmallGeneformerConfig(n_steps=settings.train_steps, batch_size=settings.train_batch_size,
+    config = SmallGeneformerConfig(max_steps=settings.train_steps, batch_size=settings.train_batch_size,
+                                   min_loss_margin=settings.min_loss_margin,
                                    seed=settings.model_seed)
     trained = train_small_geneformer(cells, dictionaries, config, device=settings.device,
                                      progress=for_stage(progress, "train"))
@@ -113,8 +114,7 @@ def attention_edges_of(prepared: PreparedModel, settings: GrnPathSettings,
 
 def model_training_report(prepared: PreparedModel, min_loss_margin: float | None) -> dict:
     """:func:`scgrn_assets.lib.network.model.training_report` of a model trained here."""
-    entropy = position_only_entropy(prepared.cells, prepared.dictionaries, prepared.config.max_train_length)
-    return training_report(prepared.trained.loss_curve, entropy, min_loss_margin)
+    return training_report(prepared.trained, min_loss_margin)
 
 
 def attention_network(data: ExpressionData, settings: GrnPathSettings,

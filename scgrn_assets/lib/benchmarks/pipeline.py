@@ -38,6 +38,7 @@ from scgrn_assets.lib.network.cell_features import (FEATURE_KINDS, genes_seen_wi
 from scgrn_assets.lib.network.cross_cell import COMPOSITIONAL_FEATURES, cross_cell_network
 from scgrn_assets.lib.network.feature_moments import FeatureMoments, accumulate_feature_moments
 from scgrn_assets.lib.network.dictionaries import GeneformerDictionaries
+from scgrn_assets.lib.network.model import SmallGeneformerConfig
 from scgrn_assets.lib.network.tokens import TokenizedCells
 from scgrn_assets.lib.progress import Progress, for_stage, report
 from scgrn_assets.lib.validation.mutual_information import candidate_edges
@@ -65,6 +66,9 @@ METHOD_LABELS = {
 }
 
 
+_MODEL = SmallGeneformerConfig()
+
+
 @dataclass(frozen=True)
 class GrnPathSettings:
     """Every setting of the GRN path, with its default: the one place those defaults live (the
@@ -73,9 +77,11 @@ class GrnPathSettings:
 
     # attention network
     convention: str = "V1"
-    train_steps: int = 1000
-    train_batch_size: int = 16
-    min_loss_margin: float | None = 0.25
+    # The model's own defaults live in SmallGeneformerConfig: a ceiling on steps (training stops at the
+    # held-out gate), the batch and the gate's margin.
+    train_steps: int = _MODEL.max_steps
+    train_batch_size: int = _MODEL.batch_size
+    min_loss_margin: float | None = _MODEL.min_loss_margin
     max_genes_per_cell: int = 256
     pcorr_method: str = "cosine_shrunk_pinv"
     attention_layers: tuple[int, ...] | None = None
@@ -258,6 +264,46 @@ def score_methods(predictions: Mapping[str, pd.DataFrame], references: Mapping[s
     failed = failure_rows(failures, references)
     table = pd.concat([scored, failed], ignore_index=True) if len(failed) else scored
     return table, failures
+
+
+DEMO_SETTINGS = {
+    "grnboost2_max_estimators": 100,
+    "grnboost2_max_cells": 300,
+    "regdiffusion_n_steps": 100,
+    "tree_max_cells": 500,
+    "tree_n_trees": 10,
+}
+"""The built-in demo catalog's settings where they differ from :class:`GrnPathSettings` ("demo settings").
+
+The peers keep their published defaults for real data (GRNBoost2 up to 5,000 trees per target on 1,000
+cells, RegDiffusion's 1,000 epochs); on the demo's 6,000 simulated cells those alone took minutes, so the
+demo runs them smaller and says so in its output and in ``benchmark_metrics`` (``settings_profile``)."""
+
+
+def settings_profile(catalog: str | None) -> str:
+    """``"demo"`` for the built-in demo catalog (:data:`DEMO_SETTINGS` apply), else ``"default"``."""
+    return "demo" if str(catalog or "") == "demo" else "default"
+
+
+METHOD_SETTINGS = {
+    "tree": ("tree_n_trees", "tree_max_cells", "tree_max_features"),
+    "grnboost2": ("grnboost2_max_estimators", "grnboost2_max_cells"),
+    "regdiffusion": ("regdiffusion_n_steps", "regdiffusion_max_cells"),
+}
+"""The settings that bound each peer's run time (and so its quality)."""
+
+
+def method_settings_note(method: str, values: Mapping[str, object]) -> str:
+    """What a benchmark row should say about how ``method`` was run: "" with the defaults, "demo settings
+    (…)" with :data:`DEMO_SETTINGS`, else "settings (…)": the non-default values, from ``values``."""
+    defaults = GrnPathSettings()
+    changed = {name: values[name] for name in METHOD_SETTINGS.get(method, ())
+               if name in values and values[name] != getattr(defaults, name)}
+    if not changed:
+        return ""
+    listed = ", ".join(f"{name}={value}" for name, value in changed.items())
+    is_demo = all(DEMO_SETTINGS.get(name) == value for name, value in changed.items())
+    return f"{'demo settings' if is_demo else 'settings'} ({listed})"
 
 
 def stable_edges(edges: pd.DataFrame, min_cells: int) -> pd.DataFrame:

@@ -8,6 +8,7 @@ like a published checkpoint through :func:`load_geneformer`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,9 +32,14 @@ IGNORE_LABEL = -100
 
 @dataclass(frozen=True)
 class SmallGeneformerConfig:
-    """Architecture and training settings of the demo model (Geneformer's BERT, scaled down).
+    """Architecture and training settings of a model trained here (Geneformer's BERT, scaled down): the one
+    place their defaults live (:class:`scgrn_assets.lib.benchmarks.pipeline.GrnPathSettings` and the Dagster
+    ``geneformer`` resource read theirs from here).
 
-    Geneformer V1 is 6 layers, 256 hidden, 4 heads, intermediate 512, ReLU, dropout 0.02.
+    Geneformer V1 is 6 layers, 256 hidden, 4 heads, intermediate 512, ReLU, dropout 0.02. Training stops at
+    the gate, not at a step count: once the masked-LM loss on held-out cells is ``min_loss_margin`` nats
+    below the position-only entropy and has stopped improving (``patience`` evaluations without a gain of
+    ``min_improvement``), or at ``max_steps``.
     """
 
     n_layers: int = 4
@@ -42,14 +48,24 @@ class SmallGeneformerConfig:
     intermediate_size: int = 256
     dropout: float = 0.02
     mask_probability: float = 0.15
-    n_steps: int = 300
-    batch_size: int = 8
+    max_steps: int = 2000
+    """Ceiling on training steps; the held-out gate usually stops training well before it."""
+    batch_size: int = 16
     max_train_length: int = 256
-    """Tokens per cell seen in training: the top-ranked ones, as many as the attention step reads
-    (256 genes); keeps the CPU demo to ~1-2 minutes on 2 idle cores."""
+    """Tokens per cell seen in training: the top-ranked ones, as many as the attention step reads."""
     learning_rate: float = 1e-3
-    warmup_fraction: float = 0.1
+    warmup_steps: int = 50
     weight_decay: float = 0.001
+    min_loss_margin: float | None = 0.25
+    """Nats the held-out masked-LM loss must be below the position-only entropy (None: no gate)."""
+    eval_every: int = 25
+    """Steps between held-out evaluations."""
+    held_out_cells: int = 256
+    """Cells kept out of training to measure the gate on (at most; 5% of a small corpus)."""
+    patience: int = 2
+    min_improvement: float = 0.01
+    length_bucketing: bool = True
+    """Batch cells of similar length together (less padding; :func:`length_bucketed_batch`)."""
     seed: int = 0
 
 
@@ -136,16 +152,32 @@ class TrainedGeneformer:
     Attributes
     ----------
     model
-        The trained masked-LM (eval mode, on CPU).
+        The trained masked-LM (eval mode, on CPU): the weights of its best held-out evaluation.
     dictionaries
         Token/median dictionaries the cells were encoded with.
     loss_curve
-        Shape (n_steps,), float64: masked-LM cross-entropy (nats per masked token) per step.
+        Shape (n_steps,), float64: training masked-LM cross-entropy (nats per masked token) per step.
+    held_out_curve
+        Shape (n_evaluations, 2): (step, masked-LM loss on the held-out cells) at each evaluation.
+    position_only_entropy
+        The gate's baseline (:func:`position_only_entropy` of the training cells), nats; NaN if not computed.
+    cleared_at_step
+        First evaluation step whose held-out loss cleared the gate (None: never, or no gate).
+    best_step
+        The evaluation step whose weights the model holds.
+    n_held_out_cells
+        Cells the held-out loss was measured on (0: too few cells to hold any out; measured on training cells).
     """
 
     model: BertForMaskedLM
     dictionaries: GeneformerDictionaries
     loss_curve: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    held_out_curve: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    position_only_entropy: float = float("nan")
+    cleared_at_step: int | None = None
+    best_step: int | None = None
+    n_held_out_cells: int = 0
+    seconds: float = float("nan")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -153,6 +185,77 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def split_held_out(n_cells: int, max_held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training cells, held-out cells): at most ``max_held_out`` and 5% of the cells are held out, at least
+    one when there are two or more cells; none (train on all, evaluate on the training cells) below that."""
+    rng = np.random.default_rng([seed, 1])
+    n_held_out = 0 if n_cells < 2 else int(min(max_held_out, max(1, round(0.05 * n_cells))))
+    order = rng.permutation(n_cells)
+    return np.sort(order[n_held_out:]), np.sort(order[:n_held_out])
+
+
+def length_bucketed_batch(sorted_cells: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A batch of cells of similar length: an anchor cell drawn uniformly from ``sorted_cells`` (cells ordered
+    by length), the rest uniformly from the ``4 * batch_size`` cells around it in that order (so every cell is
+    drawn about equally often; the few at either end of the order somewhat less).
+
+    Padding to the longest cell of a random batch spends most of a step on pad tokens when short
+    (droplet) and long (plate) cells mix; near-neighbours in length pad little."""
+    n = len(sorted_cells)
+    window = min(n, 4 * batch_size)
+    anchor = int(rng.integers(0, n))
+    start = min(max(0, anchor - window // 2), n - window)
+    return sorted_cells[start + rng.integers(0, window, size=batch_size)]
+
+
+EVAL_MASK_PROBABILITY = 0.15
+"""Share of gene tokens masked in the held-out evaluation (Geneformer's), whatever training uses."""
+
+
+def held_out_masks(cells: TokenizedCells, held_out: np.ndarray, dictionaries: GeneformerDictionaries,
+                   max_length: int, mask_probability: float = EVAL_MASK_PROBABILITY,
+                   seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Fixed evaluation batches of the held-out cells: ``mask_probability`` of each cell's gene tokens
+    replaced by ``<mask>`` (all of them, no 80/10/10: a kept token would be free to predict), at least one
+    per cell, the same masks at every evaluation so the curve moves only with the model."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    special_ids = torch.as_tensor(dictionaries.special_token_ids)
+    mask_id = dictionaries.token_dictionary[MASK_TOKEN]
+    batches = []
+    # Sorted by length, in batches of 32: little padding, and evaluation memory stays small.
+    order = held_out[np.argsort(cells.lengths[held_out], kind="stable")]
+    for start in range(0, len(order), 32):
+        input_ids, attention_mask = (torch.as_tensor(a) for a in cells.padded(order[start:start + 32],
+                                                                               max_length=max_length))
+        is_gene = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+        draws = torch.rand(input_ids.shape, generator=generator)
+        picked = is_gene & (draws < mask_probability)
+        # A short cell may draw no mask: then its lowest draw is masked, so every cell counts.
+        lowest = torch.where(is_gene, draws, torch.full_like(draws, 2.0)).argmin(dim=1, keepdim=True)
+        picked |= torch.zeros_like(picked).scatter_(1, lowest, True) & is_gene
+        labels = torch.where(picked, input_ids, torch.full_like(input_ids, IGNORE_LABEL))
+        masked = torch.where(picked, torch.full_like(input_ids, mask_id), input_ids)
+        batches.append((masked, attention_mask, labels))
+    return batches
+
+
+def held_out_loss(model: BertForMaskedLM, batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> float:
+    """Masked-LM cross-entropy (nats per masked token, token-weighted) of ``model`` on fixed batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for masked, attention_mask, labels in batches:
+            logits = model(input_ids=masked.to(device), attention_mask=attention_mask.to(device)).logits
+            labels = labels.to(device)
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                             labels.reshape(-1), ignore_index=IGNORE_LABEL,
+                                                             reduction="sum"))
+            count += int((labels != IGNORE_LABEL).sum())
+    model.train(was_training)
+    return total / count if count else float("nan")
 
 
 def train_small_geneformer(
@@ -163,10 +266,19 @@ def train_small_geneformer(
     device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> TrainedGeneformer:
-    """Train a small Geneformer-architecture BERT masked-LM on tokenized cells.
+    """Train a small Geneformer-architecture BERT masked-LM on tokenized cells, to the gate.
 
-    Batches are cells drawn uniformly with replacement (seeded), each truncated to its
-    ``config.max_train_length`` top-ranked tokens. AdamW with linear warm-up then linear decay.
+    A few cells (:func:`split_held_out`) never enter training; every ``config.eval_every`` steps the
+    masked-LM loss on them (:func:`held_out_loss`) is compared with the position-only entropy of the
+    training cells (:func:`position_only_entropy`). Training stops once that loss is
+    ``config.min_loss_margin`` nats below the entropy (the gate) and has not improved by
+    ``config.min_improvement`` for ``config.patience`` evaluations, or at ``config.max_steps``; the
+    model keeps the weights of its best evaluation. The noisy training loss is not the criterion.
+
+    Batches are cells drawn uniformly with replacement (seeded; of similar length when
+    ``config.length_bucketing``), each truncated to its ``config.max_train_length`` top-ranked tokens.
+    AdamW, linear warm-up over ``config.warmup_steps``, then a constant learning rate (the stopping step
+    is not known in advance, so no schedule can decay towards it).
 
     Parameters
     ----------
@@ -174,50 +286,89 @@ def train_small_geneformer(
         Tokenized corpus (:func:`scgrn_assets.lib.network.tokens.tokenize_cells`).
     dictionaries
         The dictionaries ``cells`` were encoded with (vocabulary and special tokens).
+    device
+        Default: the first CUDA GPU when present (bf16 autocast there), else CPU.
     progress
-        Called as ``progress(step, n_steps, loss=loss)`` after every step.
+        Called as ``progress(step, max_steps, loss=..., held_out_loss=..., margin=...)`` after every step
+        (the held-out figures are those of the latest evaluation).
     """
+    import copy
+    import time
+
     if cells.n_cells == 0:
         raise ScgrnInputError("no tokenized cells to train on", fix="check the corpus and its gene dictionary")
+    started = time.perf_counter()
     device = pick_device(device)
+    max_length = min(config.max_train_length, dictionaries.convention.model_input_size)
+    train_cells, held_out = split_held_out(cells.n_cells, config.held_out_cells, config.seed)
+    evaluate_on = held_out if len(held_out) else train_cells
+    entropy = position_only_entropy(cells.subset(train_cells), dictionaries, max_length)
+    eval_batches = held_out_masks(cells, evaluate_on, dictionaries, max_length, seed=config.seed)
+
     model = build_masked_lm(dictionaries.vocab_size, dictionaries.convention.model_input_size, config,
                             dictionaries.token_dictionary[PAD_TOKEN]).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    n_warmup = max(1, int(config.warmup_fraction * config.n_steps))
-
-    def learning_rate_factor(step: int) -> float:
-        if step < n_warmup:
-            return (step + 1) / n_warmup
-        return max(0.0, (config.n_steps - step) / max(1, config.n_steps - n_warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     special_ids = torch.as_tensor(dictionaries.special_token_ids, device=device)
     mask_id = dictionaries.token_dictionary[MASK_TOKEN]
-    max_length = min(config.max_train_length, dictionaries.convention.model_input_size)
-    loss_curve = np.zeros(config.n_steps)
-    for step in range(config.n_steps):
-        batch = rng.integers(0, cells.n_cells, size=config.batch_size)
+    sorted_cells = train_cells[np.argsort(cells.lengths[train_cells], kind="stable")]
+    # bf16 autocast halves the GPU's work; on CPU it is slower than float32 for models this small.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    loss_curve: list[float] = []
+    evaluations: list[tuple[int, float]] = []
+    best_loss, best_step, best_state, stale, cleared_at = math.inf, 0, None, 0, None
+    margin = float("nan")
+    for step in range(1, config.max_steps + 1):
+        batch = (length_bucketed_batch(sorted_cells, config.batch_size, rng) if config.length_bucketing
+                 else train_cells[rng.integers(0, len(train_cells), size=config.batch_size)])
         input_ids, attention_mask = (torch.as_tensor(array, device=device)
                                      for array in cells.padded(batch, max_length=max_length))
         masked_ids, labels = mask_tokens(input_ids, attention_mask, special_ids, mask_id,
                                          dictionaries.vocab_size, config.mask_probability, generator)
         if (labels != IGNORE_LABEL).any():
-            output = model(input_ids=masked_ids, attention_mask=attention_mask, labels=labels)
+            with autocast:
+                output = model(input_ids=masked_ids, attention_mask=attention_mask, labels=labels)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            loss_curve[step] = float(output.loss.detach())
+            loss_curve.append(float(output.loss.detach()))
         else:
             # A batch of tiny cells may draw no mask: nothing to learn, the curve repeats its last value.
-            loss_curve[step] = loss_curve[step - 1] if step else math.nan
+            loss_curve.append(loss_curve[-1] if loss_curve else math.nan)
         scheduler.step()
-        report(progress, step + 1, config.n_steps, loss=float(loss_curve[step]))
+        done = step == config.max_steps
+        if step % config.eval_every == 0 or done:
+            with autocast:
+                loss = held_out_loss(model, eval_batches, device)
+            evaluations.append((step, loss))
+            margin = entropy - loss
+            if config.min_loss_margin is None or margin >= config.min_loss_margin:
+                cleared_at = step if cleared_at is None else cleared_at
+            if loss < best_loss - config.min_improvement:
+                stale = 0
+            else:
+                stale += 1
+            if loss < best_loss:
+                best_loss, best_step = loss, step
+                best_state = copy.deepcopy(model.state_dict())
+            done = done or (cleared_at is not None and stale >= config.patience)
+        report(progress, step, config.max_steps, loss=loss_curve[-1],
+               held_out_loss=evaluations[-1][1] if evaluations else math.nan, margin=margin)
+        if done:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return TrainedGeneformer(model.cpu(), dictionaries, loss_curve)
+    return TrainedGeneformer(model.cpu(), dictionaries, np.asarray(loss_curve, dtype=np.float64),
+                             np.asarray(evaluations, dtype=np.float64).reshape(-1, 2), float(entropy),
+                             None if config.min_loss_margin is None else cleared_at, best_step,
+                             int(len(held_out)), time.perf_counter() - started)
 
 
 def position_only_entropy(cells: TokenizedCells, dictionaries: GeneformerDictionaries, max_length: int) -> float:
@@ -226,7 +377,9 @@ def position_only_entropy(cells: TokenizedCells, dictionaries: GeneformerDiction
     H(token | position) over the gene tokens the model trains on (each cell's first ``max_length``
     tokens; masking picks gene tokens uniformly, so positions weigh by how many tokens they hold),
     the plug-in estimate from these cells. A masked-LM whose loss is not clearly below it has
-    learnt the rank positions of frequent genes, not which genes go together.
+    learnt the rank positions of frequent genes, not which genes go together. The plug-in estimate is
+    biased low (it fits each position's token frequencies to the very cells it scores), so a model's
+    held-out loss is held to a bar at least as strict as the position-only predictor's own held-out loss.
     """
     is_gene = np.ones(dictionaries.vocab_size, dtype=bool)
     is_gene[dictionaries.special_token_ids] = False
@@ -246,20 +399,29 @@ def position_only_entropy(cells: TokenizedCells, dictionaries: GeneformerDiction
     return float(-(pair_counts / total * np.log(pair_counts / position_counts[pair_position])).sum())
 
 
-def training_report(loss_curve: np.ndarray, position_entropy: float, min_margin: float | None,
-                    window: int = 20) -> dict:
-    """Whether training got past the position-only predictor, in numbers.
+def training_report(trained: TrainedGeneformer, min_margin: float | None) -> dict:
+    """Whether training got past the position-only predictor, in numbers, measured on held-out cells.
 
     Returns
     -------
     dict
-        ``final_loss`` (mean of the last ``window`` steps), ``position_only_entropy``, ``margin`` (their
-        difference, nats), ``required_margin`` and ``beats_position_only`` (None when no margin is required).
+        ``final_loss`` (the held-out masked-LM loss of the weights kept), ``position_only_entropy``,
+        ``margin`` (their difference, nats), ``required_margin``, ``beats_position_only`` (None when no
+        margin is required), ``n_steps`` (steps trained), ``cleared_at_step`` (first evaluation past the
+        gate), ``best_step``, ``n_held_out_cells``, ``final_training_loss`` (mean of the last 20 steps: noisy,
+        for reference only) and ``seconds``.
     """
-    final_loss = float(np.nanmean(loss_curve[-window:])) if len(loss_curve) else float("nan")
-    margin = position_entropy - final_loss
-    return {"final_loss": final_loss, "position_only_entropy": float(position_entropy), "margin": float(margin),
-            "required_margin": min_margin, "n_steps": int(len(loss_curve)),
+    curve = trained.held_out_curve
+    kept = curve[curve[:, 0] == trained.best_step, 1] if len(curve) else np.zeros(0)
+    final_loss = float(kept[0]) if len(kept) else float("nan")
+    margin = trained.position_only_entropy - final_loss
+    tail = trained.loss_curve[-20:]
+    return {"final_loss": final_loss, "position_only_entropy": float(trained.position_only_entropy),
+            "margin": float(margin), "required_margin": min_margin, "n_steps": int(len(trained.loss_curve)),
+            "cleared_at_step": trained.cleared_at_step, "best_step": trained.best_step,
+            "n_held_out_cells": trained.n_held_out_cells,
+            "final_training_loss": float(np.nanmean(tail)) if len(tail) else float("nan"),
+            "seconds": float(trained.seconds),
             "beats_position_only": None if min_margin is None else bool(margin >= min_margin)}
 
 
@@ -277,6 +439,7 @@ def save_geneformer(trained: TrainedGeneformer, directory: str | os.PathLike) ->
         (tmp_directory / "geneformer_convention.json").write_text(
             json.dumps({"convention": trained.dictionaries.convention.name}))
         np.save(tmp_directory / "loss_curve.npy", trained.loss_curve)
+        np.save(tmp_directory / "held_out_curve.npy", trained.held_out_curve)
     return directory
 
 

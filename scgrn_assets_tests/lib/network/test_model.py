@@ -19,8 +19,8 @@ from scgrn_assets.lib.network.model import (
 from scgrn_assets.lib.network.dictionaries import V1, V2, GeneformerDictionaries
 from scgrn_assets.lib.network.tokens import TokenizedCells
 
-TINY = SmallGeneformerConfig(n_layers=2, hidden_size=32, n_heads=2, intermediate_size=64, n_steps=12,
-                             batch_size=8, max_train_length=24, seed=3)
+TINY = SmallGeneformerConfig(n_layers=2, hidden_size=32, n_heads=2, intermediate_size=64, max_steps=12,
+                             batch_size=8, max_train_length=24, min_loss_margin=None, seed=3)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,11 +72,11 @@ def test_training_reduces_loss_on_a_learnable_corpus():
     cells = TokenizedCells(np.tile(genes, 50), np.arange(51) * len(genes), V1)
     token_dictionary = {"<pad>": 0, "<mask>": 1} | {f"G{token}": token for token in range(2, 20)}
     dictionaries = GeneformerDictionaries(token_dictionary, {}, V1)
-    config = SmallGeneformerConfig(n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, n_steps=60,
-                                   batch_size=8, learning_rate=3e-3, seed=0)
+    config = SmallGeneformerConfig(n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, max_steps=60,
+                                   batch_size=8, learning_rate=3e-3, min_loss_margin=None, eval_every=60, seed=0)
     progress = []
     trained = train_small_geneformer(cells, dictionaries, config, device="cpu",
-                                     progress=lambda step, total, loss: progress.append((step, total, loss)))
+                                     progress=lambda step, total, loss, **_: progress.append((step, total, loss)))
     assert trained.loss_curve.shape == (60,)
     assert np.isfinite(trained.loss_curve).all()
     assert trained.loss_curve[-10:].mean() < 0.5 * trained.loss_curve[:5].mean()
@@ -159,6 +159,102 @@ def test_position_only_entropy_equals_a_per_position_scipy_entropy():
     expected = sum(len(tokens) / total * scipy.stats.entropy(np.unique(tokens, return_counts=True)[1])
                    for tokens in by_position.values())
     assert position_only_entropy(tokenized, dictionaries, max_length) == pytest.approx(expected, rel=1e-12)
-    report = training_report(np.r_[np.full(30, 9.0), np.full(20, expected - 0.5)], expected, min_margin=0.25)
+    from scgrn_assets.lib.network.model import TrainedGeneformer
+
+    def trained_with(held_out_curve, best_step):
+        return TrainedGeneformer(None, dictionaries, np.full(50, 9.0), np.asarray(held_out_curve, dtype=float),
+                                 expected, best_step=best_step)
+
+    # The gate reads the held-out loss of the weights kept (the best evaluation), never the training loss.
+    report = training_report(trained_with([[25, 9.0], [50, expected - 0.5], [75, expected - 0.4]], 50), 0.25)
+    assert report["final_loss"] == pytest.approx(expected - 0.5) and report["final_training_loss"] == 9.0
     assert report["margin"] == pytest.approx(0.5) and report["beats_position_only"] is True
-    assert training_report(np.full(20, expected), expected, min_margin=0.25)["beats_position_only"] is False
+    assert training_report(trained_with([[25, expected]], 25), 0.25)["beats_position_only"] is False
+    assert training_report(trained_with([[25, expected]], 25), None)["beats_position_only"] is None
+
+
+def module_corpus(n_cells=400, seed=0):
+    """Cells that are a random order of one of two gene modules (8 genes each): a masked gene is not predictable
+    from its position (every gene at every position), but is from the other genes in the cell (its module)."""
+    rng = np.random.default_rng(seed)
+    modules = [np.arange(2, 10), np.arange(10, 18)]
+    cells = [rng.permutation(modules[rng.integers(2)]) for _ in range(n_cells)]
+    token_dictionary = {"<pad>": 0, "<mask>": 1} | {f"G{token}": token for token in range(2, 18)}
+    dictionaries = GeneformerDictionaries(token_dictionary, {}, V1)
+    offsets = np.r_[0, np.cumsum([len(cell) for cell in cells])]
+    return TokenizedCells(np.concatenate(cells).astype(np.int32), offsets, V1), dictionaries
+
+
+def brute_force_held_out_loss(model, batches):
+    """Mean over masked tokens of -log softmax, one cell and one token at a time, in numpy."""
+    losses = []
+    with torch.no_grad():
+        for masked, attention_mask, labels in batches:
+            for row in range(masked.shape[0]):
+                logits = model(input_ids=masked[row:row + 1], attention_mask=attention_mask[row:row + 1]).logits[0]
+                logits = logits.double().numpy()
+                for position in np.flatnonzero(labels[row].numpy() != IGNORE_LABEL):
+                    row_logits = logits[position]
+                    log_norm = np.log(np.exp(row_logits - row_logits.max()).sum()) + row_logits.max()
+                    losses.append(log_norm - row_logits[labels[row, position].item()])
+    return float(np.mean(losses))
+
+
+def test_training_stops_at_the_held_out_gate_and_keeps_the_best_weights():
+    from scgrn_assets.lib.network.model import held_out_loss, held_out_masks, split_held_out, training_report
+
+    cells, dictionaries = module_corpus()
+    config = SmallGeneformerConfig(n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, max_steps=600,
+                                   batch_size=16, learning_rate=3e-3, eval_every=20, min_loss_margin=0.25,
+                                   held_out_cells=40, seed=0)
+    trained = train_small_geneformer(cells, dictionaries, config, device="cpu")
+    report = training_report(trained, config.min_loss_margin)
+    # Every gene at every position: the position-only entropy is about log(16).
+    assert report["position_only_entropy"] == pytest.approx(np.log(16), abs=0.05)
+    assert report["beats_position_only"] is True and report["margin"] >= 0.25
+    assert report["cleared_at_step"] is not None and report["n_steps"] < config.max_steps
+    # Stopped because the held-out loss stopped improving after the gate, patience evaluations later at most.
+    assert report["n_steps"] >= report["cleared_at_step"]
+    assert report["n_held_out_cells"] == 20  # 5% of 400 cells, under the cap of 40
+    steps, losses = trained.held_out_curve.T
+    assert report["best_step"] == steps[np.argmin(losses)] and report["final_loss"] == losses.min()
+    # The kept weights are the best evaluation's: recomputing the held-out loss, token by token, gives it back.
+    _train, held_out = split_held_out(cells.n_cells, config.held_out_cells, config.seed)
+    batches = held_out_masks(cells, held_out, dictionaries, config.max_train_length, seed=config.seed)
+    assert held_out_loss(trained.model, batches, torch.device("cpu")) == pytest.approx(losses.min(), abs=1e-5)
+    assert brute_force_held_out_loss(trained.model, batches) == pytest.approx(losses.min(), abs=1e-4)
+
+
+def test_a_model_that_cannot_beat_position_trains_to_the_ceiling_and_fails_the_gate():
+    from scgrn_assets.lib.network.model import training_report
+
+    # Every cell is the same ranking: position predicts every token, nothing can beat it by 0.25 nats.
+    genes = np.arange(2, 18, dtype=np.int32)
+    cells = TokenizedCells(np.tile(genes, 200), np.arange(201) * len(genes), V1)
+    dictionaries = GeneformerDictionaries({"<pad>": 0, "<mask>": 1} | {f"G{t}": t for t in range(2, 18)}, {}, V1)
+    config = SmallGeneformerConfig(n_layers=1, hidden_size=16, n_heads=2, intermediate_size=32, max_steps=40,
+                                   batch_size=8, eval_every=10, min_loss_margin=0.25, seed=0)
+    trained = train_small_geneformer(cells, dictionaries, config, device="cpu")
+    report = training_report(trained, config.min_loss_margin)
+    assert report["position_only_entropy"] == pytest.approx(0.0, abs=1e-12)
+    assert report["n_steps"] == 40 and report["cleared_at_step"] is None and report["beats_position_only"] is False
+
+
+def test_held_out_cells_are_never_trained_on_and_batches_group_similar_lengths():
+    from scgrn_assets.lib.network.model import length_bucketed_batch, split_held_out
+
+    train, held_out = split_held_out(1000, 256, seed=3)
+    assert len(held_out) == 50 and len(train) == 950 and not set(train) & set(held_out)
+    assert split_held_out(1, 256, seed=0)[1].size == 0 and split_held_out(2, 256, seed=0)[1].size == 1
+    lengths = np.random.default_rng(0).integers(5, 400, size=2000)
+    order = np.argsort(lengths, kind="stable")
+    rng = np.random.default_rng(1)
+    spreads, drawn = [], np.zeros(2000)
+    for _ in range(2000):
+        batch = length_bucketed_batch(order, 16, rng)
+        spreads.append(np.ptp(lengths[batch]))
+        np.add.at(drawn, batch, 1)
+    # A window of 64 cells in length order spans ~13 of the 5-400 range; a random batch spans ~370.
+    assert np.median(spreads) < 30
+    # Every cell is drawn, and the middle ones about equally often (16 per batch x 2000 batches / 2000 cells).
+    assert drawn.min() > 0 and abs(drawn[order[200:1800]].mean() - 16) < 1.5
