@@ -3,6 +3,8 @@
     .venv/bin/python bench/first_hour.py                 # demo + rerun (a few minutes)
     .venv/bin/python bench/first_hour.py --tests         # + `make test` (about 10 more minutes on 2 cores)
     .venv/bin/python bench/first_hour.py --configs       # the demo model: time to the held-out gate per configuration
+    .venv/bin/python bench/first_hour.py --configs --home ~/.scgrn   # the same on a home where the demo has run
+    .venv/bin/python bench/first_hour.py --peers --home ~/.scgrn     # RegDiffusion / GRNBoost2 size against EPR
 
 Prints the wall time per asset of the first run (the demo's own summary), then
 
@@ -31,12 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCGRN = ROOT / ".venv" / "bin" / "scgrn"
 
 CONFIGS = {
-    "default (4 layers, 128 wide, batch 16, 256 tokens, length-bucketed)": {},
-    "no length bucketing": {"length_bucketing": False},
-    "2 layers": {"n_layers": 2},
-    "128 tokens per cell": {"max_train_length": 128},
-    "batch 32": {"batch_size": 32},
-    "learning rate 3e-3": {"learning_rate": 3e-3},
+    "default: 4 layers x 128, batch 16, 256 tokens, 30% masking, length-bucketed": {},
+    "Geneformer's 15% masking": {"mask_probability": 0.15},
+    "40% masking": {"mask_probability": 0.4},
 }
 
 
@@ -84,13 +83,57 @@ def time_configs(home: Path, max_steps: int) -> None:
     print(f"RESULT name=first_hour_configs ratio={slowest / default_seconds:.2f} default_s={default_seconds:.1f}")
 
 
+def time_peers(home: Path) -> None:
+    """RegDiffusion's epochs and GRNBoost2's size against their scores on the demo (TRRUST and STRING EPR,
+    ``all_pairs``): what the demo settings cost in quality. Reads the corpus, universe and references of
+    a home where the demo has run."""
+    sys.path.insert(0, str(ROOT))
+    import duckdb
+
+    from scgrn_assets.lib.benchmarks import log_normalized
+    from scgrn_assets.lib.benchmarks.baselines import grnboost2_edges, regdiffusion_edges
+    from scgrn_assets.lib.benchmarks.pipeline import score_methods
+    from scgrn_assets.lib.corpus import read_corpus
+
+    corpus = read_corpus(home / "assets" / "combined_corpus" / "combined_corpus.zarr")
+    genes = json.loads((home / "assets" / "gene_universe" / "gene_universe.json").read_text())["genes"]
+    expression = log_normalized(corpus.X[:, corpus.var_names.get_indexer(genes)],
+                                corpus.obs["n_counts"].to_numpy()).toarray()
+    groups = corpus.obs["study"].astype(str).to_numpy()
+    with duckdb.connect(str(home / "scgrn.duckdb"), read_only=True) as connection:
+        reference = connection.execute("SELECT * FROM reference_edges").df()
+    references = {name: group.reset_index(drop=True) for name, group in reference.groupby("reference")}
+    runs = {f"RegDiffusion {n} epochs": lambda n=n: regdiffusion_edges(expression, genes, n_steps=n, max_cells=2000,
+                                                                       seed=0, groups=groups)
+            for n in (100, 300, 1000)}
+    runs["GRNBoost2 300 cells, 100 trees"] = lambda: grnboost2_edges(expression, genes, max_cells=300,
+                                                                     max_estimators=100, seed=0, groups=groups)
+    print("| peer run | seconds | TRRUST EPR | STRING EPR |\n| --- | --- | --- | --- |")
+    for name, run in runs.items():
+        started = time.perf_counter()
+        edges = run()
+        seconds = time.perf_counter() - started
+        table, _ = score_methods({name: edges}, references, genes, top_k=None, n_null=5, seed=0)
+        epr = table[(table["universe"] == "all_pairs") & (table["metric"] == "epr")].set_index("reference")["value"]
+        print(f"| {name} | {seconds:.0f} | {epr.get('TRRUST', float('nan')):.2f} | "
+              f"{epr.get('STRING', float('nan')):.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", action="store_true", help="also time `make test`")
     parser.add_argument("--configs", action="store_true", help="time the demo model's configurations to the gate")
     parser.add_argument("--max-steps", type=int, default=2000, help="--configs: ceiling per configuration")
     parser.add_argument("--keep", help="SCGRN_HOME to use and keep (default: a temporary folder, removed)")
+    parser.add_argument("--home", help="--configs / --peers: use this SCGRN_HOME, where the demo has run")
+    parser.add_argument("--peers", action="store_true", help="with --home: the peers' run time against their EPR")
     args = parser.parse_args()
+    if args.peers and args.home:
+        time_peers(Path(args.home))
+        return
+    if args.configs and args.home:
+        time_configs(Path(args.home), args.max_steps)
+        return
     home = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scgrn-first-hour-"))
     try:
         demo_s = run_demo(home)

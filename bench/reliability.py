@@ -39,11 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FAULT_SUITES = ["scgrn_assets_tests/lib/ingest/test_download.py"]
-HOSTILE_SUITES = ["scgrn_assets_tests/lib/ingest/test_archive.py", "scgrn_assets_tests/lib/ingest/test_catalog.py"]
+HOSTILE_SUITES = ["scgrn_assets_tests/lib/ingest/test_archive.py", "scgrn_assets_tests/lib/ingest/test_catalog.py",
+                  # issue #24: a stale file pinned under a new URL; one failing method taking the others down
+                  "scgrn_assets_tests/lib/ingest/test_checksum_lock.py",
+                  "scgrn_assets_tests/lib/benchmarks/test_method_isolation.py"]
 RELIABILITY_SUITE = "scgrn_assets_tests/reliability"
 # Reader suites whose hostile cases (issue #15: well/plate quirks, quoted names, BOM, NUL, CR-only
 # files, gene id types, MTX headers) record themselves in the ledger; their other tests are not counted.
-LEDGER_SUITES = ["scgrn_assets_tests/lib/ingest/test_readers.py", "scgrn_assets_tests/lib/ingest/test_mtx_text.py"]
+LEDGER_SUITES = ["scgrn_assets_tests/lib/ingest/test_readers.py", "scgrn_assets_tests/lib/ingest/test_mtx_text.py",
+                 # issue #24: undecodable bytes, invisible characters, vanishing samples, unmapped conditions
+                 "scgrn_assets_tests/lib/ingest/test_silently_wrong_inputs.py"]
 
 
 class Tally:

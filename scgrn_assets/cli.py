@@ -172,9 +172,6 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
     list of (step key, partition, seconds, succeeded) for every step that ran, and (key, partition, 0.0,
     None) for every asset skipped as up to date.
     """
-    import dagster as dg
-    from tqdm import tqdm
-
     from scgrn_assets import definitions
     from scgrn_assets.run_console import step_wall_times
 
@@ -185,29 +182,25 @@ def materialize_everything(layout: StorageLayout, catalog_name: str, *, quick: b
     assets = selected_assets(list(built.assets), selection)
     accessions = resources["storage"].load_catalog().accessions
     plan = materialisation_plan(assets)
-    total = sum(len(accessions) if partitioned else 1 for _, partitioned in plan)
     failures: list[str] = []
     timings: list[tuple] = []
-    freshness = None if force else up_to_date_checker(instance, built)
-    with tqdm(total=total, desc="materialise", unit="run", disable=None) as bar:
-        for group, partitioned in plan:
-            names = ", ".join(k.to_user_string() for a in group for k in a.keys)
-            for partition in (accessions if partitioned else [None]):
-                if freshness is not None and freshness(group, partition):
-                    timings.extend((k.to_user_string(), partition, 0.0, None) for a in group for k in a.keys)
-                    bar.update(1)
-                    continue
-                bar.set_postfix_str(f"{names}{f' [{partition}]' if partition else ''}")
-                result = execute_run(everything, group, partition, instance, resources)
-                timings.extend(step_wall_times(instance, result.run_id))
-                for warning in run_warnings(instance, result.run_id):
-                    tqdm.write(warning)  # above the progress bar, not through it
-                failure = run_failure(result, f"{names}{f' for {partition}' if partition else ''}")
-                if failure:
-                    failures.append(failure)
-                bar.update(1)
-            if failures:  # later assets need every study: stop here, after trying them all
-                break
+    freshness = None if force else up_to_date_checker(instance, built, layout)
+    # No bar over the runs: the console logger prints each step's start and end and draws the step's own bar.
+    for group, partitioned in plan:
+        names = ", ".join(k.to_user_string() for a in group for k in a.keys)
+        for partition in (accessions if partitioned else [None]):
+            if freshness is not None and freshness(group, partition):
+                timings.extend((k.to_user_string(), partition, 0.0, None) for a in group for k in a.keys)
+                continue
+            result = execute_run(everything, group, partition, instance, resources)
+            timings.extend(step_wall_times(instance, result.run_id))
+            for warning in run_warnings(instance, result.run_id):
+                print(warning, file=sys.stderr, flush=True)
+            failure = run_failure(result, f"{names}{f' for {partition}' if partition else ''}")
+            if failure:
+                failures.append(failure)
+        if failures:  # later assets need every study: stop here, after trying them all
+            break
     echo(wall_time_summary(timings))
     if failures:
         listed = "\n".join(f"  {n}. {failure}" for n, failure in enumerate(failures, start=1))
@@ -234,35 +227,53 @@ def execute_run(everything: list, group: list, partition: str | None, instance, 
                                   partition_key=partition, raise_on_error=False, tags=cli_run_tags())
 
 
-def up_to_date_checker(instance, built):
-    """``fresh(group, partition)``: True when every asset of ``group`` (at ``partition``) is materialised,
-    not stale by Dagster's data versions (code version and inputs unchanged), and none of its checks
-    last failed."""
-    # Dagster's own stale-status resolver (what the UI's "unsynced" uses); not yet a public API.
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-    from dagster._time import get_current_datetime
+def up_to_date_checker(instance, built, layout: StorageLayout):
+    """``fresh(group, partition)``: True when every asset of ``group`` (at ``partition``) is materialised with
+    its output still on disk, is not stale by Dagster's data versions (code version and inputs unchanged),
+    and no blocking (error-severity) check of it failed at that partition. None when Dagster's stale-status
+    API cannot be used (then everything is recomputed)."""
+    try:
+        # Dagster's own stale-status resolver (what the UI's "unsynced" uses); not a public API yet.
+        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+        from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+        from dagster._core.event_api import PartitionKeyFilter
+        from dagster._time import get_current_datetime
 
-    asset_graph = built.resolve_asset_graph()
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                          instance=instance, asset_graph=asset_graph)
-    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
-    check_keys = [key for key in asset_graph.asset_check_keys]
-    latest_checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+        from scgrn_assets.io_managers import stored_artefact
 
-    def check_failed(asset_key) -> bool:
-        for check_key, record in latest_checks.items():
-            if check_key.asset_key != asset_key or record is None:
+        asset_graph = built.resolve_asset_graph()
+        check_keys = list(asset_graph.asset_check_keys)
+    except Exception:  # noqa: BLE001 - when in doubt, recompute
+        return None
+
+    def failed_blocking_check(asset_key, partition: str | None) -> bool:
+        keys = [key for key in check_keys if key.asset_key == asset_key]
+        if not keys:
+            return False
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            keys, partition_filter=PartitionKeyFilter(key=partition) if partition else None)
+        for record in latest.values():
+            if record is None:
                 continue
-            evaluation = record.event.dagster_event.event_specific_data if record.event and \
-                record.event.dagster_event else None
-            if record.status.value != "SUCCEEDED" or (evaluation is not None and not evaluation.passed):
+            event = record.event.dagster_event if record.event else None
+            evaluation = event.event_specific_data if event is not None else None
+            if record.status.value not in ("SUCCEEDED", "FAILED"):
+                return True  # planned or in progress: not a finished, passing check
+            if record.status.value == "FAILED" or (evaluation is not None and not evaluation.passed and
+                                                    getattr(evaluation.severity, "value", "ERROR") == "ERROR"):
                 return True
         return False
 
     def fresh(group: list, partition: str | None) -> bool:
         try:
-            return all(resolver.get_status(key, partition) == StaleStatus.FRESH and not check_failed(key)
+            # A new resolver each time: a run since the last question may have changed an input's data version.
+            view = AssetGraphView(
+                temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                instance=instance, asset_graph=asset_graph)
+            resolver = CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
+            return all(resolver.get_status(key, partition) == StaleStatus.FRESH
+                       and stored_artefact(layout, asset, key, partition).exists()
+                       and not failed_blocking_check(key, partition)
                        for asset in group for key in asset.keys)
         except Exception:  # noqa: BLE001 - when in doubt, recompute
             return False

@@ -53,6 +53,13 @@ def _suffix(metadata, io_manager_key: str | None) -> str:
     return getattr(value, "value", value) or ""
 
 
+def stored_artefact(layout: StorageLayout, asset: dg.AssetsDefinition, key: dg.AssetKey,
+                    partition: str | None) -> Path:
+    """Where the IO managers keep asset ``key``'s output (a file or folder; a table's Parquet file)."""
+    io_manager_key = asset.get_io_manager_key_for_asset_key(key)
+    return artefact_location(layout, key, partition, _suffix(asset.specs_by_key[key].metadata, io_manager_key))
+
+
 def output_path(context: dg.AssetExecutionContext, layout: StorageLayout) -> Path:
     """Where the asset being materialised writes its artefact (its partition's, when partitioned)."""
     key = context.asset_key

@@ -237,6 +237,13 @@ def test_a_second_run_with_nothing_changed_skips_every_asset_and_prints_where_th
     assert summary.count("up to date, skipped") == 2, summary  # geo_raw_archive, study_anndata
     assert h5ad.stat().st_mtime_ns == written
 
+    # An output gone from disk is recomputed, and only that one.
+    (home / "assets" / "study_anndata" / "GSE2" / "GSE2.h5ad").unlink()
+    repaired = run_scgrn("materialize", *selection, home=home, catalog=str(catalog))
+    log = repaired.stdout + repaired.stderr
+    assert "started  study_anndata [GSE2]" in log and "started  study_anndata [GSE1]" not in log
+    assert (home / "assets" / "study_anndata" / "GSE2" / "GSE2.h5ad").exists()
+
     # A changed catalog is a changed input: everything it feeds runs again. --force runs even what is fresh.
     catalog.write_text(catalog.read_text().replace("title: t", "title: t2", 1))
     third = run_scgrn("materialize", *selection, home=home, catalog=str(catalog))

@@ -269,7 +269,7 @@ def score_methods(predictions: Mapping[str, pd.DataFrame], references: Mapping[s
 DEMO_SETTINGS = {
     "grnboost2_max_estimators": 100,
     "grnboost2_max_cells": 300,
-    "regdiffusion_n_steps": 100,
+    "regdiffusion_n_steps": 300,
     "tree_max_cells": 500,
     "tree_n_trees": 10,
 }

@@ -47,7 +47,10 @@ class SmallGeneformerConfig:
     n_heads: int = 4
     intermediate_size: int = 256
     dropout: float = 0.02
-    mask_probability: float = 0.15
+    mask_probability: float = 0.3
+    """Share of gene tokens picked per training cell (BERT's 80/10/10 on them). Geneformer used 0.15; twice
+    that reached the held-out gate in 550 steps instead of 900 on the demo (more supervised tokens per step,
+    as Wettig et al. 2023 found for language); the held-out evaluation always masks 0.15."""
     max_steps: int = 2000
     """Ceiling on training steps; the held-out gate usually stops training well before it."""
     batch_size: int = 16
@@ -58,11 +61,12 @@ class SmallGeneformerConfig:
     weight_decay: float = 0.001
     min_loss_margin: float | None = 0.25
     """Nats the held-out masked-LM loss must be below the position-only entropy (None: no gate)."""
-    eval_every: int = 25
-    """Steps between held-out evaluations."""
+    eval_every: int = 50
+    """Steps between held-out evaluations (each costs about five training steps)."""
     held_out_cells: int = 256
     """Cells kept out of training to measure the gate on (at most; 5% of a small corpus)."""
-    patience: int = 2
+    patience: int = 1
+    """Evaluations after the gate without a gain of ``min_improvement`` before training stops."""
     min_improvement: float = 0.01
     length_bucketing: bool = True
     """Batch cells of similar length together (less padding; :func:`length_bucketed_batch`)."""
@@ -321,7 +325,10 @@ def train_small_geneformer(
 
     loss_curve: list[float] = []
     evaluations: list[tuple[int, float]] = []
-    best_loss, best_step, best_state, stale, cleared_at = math.inf, 0, None, 0, None
+    best_loss, best_step, best_state, cleared_at = math.inf, None, None, None
+    # "Stopped improving" is measured from the last loss that was a real gain (at least min_improvement), so
+    # a run of small gains that add up still counts as improving; the count starts when the gate is cleared.
+    reference_loss, stale = math.inf, 0
     margin = float("nan")
     for step in range(1, config.max_steps + 1):
         batch = (length_bucketed_batch(sorted_cells, config.batch_size, rng) if config.length_bucketing
@@ -344,21 +351,22 @@ def train_small_geneformer(
         scheduler.step()
         done = step == config.max_steps
         if step % config.eval_every == 0 or done:
-            with autocast:
-                loss = held_out_loss(model, eval_batches, device)
+            # In float32 even on a GPU: the stopping rule compares differences of 0.01 nats.
+            loss = held_out_loss(model, eval_batches, device)
             evaluations.append((step, loss))
             margin = entropy - loss
-            if config.min_loss_margin is None or margin >= config.min_loss_margin:
-                cleared_at = step if cleared_at is None else cleared_at
-            if loss < best_loss - config.min_improvement:
-                stale = 0
-            else:
-                stale += 1
+            just_cleared = False
+            if cleared_at is None and (config.min_loss_margin is None or margin >= config.min_loss_margin):
+                cleared_at, just_cleared = step, True
             if loss < best_loss:
                 best_loss, best_step = loss, step
                 best_state = copy.deepcopy(model.state_dict())
+            if loss <= reference_loss - config.min_improvement or just_cleared:
+                reference_loss, stale = min(loss, reference_loss), 0
+            else:
+                stale += 1
             done = done or (cleared_at is not None and stale >= config.patience)
-        report(progress, step, config.max_steps, loss=loss_curve[-1],
+        report(progress, step, step if done else config.max_steps, loss=loss_curve[-1],
                held_out_loss=evaluations[-1][1] if evaluations else math.nan, margin=margin)
         if done:
             break
