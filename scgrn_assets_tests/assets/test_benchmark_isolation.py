@@ -90,3 +90,29 @@ def test_baseline_edges_on_a_corpus_with_empty_cells_keeps_every_method(corpus_a
     assert set(output.value["method"]) == set(BASELINE_METHODS)
     assert output.metadata["failed_methods"].value == {}
     assert output.metadata["method_notes"].value["regdiffusion"]["n_cells_dropped"] == 19
+
+
+def test_mi_uses_the_candidates_that_were_built_and_names_the_one_that_failed(corpus_and_universe, capfd):
+    from scgrn_assets.defs.validation.assets import mi_edges
+    from scgrn_assets.lib.errors import ScgrnInputError
+    from scgrn_assets.resources import ValidationSettings
+
+    corpus_path, _universe, genes = corpus_and_universe
+    pearson = pd.DataFrame({"source": genes[:-1], "target": genes[1:], "score": np.linspace(1, 0.1, len(genes) - 1),
+                            "method": "pearson", "directed": False})
+    network = pd.DataFrame(columns=["gene_i", "gene_j", "abs_pcorr", "method"])  # pcorr_rank_value failed upstream
+    settings = ValidationSettings(candidates=["pcorr_rank_value", "pearson"], n_permutations=20, top_k=3)
+    capfd.readouterr()
+    output = mi_edges(dg.build_asset_context(), settings, corpus_path, network, pearson)
+    assert output.metadata["candidates_used"].value == ["pearson"]
+    assert output.metadata["candidates_failed_upstream"].value == ["pcorr_rank_value"]
+    assert len(output.value) > 0 and set(output.value["target"]) <= set(genes)
+    assert any("pcorr_rank_value is absent" in line for line in _warnings(capfd))
+    # A name that is no network at all is a settings error, named with the choices.
+    with pytest.raises(ScgrnInputError, match="were not computed"):
+        mi_edges(dg.build_asset_context(), ValidationSettings(candidates=["pearsn"], n_permutations=20), corpus_path,
+                 network, pearson)
+    # Every candidate failed: nothing to test, said as such.
+    with pytest.raises(ScgrnInputError, match="were not computed"):
+        mi_edges(dg.build_asset_context(), ValidationSettings(candidates=["pcorr_rank_value"], n_permutations=20),
+                 corpus_path, network, pearson.iloc[:0])

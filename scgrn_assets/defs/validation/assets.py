@@ -7,6 +7,10 @@ import pandas as pd
 from scgrn_assets.metadata import png_metadata, table_preview
 from scgrn_assets.io_managers import asset_folder
 from scgrn_assets.lib.benchmarks import chosen_networks, network_predictions, union_candidates
+from scgrn_assets.lib.benchmarks.pipeline import BASELINE_METHODS, CROSS_CELL_METHODS
+
+KNOWN_NETWORKS = {*BASELINE_METHODS, *CROSS_CELL_METHODS.values()}
+"""Networks mi_edges may take as candidates (a name outside them is a settings error, not a failed method)."""
 from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.validation import cmi_tables, discretize_expression, mi_edge_table
 from scgrn_assets.lib.plotting import plot_histogram
@@ -30,12 +34,20 @@ def mi_edges(context: dg.AssetExecutionContext, validation: ValidationSettings,
     the rank-value partial-correlation network and Pearson, united) scored by mutual information of
     discretised log1p-normalised expression (nats), with permutation p-values and BH q-values."""
     networks = network_predictions(None, baseline_edges, network=network_edges)
-    candidates = union_candidates(chosen_networks(networks, validation.candidates), top_k=validation.top_k)
+    # A candidate that failed upstream (absent from baseline_edges / network_edges) does not take MI down: MI
+    # uses the others and says so. A name that is no method at all is a settings error, and so is none left.
+    absent = [method for method in validation.candidates if method not in networks and method in KNOWN_NETWORKS]
+    usable = [method for method in validation.candidates if method not in absent]
+    for method in absent:
+        context.log.warning(f"mi_edges: candidate network {method} is absent (it failed upstream; see "
+                            f"baseline_edges' or network_edges' metadata); MI uses {usable or 'none'}")
+    candidates = union_candidates(chosen_networks(networks, usable or validation.candidates), top_k=validation.top_k)
     discretized = _discretized(combined_corpus, candidates, validation)
     table = mi_edge_table(discretized, candidates, n_permutations=validation.n_permutations, alpha=validation.alpha,
                           miller_madow=validation.miller_madow, seed=validation.seed,
                           progress=asset_progress(context, "MI permutation tests", "edges"))
     return dg.Output(table, metadata={
+        "candidates_used": usable, "candidates_failed_upstream": absent,
         "n_edges": len(table), "significant_q_0.05": int((table["q_value"] <= 0.05).sum()),
         "top_edges": table_preview(table.sort_values("mi", ascending=False), n_rows=15),
         "mi": png_metadata(plot_histogram(table["mi"].to_numpy(), "mutual information (nats)")),
