@@ -28,8 +28,8 @@ EPILOG = """\
 an axis whose labels repeat cannot be it; a tie is an error.
 Exit status: 0 every method scored; 2 bad input (nothing written); 3 some method failed (raised, timed out or
 gave NaN scores): the others are scored and every file is written, the failures listed in run.json.
-Example: scgrn benchmark --expression ../shared/data/reference/beeline_example_gsd/ex1/ExpressionData.csv
-  --truth ../shared/data/reference/beeline_example_gsd/GroundTruthNetwork.csv --values normalized --out gsd"""
+Example (BEELINE's example GSD dataset): scgrn benchmark --expression GSD/ex1/ExpressionData.csv
+  --truth GSD/GroundTruthNetwork.csv --values normalized --out gsd"""
 
 
 def add_benchmark_parser(commands) -> None:

@@ -15,3 +15,20 @@ def png_metadata(png: bytes) -> dg.MetadataValue:
 
 def table_preview(table: pd.DataFrame, n_rows: int = 10) -> dg.MetadataValue:
     return dg.MetadataValue.md(table.head(n_rows).to_markdown())
+
+
+def plots_metadata(*plots) -> dict:
+    """PNG metadata for each (name, plot, args); a failed plot becomes a ``plot_warnings`` entry instead
+    (a picture never takes an answer down)."""
+    from scgrn_assets.lib.plotting import safe_plot
+
+    metadata, warnings = {}, []
+    for name, plot, *args in plots:
+        png, warning = safe_plot(plot, *args)
+        if png is not None:
+            metadata[name] = png_metadata(png)
+        else:
+            warnings.append(warning)
+    if warnings:
+        metadata["plot_warnings"] = "; ".join(warnings)
+    return metadata

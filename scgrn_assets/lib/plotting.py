@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import io
 
 import matplotlib
@@ -71,3 +73,15 @@ def plot_loss_curve(values: np.ndarray, ylabel: str, held_out: np.ndarray | None
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     return figure_png(fig)
+
+
+_logger = logging.getLogger(__name__)
+
+
+def safe_plot(plot, *args) -> tuple[bytes | None, str | None]:
+    """Run a plot; a failure becomes a warning string, never an exception (a picture never takes an answer down)."""
+    try:
+        return plot(*args), None
+    except Exception as error:  # noqa: BLE001 - any plotting failure is only a missing picture
+        _logger.warning("plot %s failed: %s", getattr(plot, "__name__", plot), error)
+        return None, f"{getattr(plot, '__name__', 'plot')} failed: {type(error).__name__}: {error}"

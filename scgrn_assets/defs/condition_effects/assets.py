@@ -4,7 +4,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.metadata import plots_metadata, png_metadata, table_preview
 from scgrn_assets.defs.condition_effects.checks import POSTERIOR_CHECKS
 from scgrn_assets.io_managers import file_artefact, output_path
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
@@ -12,7 +12,7 @@ from scgrn_assets.lib.corpus import read_corpus
 from scgrn_assets.lib.condition_effects import (agreement_with_peer, corpus_pseudobulk, effect_draws, effect_table, effects_by_study,
                                  fit_pseudobulk_model, load_pseudobulk_posterior, plot_ma, plot_sample_ppc,
                                  plot_volcano, posterior_diagnostics, PosteriorConfig, ppc_summary, PseudobulkPosterior,
-                                 pydeseq2_effects, replicated_pseudobulk, replicated_pseudobulk_from_cells, safe_plot,
+                                 pydeseq2_effects, replicated_pseudobulk, replicated_pseudobulk_from_cells,
                                  sample_level_ppc, save_pseudobulk_posterior)
 from scgrn_assets.lib.condition_effects.pipeline import METHODS
 from scgrn_assets.lib.condition_effects.model import MAX_PARETO_K
@@ -23,20 +23,6 @@ from scgrn_assets.run_console import asset_progress
 
 #: Share of genes whose importance sampler may fail its k-hat check before the posterior is refused.
 MAX_SHARE_UNRELIABLE_GENES = 0.01
-
-
-def _plots_metadata(*plots) -> dict:
-    """PNG metadata for each (name, plot, args); a failed plot becomes a warning entry instead."""
-    metadata, warnings = {}, []
-    for name, plot, *args in plots:
-        png, warning = safe_plot(plot, *args)
-        if png is not None:
-            metadata[name] = png_metadata(png)
-        else:
-            warnings.append(warning)
-    if warnings:
-        metadata["plot_warnings"] = "; ".join(warnings)
-    return metadata
 
 
 def _fit_cell_advi(context, nb_model: NBModelSettings, corpus, prepared):
@@ -109,7 +95,7 @@ def nb_posterior(context: dg.AssetExecutionContext, storage: ScgrnStorage, nb_mo
         "n_cells": int(pseudobulk.samples["n_cells"].sum()),
         "repeated_cells_dropped": prepared.n_repeated_cells_dropped,
         "design": table_preview(design.studies, n_rows=len(design.studies)), **fit_metadata,
-        **_plots_metadata(("posterior_predictive", plot_sample_ppc, ppc)),
+        **plots_metadata(("posterior_predictive", plot_sample_ppc, ppc)),
     })
     excluded = design.studies[design.studies["role"] != "contrast"]
     yield dg.AssetCheckResult(
@@ -147,7 +133,7 @@ def condition_effects(context: dg.AssetExecutionContext, storage: ScgrnStorage, 
         "n_genes": len(table), "n_called": int(table["called"].sum()), "fdr_target": nb_model.fdr_target,
         "method": str(idata.posterior.attrs.get("method", "pseudobulk")),
         "top_genes": table_preview(table.sort_values("svalue"), n_rows=15),
-        **_plots_metadata(("volcano", plot_volcano, table), ("ma_plot", plot_ma, table)),
+        **plots_metadata(("volcano", plot_volcano, table), ("ma_plot", plot_ma, table)),
     })
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from scgrn_assets.metadata import png_metadata, table_preview
+from scgrn_assets.metadata import plots_metadata, png_metadata, table_preview
 from scgrn_assets.io_managers import file_artefact, output_path, table_artefact
 from scgrn_assets.jobs import GPU_POOL, gpu_op_tags
 from scgrn_assets.lib.benchmarks import (cross_cell_tables, log_normalized, model_genes, network_universe,
@@ -106,9 +106,8 @@ def geneformer_model(context: dg.AssetExecutionContext, storage: ScgrnStorage, g
         "required_margin": geneformer.min_loss_margin if geneformer.min_loss_margin is not None else "none (gate off)",
         "training_seconds": report["seconds"], "device": str(pick_device(geneformer.device)),
         "n_parameters": sum(p.numel() for p in trained.model.parameters()),
-        "loss_curve": png_metadata(plot_loss_curve(curve, "masked-LM loss (nats per masked token)",
-                                                   held_out=trained.held_out_curve,
-                                                   baseline=report["position_only_entropy"])),
+        **plots_metadata(("loss_curve", plot_loss_curve, curve, "masked-LM loss (nats per masked token)",
+                          trained.held_out_curve, report["position_only_entropy"])),
     })
 
 

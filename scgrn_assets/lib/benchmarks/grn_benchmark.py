@@ -17,8 +17,8 @@ from scgrn_assets.lib.benchmarks.expression_files import ExpressionData
 from scgrn_assets.lib.errors import ScgrnInputError
 from scgrn_assets.lib.network.attention import attention_edge_moments, edge_table
 from scgrn_assets.lib.network.feature_moments import FeatureMoments
-from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, position_only_entropy,
-                                            train_small_geneformer, training_report)
+from scgrn_assets.lib.network.model import (SmallGeneformerConfig, TrainedGeneformer, train_small_geneformer,
+                                            training_report)
 from scgrn_assets.lib.network.dictionaries import (GeneformerDictionaries, build_corpus_dictionaries,
                                                    convention_named, corpus_gene_keys)
 from scgrn_assets.lib.network.tokens import TokenizedCells, tokenize_cells

@@ -56,7 +56,7 @@ _PUBLIC = {
     "pipeline": ("CorpusPseudobulk", "corpus_pseudobulk", "select_expressed_genes",
         "between_animal_variance", "sample_level_ppc", "ppc_summary", "replicated_pseudobulk_from_cells",
         "save_pseudobulk_posterior", "load_pseudobulk_posterior", "effects_by_study", "plot_volcano",
-        "plot_ma", "plot_sample_ppc", "safe_plot"),
+        "plot_ma", "plot_sample_ppc"),
     "pseudobulk": ("Pseudobulk", "pseudobulk_by_animal", "DesignReport", "check_design"),
     "simulate": ("DesignConfig", "SimulatedComparison", "simulate_comparison"),
 }

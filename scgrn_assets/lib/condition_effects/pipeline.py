@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from scgrn_assets.lib.progress import Progress, report
 from scgrn_assets.lib.condition_effects.pseudobulk import Pseudobulk, check_design, pseudobulk_by_animal
 from scgrn_assets.lib.storage import atomic_path
 
-logger = logging.getLogger(__name__)
 
 METHODS = ("pseudobulk", "cell_advi")
 #: A gene is tested when at least this many animals have at least MIN_COUNT counts of it.
@@ -326,12 +324,3 @@ def plot_sample_ppc(ppc: pd.DataFrame) -> bytes:
     ax.set_xlabel("replicated between-animal variance")
     ax.set_ylabel("observed between-animal variance")
     return figure_png(fig)
-
-
-def safe_plot(plot, *args) -> tuple[bytes | None, str | None]:
-    """Run a plot; a failure becomes a warning string, never an exception (a picture never takes an answer down)."""
-    try:
-        return plot(*args), None
-    except Exception as error:  # noqa: BLE001 - any plotting failure is only a missing picture
-        logger.warning("plot %s failed: %s", getattr(plot, "__name__", plot), error)
-        return None, f"{getattr(plot, '__name__', 'plot')} failed: {type(error).__name__}: {error}"
